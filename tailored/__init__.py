@@ -1,0 +1,17 @@
+"""tailored: structured pruning of LLaMA-family models, recovered with LoRA and task-specific prompts.
+
+One module per stage of the study (see DESIGN.md): ``models`` and ``data`` load things, ``graph`` traces
+the coupled parameter groups, ``importance`` scores them, ``prune`` removes them, ``checkpoint`` saves
+and reloads the result, ``lora`` recovers it, ``evaluate`` measures it, ``figures`` draws it.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy re-export so `import tailored` stays cheap (no torch import) for the CLI's --help.
+    if name == "load_pruned":
+        from tailored.checkpoint import load_pruned
+
+        return load_pruned
+    raise AttributeError(name)

@@ -1,0 +1,77 @@
+"""Artifacts handed between notebooks: JSON written atomically, per-step metrics, content hashes.
+
+Every writer goes through a temporary file and a rename, so an interrupted step never leaves a
+half-written artifact where the next step (or a rerun) would pick it up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tailored.paths import atomic_write_text
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None (JSON has no NaN), tuples become lists, paths strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _clean(obj.item())
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the step that writes it first (`tailored run`)")
+    return json.loads(path.read_text())
+
+
+def metrics_path(run_dir: str | Path, step: str) -> Path:
+    """``<run_dir>/metrics/<step>.json``, e.g. ``runs/class/metrics/02_importance.json``."""
+    return Path(run_dir) / "metrics" / f"{step}.json"
+
+
+def write_metrics(run_dir: str | Path, step: str, metrics: dict) -> Path:
+    """Write one step's metrics (the numbers tests and later notebooks read), atomically."""
+    return write_json(metrics_path(run_dir, step), metrics)
+
+
+def read_metrics(run_dir: str | Path, step: str) -> dict:
+    return read_json(metrics_path(run_dir, step))
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(path: str | Path) -> str:
+    """Hash of a file, or of every file under a folder (names and contents), order-independent."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
