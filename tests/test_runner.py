@@ -1,0 +1,111 @@
+"""The runner: params validated before anything runs, failing cells reported, unchanged steps skipped."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+import yaml
+
+from tailored import runner
+
+
+def _notebook(path, params_src: str, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    cell = nbformat.v4.new_code_cell(params_src)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Two tiny notebooks: 01 writes a file, 02 reads it and writes its square."""
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir()
+    params.mkdir()
+    common = 'profile = "class"\nrun_dir = "../runs/class"\nfigures_dir = "../figures"\nseed = 0\n'
+    _notebook(nbs / "01_first.ipynb", common + "value = 3\n",
+              "import json, pathlib\npathlib.Path(run_dir, 'v.json').write_text(json.dumps(value + seed))")
+    _notebook(nbs / "02_second.ipynb", common + "power = 2.0\nfail = False\n",
+              "import json, pathlib\nv = json.loads(pathlib.Path(run_dir, 'v.json').read_text())\n"
+              "assert not fail, 'asked to fail'\n"
+              "pathlib.Path(run_dir, 'out.json').write_text(json.dumps(v ** power))")
+    (params / "t.yaml").write_text(yaml.safe_dump({"common": {"seed": 1}, "steps": {"01_first": {"value": 4}}}))
+    return tmp_path, nbs, params
+
+
+def _run(study, **kw):
+    root, nbs, params = study
+    return runner.run(profile="t", run_root=root / "runs", notebooks_dir=nbs, params_dir=params, progress=False,
+                      log=lambda *_: None, **kw)
+
+
+def _set_params(study, data: dict) -> None:
+    (study[2] / "t.yaml").write_text(yaml.safe_dump(data))
+
+
+def test_run_executes_steps_in_order_and_writes_manifest(study):
+    manifest = _run(study)
+    run_dir = study[0] / "runs" / "t"
+    assert json.loads((run_dir / "out.json").read_text()) == 25.0  # (4 + 1) ** 2
+    assert set(manifest["steps"]) == {"01_first", "02_second"}
+    assert manifest["steps"]["01_first"]["params"]["value"] == 4
+    assert (run_dir / "01_first.ipynb").exists() and (run_dir / "manifest.json").exists()
+    assert "torch" in manifest["versions"]
+
+
+def test_unchanged_step_is_skipped_and_a_knob_reruns_only_what_depends_on_it(study):
+    _run(study)
+    first = json.loads((study[0] / "runs" / "t" / "manifest.json").read_text())
+    _set_params(study, {"common": {"seed": 1}, "steps": {"01_first": {"value": 4}, "02_second": {"power": 3.0}}})
+    second = _run(study)
+    assert second["steps"]["01_first"]["finished"] == first["steps"]["01_first"]["finished"]  # skipped
+    assert second["steps"]["02_second"]["fingerprint"] != first["steps"]["02_second"]["fingerprint"]
+    assert json.loads((study[0] / "runs" / "t" / "out.json").read_text()) == 125.0
+    forced = _run(study, force=True, only="01")
+    assert forced["steps"]["01_first"]["finished"] >= first["steps"]["01_first"]["finished"]
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"common": {"sed": 1}}, "common.sed: no notebook declares it; valid keys: fail, power, seed, value"),
+    ({"steps": {"02_second": {"powr": 2.0}}}, "steps.02_second.powr: not a parameter of 02_second"),
+    ({"steps": {"02_second": {"power": "two"}}}, "02_second.power: 'two' is a str"),
+    ({"steps": {"03_third": {}}}, "steps.03_third: no such notebook"),
+    ({"common": {"run_dir": "/tmp"}}, "common.run_dir: set by the runner"),
+])
+def test_bad_params_fail_before_anything_runs(study, params, needle):
+    _set_params(study, params)
+    with pytest.raises(runner.ParamsError) as err:
+        _run(study)
+    assert needle in str(err.value)
+    assert not (study[0] / "runs" / "t").exists()
+
+
+def test_missing_model_directory_is_a_params_error():
+    assert "does not exist" in runner._check_model("/no/such/llama-7b")
+    assert "no model given" in runner._check_model(None)
+    assert runner._check_model("tiny") is None
+
+
+def test_failing_cell_names_notebook_and_cell_and_keeps_good_result(study):
+    _run(study)
+    good = (study[0] / "runs" / "t" / "02_second.ipynb").read_bytes()
+    _set_params(study, {"common": {"seed": 1}, "steps": {"02_second": {"fail": True}}})
+    with pytest.raises(runner.StepFailed) as err:
+        _run(study)
+    assert "02_second.ipynb failed in cell" in str(err.value) and "asked to fail" in str(err.value)
+    run_dir = study[0] / "runs" / "t"
+    assert (run_dir / "02_second.failed.ipynb").exists()
+    assert (run_dir / "02_second.ipynb").read_bytes() == good
+
+
+def test_step_selection():
+    steps = [runner.Step(n, None) for n in ("01_a", "02_b", "03_c")]
+    assert [s.name for s in runner.select_steps(steps, only="1,3")] == ["01_a", "03_c"]
+    assert [s.name for s in runner.select_steps(steps, start="02")] == ["02_b", "03_c"]
+    with pytest.raises(runner.ParamsError, match="step '07' does not exist"):
+        runner.select_steps(steps, only="07")
