@@ -1,4 +1,4 @@
-"""The ``tailored`` command: ``prepare``, ``data``, ``run``, ``lab``.
+"""The ``tailored`` command: ``prepare``, ``data``, ``run``, ``lab``, ``bench``.
 
 Errors the user can fix (a missing package, a misspelled parameter, a failing notebook) are printed as one
 clear message with exit status 1 or 2, not as a stack trace.
@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("lab_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_lab)
 
+    sub.add_parser("bench", help="dense vs pruned speed side by side (`tailored bench --help`)", add_help=False)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, so `tailored bench --help` reaches it
+        from tailored import speed
+
+        return speed.main(argv[1:])
     args = parser.parse_args(argv)
     from tailored.models import ModelNotAvailable
     from tailored.runner import ParamsError, StepFailed
