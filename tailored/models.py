@@ -198,7 +198,8 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
             if (source / "pruning.json").exists():
                 from tailored.checkpoint import load_pruned
 
-                return load_pruned(source, device=str(dev), dtype=torch_dtype)
+                return load_pruned(source, device=str(dev), dtype=torch_dtype,
+                                   attn_implementation=attn_implementation)
             if not (source / "config.json").exists():
                 raise ModelNotAvailable(f"{source} is a folder but holds no config.json: not an HF model directory")
         elif "/" in spec and not Path(spec).exists():

@@ -1,0 +1,230 @@
+"""Save and reload pruned models: safetensors weights + the per-layer shapes a stock config cannot hold.
+
+A pruned LLaMA has, say, 2 key-value heads in layer 5 and 3 in layer 6, and a different MLP width in
+every layer; ``LlamaConfig`` has one number for each. So a pruned checkpoint is a folder::
+
+    config.json            the dense architecture (what from_config builds before reshaping; after
+                           layer-wise pruning its num_hidden_layers counts the layers kept)
+    generation_config.json
+    model.safetensors      the weights (no pickle: LLM-Pruner's torch.save files run code when loaded)
+    pruning.json           every tensor's shape, a per-layer summary, and the pruning record
+    tokenizer files
+
+``load_pruned`` builds the dense architecture on the meta device (no memory, no random init), gives each
+module the recorded shapes, checks the file against them, and loads the weights into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+FORMAT = "tailored.pruned/1"
+WEIGHTS = "model.safetensors"
+RECORD = "pruning.json"
+CONFIG = "config.json"
+_LAYER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# =============================================================================================== save
+def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapping | None = None) -> Path:
+    """Write ``model`` (pruned or not) and ``tokenizer`` to ``dir`` as a pruned checkpoint; return ``dir``.
+
+    ``record`` says how the model was made (method, estimator, target, achieved share, kept indices, e.g.
+    ``{"plan": plan.to_dict(), "estimator": "param_first"}``); it is stored as is in ``pruning.json``.
+    The folder is written next to ``dir`` under a temporary name and renamed into place, so an interrupted
+    save never leaves a half-written checkpoint where a good one was.
+    """
+    from safetensors.torch import save_file
+
+    from tailored.models import decoder_layers
+
+    dir = Path(dir)
+    tensors, names = {}, {}
+    for name, p in model.named_parameters():  # each tensor once: a tied LM head is the embedding
+        tensors[name] = p.detach().to("cpu").contiguous()
+        names[id(p)] = name
+    tied = {alias: names[id(p)] for alias, p in model.named_parameters(remove_duplicate=False)
+            if names.get(id(p)) not in (None, alias)}
+    persistent = {n for n, _ in model.named_buffers()} - _non_persistent_buffers(model)
+    for name, b in model.named_buffers():
+        if name in persistent:
+            tensors[name] = b.detach().to("cpu").contiguous()
+
+    layers = decoder_layers(model)
+    meta = {
+        "format": FORMAT,
+        "model_type": getattr(model.config, "model_type", type(model).__name__),
+        "num_layers": len(layers),
+        "hidden_size": model.get_input_embeddings().weight.shape[1],
+        "tied": tied,  # alias -> the tensor it shares (stored once)
+        "parameters": sum(t.numel() for n, t in tensors.items() if n not in persistent),
+        "layers": [_layer_summary(i, layer) for i, layer in enumerate(layers)],
+        "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        "record": dict(record or {}),
+    }
+
+    dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dir.with_name(f".{dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECORD).write_text(_readable_json(meta))
+        old = dir.with_name(f".{dir.name}.old-{os.getpid()}")
+        if dir.exists():
+            os.replace(dir, old)  # a directory cannot be replaced in one step: move the old one aside first
+        os.replace(tmp, dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dir
+
+
+def _readable_json(obj) -> str:
+    """JSON with short lists of numbers (shapes, kept indices) on one line, so people can read it."""
+    from tailored.artifacts import _clean
+
+    text = json.dumps(_clean(obj), indent=2)
+    return re.sub(r"\[\s*(-?[\d.e+-]+(?:,\s*-?[\d.e+-]+)*)\s*\]",
+                  lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text) + "\n"
+
+
+def _layer_summary(index: int, layer: torch.nn.Module) -> dict:
+    """Shapes of one decoder layer, for people reading pruning.json (the loader uses ``shapes``)."""
+    out: dict = {"layer": index}
+    mods = dict(layer.named_modules())
+    for proj in _LAYER_PROJECTIONS:
+        m = next((mod for name, mod in mods.items() if name.endswith(proj)), None)
+        if m is not None:
+            out[proj] = list(m.weight.shape)
+    attn = next((m for m in layer.modules() if hasattr(m, "q_proj") and hasattr(m, "head_dim")), None)
+    if attn is not None:
+        out["head_dim"] = attn.head_dim
+        out["num_heads"] = attn.q_proj.weight.shape[0] // attn.head_dim
+        out["num_kv_heads"] = attn.k_proj.weight.shape[0] // attn.head_dim
+    norm = getattr(layer, "input_layernorm", None)
+    if norm is not None:
+        out["hidden_size"] = norm.weight.shape[0]
+    return out
+
+
+def _non_persistent_buffers(model: torch.nn.Module) -> set[str]:
+    out = set()
+    for prefix, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            out.add(f"{prefix}.{b}" if prefix else b)
+    return out
+
+
+# =============================================================================================== load
+def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                attn_implementation: str | None = None):
+    """Rebuild a model saved by ``save_pruned``; return ``(model, tokenizer)`` in eval mode.
+
+    Weights are read with safetensors only (never ``torch.load``). Raises ``FileNotFoundError`` when
+    ``dir`` is not a pruned checkpoint (saying which files are missing) and ``ValueError`` naming the file
+    and tensor when a file is corrupted or its shapes disagree with ``pruning.json``.
+    """
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tailored.models import resolve_device, resolve_dtype
+    from tailored.prune import sync_module_attributes
+
+    dir = Path(dir)
+    if not dir.is_dir():
+        raise FileNotFoundError(f"{dir} is not a directory: expected a pruned checkpoint written by save_pruned")
+    missing = [f for f in (CONFIG, WEIGHTS, RECORD) if not (dir / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{dir} is not a pruned checkpoint: missing {', '.join(missing)} "
+                                "(save_pruned writes config.json, model.safetensors and pruning.json)")
+    try:
+        meta = json.loads((dir / RECORD).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{dir / RECORD}: not valid JSON ({e}); the checkpoint is damaged, save it again") from None
+    if meta.get("format") != FORMAT or "shapes" not in meta:
+        raise ValueError(f"{dir / RECORD}: format {meta.get('format')!r} is not {FORMAT!r} or has no 'shapes'")
+    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+    weights = dir / WEIGHTS
+
+    # 1. what the file holds, checked against pruning.json before anything is built
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights}: cannot be read as safetensors ({e}); the file is corrupted or truncated, "
+                         "save the checkpoint again") from None
+    for name, shape in shapes.items():
+        if name not in stored:
+            raise ValueError(f"{weights}: has no tensor {name}, which pruning.json lists with shape {shape}")
+        if stored[name] != shape:
+            raise ValueError(f"{weights}: {name} has shape {stored[name]} but pruning.json says {shape}")
+    extra = sorted(set(stored) - set(shapes))
+    if extra:
+        raise ValueError(f"{weights}: holds tensors pruning.json does not list: {extra[:5]}")
+
+    # 2. the dense architecture, without memory, then the recorded shapes
+    config = AutoConfig.from_pretrained(dir)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    for name, shape in shapes.items():
+        if name not in own:
+            raise ValueError(f"{dir / RECORD}: lists {name}, which the architecture of {dir / CONFIG} does not "
+                             "have (config.json and pruning.json are from different models)")
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        empty = torch.empty(shape, device="meta", dtype=own[name].dtype)
+        if attr in mod._parameters:
+            setattr(mod, attr, torch.nn.Parameter(empty, requires_grad=own[name].requires_grad))
+        else:
+            mod._buffers[attr] = empty
+
+    # 3. the weights, then ties and the buffers that are computed rather than stored (rotary frequencies)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: t.to(dev, dt) if t.is_floating_point() else t.to(dev) for k, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    for alias, target in meta.get("tied", {}).items():
+        src_mod, _, src_attr = target.rpartition(".")
+        dst_mod, _, dst_attr = alias.rpartition(".")
+        setattr(model.get_submodule(dst_mod), dst_attr, getattr(model.get_submodule(src_mod), src_attr))
+    _rebuild_computed_buffers(model, config, dev)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"{weights}: no values for {still_meta[:5]}; the checkpoint is incomplete")
+    model.to(device=dev, dtype=dt)
+    sync_module_attributes(model)
+    model.eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _rebuild_computed_buffers(model: torch.nn.Module, config, device: torch.device) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) are not in the file: rebuild their modules for real."""
+    for prefix, mod in list(model.named_modules()):
+        if not any(b is not None and b.is_meta for b in mod._buffers.values()):
+            continue
+        if mod._parameters or any(True for _ in mod.children()):
+            raise ValueError(f"{prefix} ({type(mod).__name__}) has buffers that are neither saved nor rebuildable")
+        fresh = type(mod)(config=config).to(device)  # e.g. LlamaRotaryEmbedding(config)
+        parent_name, _, attr = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)

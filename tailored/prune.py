@@ -1,0 +1,618 @@
+"""Structured pruning: decide which coupled units go (``plan_pruning``), then remove them (``apply``).
+
+LLM-Pruner removes whole coupled groups (an attention head with its q/k/v rows and o_proj columns, an
+MLP channel with its gate/up rows and down_proj column), so the pruned model is a smaller *dense* model:
+no masks, no sparse kernels. Three styles, as in LLM-Pruner:
+
+- **block-wise** (``mode="block"``): attention units and MLP channels inside a range of layers. The first
+  and last layers are the most sensitive and are kept: LLM-Pruner prunes layers 4..29 of LLaMA-7B's 32
+  (``--block_*_layer_start 4 --block_*_layer_end 30``); the default range here scales that to the
+  model's depth, ``round(4/32·L) .. round(30/32·L)`` (end exclusive), never touching the first or last.
+- **channel-wise** (``mode="channel"``): the hidden dimension, through every layer, the embedding, the
+  norms and the LM head.
+- **layer-wise** (``mode="layer"``): whole decoder layers, those of lowest mean importance.
+
+*Target.* LLM-Pruner's ``--pruning_ratio`` is the share of units removed in each pruned layer, not the
+share of parameters removed: with layers 0-3 and 30-31 untouched and embeddings never pruned, its
+"50%" LLaMA-7B keeps about 4.1B of 6.7B. Here ``target`` is the share of parameters actually removed, of
+the decoder layers (``denominator="decoder"``, default) or of the whole model (``"model"``). Removing one
+unit removes ``params_per_unit`` parameters, so the planner solves (by bisection) for the per-layer ratio
+that removes ``target`` of them, then reports the LLM-Pruner ratio that is equivalent.
+
+*GQA.* A key-value head is shared by ``g`` query heads. ``attention="kv"`` removes a key-value head
+together with its query heads (the unit of the ``"attention"`` group sets); ``attention="qheads"`` keeps
+every key-value head and removes the same number of query heads from each key-value group, because the
+forward pass (``repeat_kv``) needs every group to serve the same number of query heads.
+
+Typical use::
+
+    plan = plan_pruning(graph, scores, target=0.2)      # nothing is touched yet
+    print(plan.describe())
+    model = apply(plan, model, graph)                    # in place; `graph` now describes the old model
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from tailored.graph import Graph, GroupSet
+
+MODES = ("block", "channel", "layer")
+ALLOCATIONS = ("local", "global")
+ATTENTION = ("kv", "qheads")
+DENOMINATORS = ("decoder", "model")
+TOLERANCE = 0.01  # the achieved share must be within 1 percentage point of the target
+
+
+# ================================================================================================ the plan
+@dataclass(frozen=True)
+class Plan:
+    """What to remove, and what it adds up to. Made by ``plan_pruning`` (or ``make_plan``); JSON via ``to_dict``.
+
+    ``keep`` maps a group set name to the unit indices that stay (ascending); group sets not named are
+    left whole. ``drop_layers`` lists decoder layers removed whole (layer-wise pruning). Shares are
+    fractions of parameters removed: ``share_decoder`` of the decoder layers, ``share_model`` of the model.
+    ``widths`` has one row per decoder layer that remains: its query heads, key-value heads, MLP channels
+    and hidden size after pruning (``layer`` is its index in the dense model).
+    """
+
+    keep: Mapping[str, tuple[int, ...]]
+    drop_layers: tuple[int, ...]
+    params_before: int
+    params_after: int
+    decoder_params_before: int
+    decoder_params_after: int
+    widths: tuple[Mapping[str, int], ...]
+    llm_pruner_ratio: float  # LLM-Pruner's --pruning_ratio that removes as many parameters (see module doc)
+    unit_ratios: Mapping[str, float]  # share of units removed in the pruned layers, per group set kind
+    settings: Mapping[str, object] = field(default_factory=dict)  # mode, target, allocation, ... as asked
+
+    @property
+    def share_decoder(self) -> float:
+        """Share of the decoder layers' parameters removed."""
+        return 1 - self.decoder_params_after / self.decoder_params_before
+
+    @property
+    def share_model(self) -> float:
+        """Share of all the model's parameters removed (embeddings and LM head included)."""
+        return 1 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep"] = {k: list(v) for k, v in self.keep.items()}
+        d["drop_layers"] = list(self.drop_layers)
+        d["widths"] = [dict(w) for w in self.widths]
+        d["unit_ratios"] = dict(self.unit_ratios)
+        d["settings"] = dict(self.settings)
+        d["share_decoder"] = self.share_decoder
+        d["share_model"] = self.share_model
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Plan:
+        settings = dict(d.get("settings", {}))
+        if settings.get("layer_range") is not None:
+            settings["layer_range"] = tuple(settings["layer_range"])
+        return cls(keep={k: tuple(v) for k, v in d["keep"].items()}, drop_layers=tuple(d["drop_layers"]),
+                   params_before=d["params_before"], params_after=d["params_after"],
+                   decoder_params_before=d["decoder_params_before"],
+                   decoder_params_after=d["decoder_params_after"],
+                   widths=tuple(dict(w) for w in d["widths"]), llm_pruner_ratio=d["llm_pruner_ratio"],
+                   unit_ratios=dict(d["unit_ratios"]), settings=settings)
+
+    def describe(self) -> str:
+        """A few lines for a notebook: what was asked, what it adds up to, the widths per layer."""
+        s = self.settings
+        asked = (f"{s['mode']}-wise, {s.get('allocation')} allocation, target {s['target']:.1%} of the "
+                 f"{s.get('denominator', 'decoder')} parameters" if "target" in s else "hand-made plan")
+        lines = [
+            asked,
+            f"removed {self.share_decoder:.2%} of the decoder ({self.decoder_params_before:,} -> "
+            f"{self.decoder_params_after:,}), {self.share_model:.2%} of the model ({self.params_before:,} -> "
+            f"{self.params_after:,})",
+            f"LLM-Pruner pruning ratio equivalent: {self.llm_pruner_ratio:.3f}"
+            + "".join(f"; {k} units removed {v:.1%}" for k, v in self.unit_ratios.items()),
+        ]
+        if self.drop_layers:
+            lines.append(f"dropped layers: {list(self.drop_layers)}")
+        lines.append("layer  q_heads  kv_heads  mlp  hidden")
+        lines += [f"{w['layer']:>5}  {w['q_heads']:>7}  {w['kv_heads']:>8}  {w['mlp']:>4}  {w['hidden']:>6}"
+                  for w in self.widths]
+        return "\n".join(lines)
+
+
+# ============================================================================================ planning
+def default_layer_range(num_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's layers 4..30 (end exclusive) of 32, scaled to ``num_layers``; first and last always kept."""
+    start = max(1, math.floor(4 / 32 * num_layers + 0.5))
+    end = min(num_layers - 1, math.floor(30 / 32 * num_layers + 0.5))
+    if end <= start:
+        raise ValueError(f"a model with {num_layers} decoder layers has no layers between its first and last "
+                         "to prune block-wise; pass layer_range=(start, end) explicitly")
+    return start, end
+
+
+def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float = 0.2, mode: str = "block",
+                 allocation: str = "local", layer_range: tuple[int, int] | None = None, round_to: int = 1,
+                 attention: str = "kv", denominator: str = "decoder") -> Plan:
+    """Choose the units to remove so that ``target`` of the parameters go (within 1 percentage point).
+
+    ``scores[name]`` is a float tensor ``(units,)`` per group set (higher = more important); only the group
+    sets the mode prunes are read: ``"attention"`` (or ``"qheads"``) and ``"mlp"`` of the layers in
+    ``layer_range`` for block- and layer-wise, ``"hidden"`` for channel-wise.
+
+    Allocation (block-wise):
+
+    - ``"local"``: every pruned layer loses the same share of its units, LLM-Pruner's default. A ratio ``r``
+      removes ``round(r·units)`` of the lowest-scored units in each group set.
+    - ``"global"``: units compete across layers, so unimportant layers lose more. Raw scores of a head and
+      of an MLP channel are not comparable (a head holds hundreds of times more weights, and its score
+      sums over them), so each score is first divided by the mean score of its kind (attention or MLP)
+      over the pruned layers: 1.0 means "an average head" or "an average channel". One threshold on the
+      normalized scores then decides everywhere.
+
+    Heads are coarse (SmolLM2 has 3 key-value heads per layer), so the ratio (or threshold) is solved in
+    two steps: first for attention and MLP together, which fixes how many heads go; then again for the MLP
+    alone, with the heads fixed, so the fine-grained channels land the total on the target.
+
+    ``round_to`` makes kept MLP / hidden widths multiples of it (8 or 64 suit GPU kernels); heads are
+    whole units already. A group set always keeps at least one unit (one query head per key-value group).
+    Layer-wise pruning removes whole layers, so its share moves in steps of one layer: it drops the number
+    of layers closest to the target, the ones of lowest mean (kind-normalized) importance.
+
+    Raises ``ValueError`` for a target outside (0, 1), a layer range outside the model, missing scores, or
+    a target that cannot be reached within 1 percentage point; nothing is touched.
+    """
+    _check_choice("mode", mode, MODES)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    _check_choice("attention", attention, ATTENTION)
+    _check_choice("denominator", denominator, DENOMINATORS)
+    if not isinstance(target, (int, float)) or not 0 < target < 1:
+        raise ValueError(f"pruning target {target!r} is outside (0, 1): it is the share of parameters to remove")
+    if int(round_to) != round_to or round_to < 1:
+        raise ValueError(f"round_to={round_to!r} must be a positive integer (kept widths are multiples of it)")
+    round_to = int(round_to)
+    L = graph.num_layers
+    if mode == "channel":
+        layer_range = (0, L)
+    elif layer_range is None:
+        layer_range = default_layer_range(L)
+    else:
+        layer_range = tuple(int(x) for x in layer_range)
+        if len(layer_range) != 2 or not 0 <= layer_range[0] < layer_range[1] <= L:
+            raise ValueError(f"layer_range={layer_range} is outside the model's {L} decoder layers: give "
+                             f"(start, end) with 0 <= start < end <= {L}; end is exclusive")
+    settings = dict(mode=mode, target=float(target), allocation=allocation, layer_range=layer_range,
+                    round_to=round_to, attention=attention, denominator=denominator)
+    denom = graph.decoder_params if denominator == "decoder" else graph.total_params
+    goal = target * denom  # parameters to remove, counted as the denominator counts them
+
+    if mode == "layer":
+        drop = _choose_layers(graph, scores, layer_range, attention, goal)
+        return make_plan(graph, {}, drop_layers=drop, **settings)
+
+    kinds = ("hidden",) if mode == "channel" else ("attention" if attention == "kv" else "qheads", "mlp")
+    slots = [_Prunable(g, _scores_for(g, scores), graph, round_to, denominator)
+             for kind in kinds for g in _groups_of_kind(graph, kind)
+             if g.layer is None or layer_range[0] <= g.layer < layer_range[1]]
+    most = sum(s.cost(s.min_keep) for s in slots)
+    if goal > most + TOLERANCE * denom:
+        raise ValueError(f"target {target:.1%} of the {denominator} parameters is out of reach: pruning "
+                         f"{'the hidden dimension' if mode == 'channel' else f'layers {layer_range[0]}..{layer_range[1] - 1}'}"
+                         f" down to one unit per group removes at most {most / denom:.1%}; "
+                         "widen layer_range or lower the target")
+    if allocation == "global" and mode == "block":
+        _normalize_per_kind(slots)
+    knob = "threshold" if allocation == "global" else "ratio"
+
+    # Step 1: attention and MLP together; this fixes the (coarse) attention units.
+    x = _bisect(lambda v: sum(s.cost(s.kept_at(knob, v)) for s in slots), goal, *_knob_range(knob, slots))
+    kept = {s.group.name: s.kept_at(knob, x) for s in slots}
+    # Step 2: the fine-grained kind alone closes the gap left by the rounding of heads.
+    fine = [s for s in slots if s.group.kind in ("mlp", "hidden")]
+    fixed = sum(s.cost(kept[s.group.name]) for s in slots if s not in fine)
+    x2 = _bisect(lambda v: sum(s.cost(s.kept_at(knob, v)) for s in fine), goal - fixed, *_knob_range(knob, fine))
+    kept.update({s.group.name: s.kept_at(knob, x2) for s in fine})
+
+    keep = {s.group.name: s.keep_indices(kept[s.group.name]) for s in slots if kept[s.group.name] < s.group.units}
+    plan = make_plan(graph, keep, **settings)
+    achieved = plan.share_decoder if denominator == "decoder" else plan.share_model
+    if abs(achieved - target) > TOLERANCE:
+        raise ValueError(f"target {target:.1%} cannot be met within 1 percentage point with round_to={round_to}, "
+                         f"allocation={allocation!r}: the closest plan removes {achieved:.2%} of the {denominator} "
+                         "parameters (units are too coarse); lower round_to, use allocation='global', or widen "
+                         "layer_range")
+    return plan
+
+
+def make_plan(graph: Graph, keep: Mapping[str, Sequence[int]], drop_layers: Sequence[int] = (),
+              **settings) -> Plan:
+    """A plan from explicit choices: ``keep[name]`` = unit indices that stay. Counts what they add up to.
+
+    ``plan_pruning`` ends here; it is public so a notebook can prune hand-picked units (e.g. one head).
+    A plan narrows layers (``keep``) or drops them (``drop_layers``), not both; and it prunes either the
+    hidden dimension or attention/MLP units, since those share weights (apply one plan, re-trace, then
+    plan the next).
+    """
+    keep = {name: tuple(sorted(int(u) for u in units)) for name, units in keep.items()}
+    drop = tuple(sorted(int(i) for i in drop_layers))
+    groups = {name: graph.by_name(name) for name in keep}
+    _validate(graph, keep, drop, groups)
+
+    removed_total = removed_decoder = 0
+    for name, units in keep.items():
+        g = groups[name]
+        gone = set(range(g.units)) - set(units)
+        total = sum(p for u, p in enumerate(_params_per_unit(g)) if u in gone)
+        removed_total += total
+        removed_decoder += total - len(gone) * _non_decoder_per_hidden_unit(graph) if g.kind == "hidden" else total
+    if drop:
+        removed_total += len(drop) * _layer_params(graph)
+        removed_decoder += len(drop) * _layer_params(graph)
+
+    # LLM-Pruner's ratio r removes r of every prunable unit of the pruned layers (and r of the hidden
+    # channels channel-wise), so its equivalent is what we removed over what those units hold.
+    scope = _pruned_scope(graph, keep, settings)
+    unit_ratios: dict[str, float] = {}
+    for kind in dict.fromkeys(g.kind for g in scope):
+        same = [g for g in scope if g.kind == kind]
+        gone = sum(g.units - len(keep.get(g.name, range(g.units))) for g in same)
+        unit_ratios[kind] = gone / sum(g.units for g in same)
+    if drop:
+        candidates = range(*settings["layer_range"]) if settings.get("layer_range") else range(graph.num_layers)
+        unit_ratios["layer"] = len(drop) / len(candidates)
+        llm_ratio = len(drop) / graph.num_layers
+    else:
+        prunable = sum(sum(_params_per_unit(g)) for g in scope)
+        llm_ratio = removed_total / prunable if prunable else 0.0
+    return Plan(keep=keep, drop_layers=drop, params_before=graph.total_params,
+                params_after=graph.total_params - removed_total, decoder_params_before=graph.decoder_params,
+                decoder_params_after=graph.decoder_params - removed_decoder,
+                widths=_widths(graph, keep, drop), llm_pruner_ratio=llm_ratio, unit_ratios=unit_ratios,
+                settings=settings)
+
+
+# ----------------------------------------------------------------------------------- solver pieces
+class _Prunable:
+    """One group set being pruned: its scores, the cost of removing units, and the allowed kept widths."""
+
+    def __init__(self, group: GroupSet, scores: torch.Tensor, graph: Graph, round_to: int, denominator: str):
+        self.group = group
+        self.scores = scores
+        ppu = _params_per_unit(group)
+        if group.kind == "hidden" and denominator == "decoder":
+            off = _non_decoder_per_hidden_unit(graph)
+            ppu = tuple(p - off for p in ppu)
+        self.ppu = ppu
+        self.norm = scores  # replaced by kind-normalized scores for global allocation
+        if group.kind == "qheads":
+            if group.parent is None:
+                raise ValueError(f"{group.name}: a 'qheads' group set needs `parent` (its kv group per head)")
+            self.kv_groups = max(group.parent) + 1
+            self.step = self.min_keep = self.kv_groups  # one query head per kv group, the same in every group
+        elif group.kind == "attention":
+            self.step = self.min_keep = 1
+        else:
+            if group.units < round_to:
+                raise ValueError(f"{group.name} has {group.units} units, fewer than round_to={round_to}")
+            self.step = self.min_keep = round_to
+        # Units from most to least important (ties: the lower index stays); removal cost by kept count.
+        self.order = sorted(range(group.units), key=lambda i: (-float(scores[i]), i))
+        self._cost: dict[int, int] = {}
+
+    def kept_at(self, knob: str, x: float) -> int:
+        """Units kept at ratio ``x`` (local) or at threshold ``x`` on the normalized scores (global)."""
+        u = self.group.units
+        raw = (1 - x) * u if knob == "ratio" else u - int((self.norm < x).sum())
+        kept = self.step * math.floor(raw / self.step + 0.5)
+        return u if raw >= u else max(self.min_keep, min(u, kept))
+
+    def keep_indices(self, kept: int) -> tuple[int, ...]:
+        """The ``kept`` highest-scored units; for query heads, the best ``kept / kv`` of every kv group."""
+        if self.group.kind != "qheads":
+            return tuple(sorted(self.order[:kept]))
+        per_group = kept // self.kv_groups
+        out = []
+        for kv in range(self.kv_groups):
+            out += [h for h in self.order if self.group.parent[h] == kv][:per_group]
+        return tuple(sorted(out))
+
+    def cost(self, kept: int) -> int:
+        """Parameters removed (as the denominator counts them) when ``kept`` units stay."""
+        if kept not in self._cost:
+            stay = set(self.keep_indices(kept))
+            self._cost[kept] = sum(p for i, p in enumerate(self.ppu) if i not in stay)
+        return self._cost[kept]
+
+
+def _normalize_per_kind(slots: list[_Prunable]) -> None:
+    """Divide each score by the mean score of its kind over the pruned layers (1.0 = an average unit)."""
+    for kind in {s.group.kind for s in slots}:
+        same = [s for s in slots if s.group.kind == kind]
+        mean = torch.cat([s.scores for s in same]).mean().clamp_min(1e-30)
+        for s in same:
+            s.norm = s.scores / mean
+
+
+def _knob_range(knob: str, slots: list[_Prunable]) -> tuple[float, float]:
+    if knob == "ratio":
+        return 0.0, 1.0
+    allv = torch.cat([s.norm for s in slots])
+    return float(allv.min()) - 1.0, float(allv.max()) + 1.0
+
+
+def _bisect(removed, goal: float, lo: float, hi: float, steps: int = 80) -> float:
+    """The knob value whose (monotone, stepwise) ``removed(knob)`` is closest to ``goal``."""
+    if removed(lo) >= goal:
+        return lo
+    if removed(hi) <= goal:
+        return hi
+    for _ in range(steps):  # invariant: removed(lo) < goal <= removed(hi)
+        mid = (lo + hi) / 2
+        if removed(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo if goal - removed(lo) < removed(hi) - goal else hi
+
+
+def _choose_layers(graph: Graph, scores: Mapping[str, torch.Tensor], layer_range: tuple[int, int],
+                   attention: str, goal: float) -> tuple[int, ...]:
+    """Layer-wise: the layers of lowest mean kind-normalized importance, as many as come closest to ``goal``."""
+    candidates = list(range(*layer_range))
+    kinds = ("attention" if attention == "kv" else "qheads", "mlp")
+    per_layer = {i: [] for i in candidates}
+    for kind in kinds:
+        gs = [g for g in _groups_of_kind(graph, kind) if g.layer in per_layer]
+        vals = {g.layer: _scores_for(g, scores) for g in gs}
+        mean = torch.cat(list(vals.values())).mean().clamp_min(1e-30)
+        for i, v in vals.items():
+            per_layer[i].append(float((v / mean).mean()))
+    importance = {i: sum(v) / len(v) for i, v in per_layer.items()}
+    n = min(len(candidates), graph.num_layers - 1, max(1, round(goal / _layer_params(graph))))
+    return tuple(sorted(sorted(candidates, key=lambda i: (importance[i], i))[:n]))
+
+
+# ----------------------------------------------------------------------------------- bookkeeping
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _groups_of_kind(graph: Graph, kind: str) -> list[GroupSet]:
+    gs = graph.of_kind(kind)
+    if not gs:
+        raise ValueError(f"the graph has no {kind!r} group sets; re-run tailored.graph.trace on the dense model")
+    return gs
+
+
+def _scores_for(group: GroupSet, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if group.name not in scores:
+        raise ValueError(f"scores has no entry for group set {group.name!r} (kind {group.kind!r}); compute "
+                         "importance for every group set the mode prunes")
+    s = torch.as_tensor(scores[group.name]).detach().to("cpu", torch.float64).flatten()
+    if s.numel() != group.units:
+        raise ValueError(f"scores[{group.name!r}] has {s.numel()} values but the group set has {group.units} units")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"scores[{group.name!r}] holds NaN or inf; check the importance estimate")
+    return s
+
+
+def _params_per_unit(group: GroupSet) -> tuple[int, ...]:
+    if len(group.params_per_unit) != group.units:
+        raise ValueError(f"{group.name}: params_per_unit has {len(group.params_per_unit)} entries for "
+                         f"{group.units} units; re-run tailored.graph.trace")
+    return tuple(group.params_per_unit)
+
+
+def _non_decoder_per_hidden_unit(graph: Graph) -> int:
+    """Parameters of one hidden channel outside the decoder layers (embedding column, final norm, LM head).
+
+    Every parameter outside the decoder layers of a LLaMA-family model has one hidden-sized dimension,
+    so they add up to ``(total - decoder) / hidden`` per channel.
+    """
+    outside = graph.total_params - graph.decoder_params
+    if outside % graph.hidden_size:
+        raise ValueError(f"{outside} parameters outside the decoder layers do not divide by hidden size "
+                         f"{graph.hidden_size}: this architecture has non-hidden parameters there")
+    return outside // graph.hidden_size
+
+
+def _layer_params(graph: Graph) -> int:
+    if graph.decoder_params % graph.num_layers:
+        raise ValueError("decoder layers differ in size; layer-wise pruning expects the dense model's graph")
+    return graph.decoder_params // graph.num_layers
+
+
+def _pruned_scope(graph: Graph, keep: Mapping, settings: Mapping) -> list[GroupSet]:
+    """The group sets LLM-Pruner's ratio would act on: every set of the pruned kinds in the pruned layers."""
+    mode = settings.get("mode")
+    if mode == "channel":
+        return graph.of_kind("hidden")
+    if mode == "block":
+        kinds = ("attention" if settings.get("attention", "kv") == "kv" else "qheads", "mlp")
+        layers = set(range(*settings["layer_range"]))
+    else:  # a hand-made plan: the kinds and layers it touches
+        kinds = tuple(dict.fromkeys(graph.by_name(n).kind for n in keep))
+        layers = {graph.by_name(n).layer for n in keep}
+    return [g for k in kinds for g in graph.of_kind(k) if g.kind == "hidden" or g.layer in layers]
+
+
+def _validate(graph: Graph, keep: Mapping[str, tuple[int, ...]], drop: tuple[int, ...],
+              groups: Mapping[str, GroupSet]) -> None:
+    """Refuse plans that would break the model, before anything is touched."""
+    for name, units in keep.items():
+        g = groups[name]
+        if not units:
+            raise ValueError(f"the plan removes every unit of {name} ({g.kind}); a layer must keep at least one "
+                             "head and one channel (drop the layer with mode='layer' instead)")
+        if units[0] < 0 or units[-1] >= g.units or len(set(units)) != len(units):
+            raise ValueError(f"keep[{name!r}] must be distinct unit indices in 0..{g.units - 1}")
+        if g.kind == "qheads":
+            per_kv = [sum(1 for u in units if g.parent[u] == kv) for kv in range(max(g.parent) + 1)]
+            if len(set(per_kv)) != 1 or per_kv[0] == 0:
+                raise ValueError(f"{name}: query heads kept per kv group are {per_kv}; every kv group must keep "
+                                 "the same number (>= 1) of query heads (GQA's repeat_kv needs it)")
+    kinds = {g.kind for g in groups.values()}
+    if "hidden" in kinds and len(kinds) > 1:
+        raise ValueError("a plan cannot prune the hidden dimension together with heads or channels (they share "
+                         "weights): apply one plan, re-trace, then plan the next")
+    by_layer: dict[int, set[str]] = {}
+    for g in groups.values():
+        if g.layer is not None:
+            by_layer.setdefault(g.layer, set()).add(g.kind)
+    for layer, ks in by_layer.items():
+        if {"attention", "qheads"} <= ks:
+            raise ValueError(f"layer {layer}: a plan prunes either kv units or query heads of a layer, not both")
+    if drop:
+        if keep:
+            raise ValueError("a plan either drops layers or narrows them, not both")
+        if drop[0] < 0 or drop[-1] >= graph.num_layers or len(set(drop)) != len(drop):
+            raise ValueError(f"drop_layers={list(drop)} must be distinct layers in 0..{graph.num_layers - 1}")
+        if len(drop) >= graph.num_layers:
+            raise ValueError("the plan drops every decoder layer; keep at least one")
+
+
+def _heads_layout(graph: Graph, layer: int) -> tuple[int, int]:
+    """(query heads per kv head, kv heads) of a dense layer, read from its attention group set."""
+    att = [g for g in graph.of_kind("attention") if g.layer == layer]
+    if att:
+        g = att[0]
+        q, k = g.member("q_proj.weight"), g.member("k_proj.weight")
+        return q.unit_width(0) // k.unit_width(0), g.units
+    qh = [g for g in graph.of_kind("qheads") if g.layer == layer]
+    if qh and qh[0].parent is not None:
+        kv = max(qh[0].parent) + 1
+        return qh[0].units // kv, kv
+    return 0, 0
+
+
+def _widths(graph: Graph, keep: Mapping[str, tuple[int, ...]], drop: tuple[int, ...]) -> tuple[dict, ...]:
+    hidden = graph.of_kind("hidden")
+    h = len(keep[hidden[0].name]) if hidden and hidden[0].name in keep else graph.hidden_size
+    rows = []
+    for i in range(graph.num_layers):
+        if i in drop:
+            continue
+        g, kv = _heads_layout(graph, i)
+        q = g * kv
+        for gs in graph.groups:
+            if gs.layer != i or gs.name not in keep:
+                continue
+            if gs.kind == "attention":
+                kv = len(keep[gs.name])
+                q = g * kv
+            elif gs.kind == "qheads":
+                q = len(keep[gs.name])
+        mlp = [gs for gs in graph.of_kind("mlp") if gs.layer == i]
+        m = (len(keep[mlp[0].name]) if mlp[0].name in keep else mlp[0].units) if mlp else 0
+        rows.append({"layer": i, "q_heads": q, "kv_heads": kv, "mlp": m, "hidden": h})
+    return tuple(rows)
+
+
+# =============================================================================================== apply
+def apply(plan: Plan, model: torch.nn.Module, graph: Graph) -> torch.nn.Module:
+    """Remove what ``plan`` says from ``model``, in place, and return it.
+
+    Each member's parameter is replaced by a smaller ``nn.Parameter`` (``index_select`` on the member's
+    dimension), the modules' size attributes follow (``Linear.in/out_features``, ``Embedding.embedding_dim``,
+    the attention's ``num_key_value_groups``), and a tied embedding / LM head stays one tensor. The model's
+    config keeps the dense widths (a stock config cannot say "layer 5 has 2 kv heads"; the checkpoint
+    records the per-layer shapes); only layer-wise pruning changes it, to ``num_hidden_layers`` (and
+    ``layer_types``) of the layers kept, which the forward pass and the KV cache read. ``graph`` must
+    describe ``model`` as it is now (the dense model); afterwards it is stale: trace again before planning
+    more pruning.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    groups = {name: graph.by_name(name) for name in plan.keep}
+    _validate(graph, plan.keep, plan.drop_layers, groups)  # again: a plan may come from JSON or by hand
+
+    # Work out every new index set first, so a bad plan fails before any weight changes.
+    cuts: dict[int, tuple[torch.nn.Parameter, dict[int, set[int]]]] = {}  # id(tensor) -> (tensor, dim -> removed)
+    for name, units in plan.keep.items():
+        g = groups[name]
+        gone = sorted(set(range(g.units)) - set(units))
+        for m in g.members:
+            if m.param not in params:
+                raise ValueError(f"graph member {m.param} (group set {name}) is not a parameter of the model: "
+                                 "the graph was traced from another model, or the model was already pruned")
+            p = params[m.param]
+            removed = {i for u in gone for i in m.index[u]}
+            if removed and max(removed) >= p.shape[m.dim]:
+                raise ValueError(f"{m.param} has {p.shape[m.dim]} entries along dim {m.dim} but the graph indexes "
+                                 f"{max(removed)}: the graph does not describe this model (already pruned?)")
+            cuts.setdefault(id(p), (p, {}))[1].setdefault(m.dim, set()).update(removed)
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mod, attr))
+
+    with torch.no_grad():
+        for key, (p, dims) in cuts.items():
+            new = p.detach()
+            for dim, removed in dims.items():
+                kept = [i for i in range(p.shape[dim]) if i not in removed]
+                new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=p.device))
+            new_p = torch.nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
+            for mod, attr in owners[key]:  # a tied embedding and LM head get the same new tensor
+                setattr(mod, attr, new_p)
+    if plan.drop_layers:
+        _drop_layers(model, plan.drop_layers)
+    sync_module_attributes(model)
+    return model
+
+
+def _drop_layers(model: torch.nn.Module, drop: Sequence[int]) -> None:
+    from tailored.models import decoder_layers
+
+    layers = decoder_layers(model)
+    kept = [layer for i, layer in enumerate(layers) if i not in set(drop)]
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is layers:
+                setattr(parent, attr, torch.nn.ModuleList(kept))
+    for new_idx, layer in enumerate(kept):
+        for mod in layer.modules():  # the KV cache is indexed by each attention's layer_idx
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    config = getattr(model, "config", None)
+    if config is not None:
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in set(drop)]
+        config.num_hidden_layers = len(kept)
+
+
+def sync_module_attributes(model: torch.nn.Module) -> None:
+    """Make every module's size attributes agree with its (possibly pruned) weights.
+
+    The forward pass reads ``head_dim`` (unchanged by pruning) and ``num_key_value_groups`` (query heads
+    per kv head, used by ``repeat_kv``); the rest (``in_features``, ``intermediate_size``, ...) is kept
+    true so that ``print(model)``, PEFT and anyone else reading them see the real sizes.
+    """
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "head_dim")):
+            n_q = mod.q_proj.weight.shape[0] // mod.head_dim
+            n_kv = mod.k_proj.weight.shape[0] // mod.head_dim
+            if n_kv == 0 or n_q % n_kv:
+                raise ValueError(f"attention with {n_q} query heads and {n_kv} kv heads: query heads must be a "
+                                 "multiple of kv heads")
+            mod.num_key_value_groups = n_q // n_kv
+            for attr, val in (("num_heads", n_q), ("num_key_value_heads", n_kv)):
+                if hasattr(mod, attr):
+                    setattr(mod, attr, val)
+        if all(hasattr(mod, a) for a in ("gate_proj", "down_proj")):
+            if hasattr(mod, "intermediate_size"):
+                mod.intermediate_size = mod.gate_proj.weight.shape[0]
+            if hasattr(mod, "hidden_size"):
+                mod.hidden_size = mod.gate_proj.weight.shape[1]
+        if hasattr(mod, "input_layernorm") and hasattr(mod, "hidden_size"):
+            mod.hidden_size = mod.input_layernorm.weight.shape[0]
