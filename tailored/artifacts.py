@@ -30,9 +30,10 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON atomically; ``indent=None`` for large machine-read artifacts (one line)."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(_clean(obj), indent=indent, sort_keys=False) + "\n")
     return path
 
 

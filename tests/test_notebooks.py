@@ -1,0 +1,34 @@
+"""Notebooks are committed as the study's source: no outputs, a tagged parameters cell, the runner's keys."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from tailored import runner
+
+NOTEBOOKS = runner.discover_steps()
+
+
+@pytest.mark.parametrize("step", NOTEBOOKS, ids=[s.name for s in NOTEBOOKS])
+def test_notebook_is_stripped_and_parameterized(step):
+    nb = nbformat.read(str(step.path), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []), "the first code cell must be tagged 'parameters'"
+    for cell in code:
+        assert not cell.outputs and cell.execution_count is None, f"{step.name} is committed with outputs"
+    declared = runner.notebook_parameters(step.path)
+    for key in (*runner.INJECTED, "seed", "device"):
+        assert key in declared, f"{step.name} does not declare {key!r}"
+    assert nb.metadata["kernelspec"]["name"] == runner.KERNEL_NAME
+
+
+@pytest.mark.parametrize("profile", ["smoke", "class", "paper"])
+def test_every_profile_fits_the_notebooks(profile, tmp_path):
+    steps = runner.discover_steps()
+    if profile == "paper":  # the paper profile needs a model path; without one it must say so
+        with pytest.raises(runner.ParamsError, match="no model given"):
+            runner.resolve_params(profile, steps, tmp_path, tmp_path)
+        return
+    resolved = runner.resolve_params(profile, steps, tmp_path, tmp_path)
+    assert set(resolved) == {s.name for s in steps}
