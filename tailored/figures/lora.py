@@ -1,0 +1,113 @@
+"""Figures of the LoRA stage: training curves of generic and tailored recovery, accuracy against data size.
+
+    fig = plot_loss_curves({"generic": generic_result, "tailored boolq": boolq_result})
+    fig = plot_accuracy_vs_n(df)       # columns: task, method, n, accuracy (+ ci_low, ci_high, chance)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+import tailored.figures  # noqa: F401  (Agg backend and the shared style)
+
+KIND_STYLE = {"generic": {"linestyle": "--"}, "tailored": {"linestyle": "-"}}
+
+
+def _curves(run) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(training curve, validation curve) of a TrainResult, a finished run's folder, or a list of (step, loss)."""
+    if isinstance(run, (str, Path)):
+        from tailored.lora import read_train_metrics
+
+        run = read_train_metrics(run)
+    if hasattr(run, "losses"):
+        return list(run.losses), list(getattr(run, "validation", ()))
+    return [tuple(x) for x in run], []
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing running mean over ``window`` steps (the first points average what there is)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_loss_curves(runs: Mapping[str, object], kinds: Mapping[str, str] | None = None, smooth: int = 1,
+                     ax=None, title: str = "LoRA recovery: loss on the answer tokens"):
+    """Training loss against optimizer step, several runs on one axes.
+
+    ``runs`` maps a label to a ``TrainResult``, a finished run's ``out_dir``, or a list of (step, loss).
+    ``kinds`` marks each label ``"generic"`` (dashed) or ``"tailored"`` (solid); by default a label that
+    contains "generic" is generic. Validation losses, where recorded, are drawn as dots in the run's colour.
+    Note that the curves of different data are not comparable in level (the answers differ); what they show
+    is how fast each run learns its own data.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.0, 3.6))
+    for i, (label, run) in enumerate(runs.items()):
+        train, val = _curves(run)
+        kind = (kinds or {}).get(label, "generic" if "generic" in label.lower() else "tailored")
+        color = f"C{i % 10}"
+        if train:
+            steps, losses = zip(*train)
+            ax.plot(steps, _smooth(list(losses), max(1, smooth)), color=color, label=f"{label} ({kind})",
+                    lw=1.4, **KIND_STYLE.get(kind, {}))
+        if val:
+            vs, vl = zip(*val)
+            ax.plot(vs, vl, "o", color=color, ms=4, label=f"{label}: validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per answer token (nats)" + (f", mean of {smooth} steps" if smooth > 1 else ""))
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_n(df, n: str = "n", value: str = "accuracy", method: str = "method", task: str = "task",
+                       low: str = "ci_low", high: str = "ci_high", chance: str = "chance", ncols: int = 4):
+    """Accuracy against the number of training examples, one panel per task, one line per method.
+
+    ``df`` has one row per (task, method, n) with columns ``n``, ``accuracy`` and ``method`` (e.g.
+    "generic", "tailored"), optionally ``task``, ``ci_low``/``ci_high`` (drawn as error bars) and ``chance``
+    (a dotted line). Rows with ``n == 0`` are references without LoRA (e.g. "pruned", "dense"): drawn as
+    horizontal lines across the panel. The x axis is logarithmic (n = 50, 500, ...).
+    """
+    tasks = list(dict.fromkeys(df[task])) if task in df.columns else [None]
+    ncols = max(1, min(ncols, len(tasks)))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.6 * nrows), squeeze=False, sharey=False)
+    colors: dict[str, str] = {}
+    for ax, name in zip(axes.flat, tasks):
+        part = df if name is None else df[df[task] == name]
+        tuned, refs = part[part[n] > 0], part[part[n] == 0]
+        for m, rows in tuned.groupby(method, sort=False):
+            rows = rows.sort_values(n)
+            color = colors.setdefault(m, f"C{len(colors) % 10}")
+            err = None
+            if low in rows.columns and high in rows.columns:
+                err = [rows[value] - rows[low], rows[high] - rows[value]]
+            ax.errorbar(rows[n], rows[value], yerr=err, color=color, marker="o", ms=4, lw=1.4, capsize=2,
+                        label=str(m), **KIND_STYLE.get(str(m), {}))
+        for i, (_, r) in enumerate(refs.iterrows()):
+            ax.axhline(r[value], color="0.3", lw=1.0, linestyle=(0, (4, 2 + 2 * i)), label=f"{r[method]} (no LoRA)")
+        if chance in part.columns and part[chance].notna().any():
+            ax.axhline(float(part[chance].dropna().iloc[0]), color="0.6", lw=0.8, linestyle=":", label="chance")
+        if len(tuned):
+            ax.set_xscale("log")
+            ticks = sorted(set(tuned[n]))
+            ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+            ax.minorticks_off()
+        ax.set_title(name or "")
+        ax.set_xlabel("training examples n")
+        ax.set_ylabel(value)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[0].legend(handles, labels, fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,815 @@
+"""Recover a pruned model with LoRA: generic (instruction data) or tailored (the task's own prompt).
+
+LoRA (Hu et al., 2021) freezes every weight ``W`` of the model and learns a low-rank update beside it::
+
+    h = W x + (alpha / r) * B A x        A: (r, d_in), B: (d_out, r), B = 0 at the start
+
+so a few million parameters (rank 8 on all seven projections of every block) move a pruned model back
+towards what it could do. Tailored-LLaMA's point is *what* it is tuned on: the task's training split
+written with the task-specific prompt the model is later evaluated with ("tailored"), against generic
+instruction data (LLM-Pruner's Alpaca recipe, "generic").
+
+The recipe follows Tailored-LLaMA's ``*_fine_tune.py`` scripts (rank 8, alpha 16, dropout 0.1, the seven
+q/k/v/o/gate/up/down projections, AdamW at 1e-4, cosine schedule with warm-up, loss on the answer only).
+Two things differ on purpose:
+
+- **No checkpoint is chosen on evaluation data.** The paper (and LLM-Pruner) kept the checkpoint with the
+  lowest loss on the evaluation split (``load_best_model_at_end``). Here the last checkpoint is kept, or,
+  with ``select="validation"``, the best one on a *validation* part of the train split that is disjoint
+  from both the training subset and the evaluated examples (``train_and_validation``).
+- **A fixed budget** of optimizer steps (or trained tokens) instead of 30 epochs, so that runs with 50 and
+  500 training examples cost the same and a class run fits in minutes on a laptop.
+
+The training loop is plain PyTorch (no HF ``Trainer``): ~60 lines to read. It saves the adapter in PEFT
+format with its optimizer, schedule and random state every ``save_every`` steps (safetensors + JSON, never
+pickles), and a rerun with the same ``out_dir`` continues from the last saved step instead of restarting::
+
+    train, val = train_and_validation("boolq", n=500, n_validation=100)
+    result = train_lora(model, tokenizer, train, LoraSettings(max_steps=40), run_dir / "adapters/boolq",
+                        validation=val)
+    merged = merge(result.model)           # plain model, saved with checkpoint.save_pruned
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tailored.artifacts import read_json, write_json
+
+IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRECISIONS = ("auto", "bf16", "fp32")
+SELECTIONS = ("last", "validation")
+METRICS_FILE = "train_metrics.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+# A generic instruction template (Alpaca-like sections); the answer is the text after "### Response:\n".
+GENERIC_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+GENERIC_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+# ============================================================================================ settings
+@dataclass(frozen=True)
+class LoraSettings:
+    """Everything that decides a LoRA run. Defaults: Tailored-LLaMA's recipe, with a class-sized budget.
+
+    Budget: ``max_steps`` optimizer steps of ``batch_size`` sequences each (split into forward passes of
+    ``micro_batch_size`` to bound memory; the loss is the mean over the answer tokens of the whole batch,
+    so the split does not change the update). With ``max_tokens``, training also stops once that many
+    tokens (prompt + answer, padding excluded) have been trained on; the schedule spans the steps that
+    budget takes (known in advance: the data order is fixed by ``seed``).
+
+    ``precision="auto"`` trains under bf16 autocast on a CUDA device that supports it, else in fp32.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = PROJECTIONS
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05  # share of the steps with a linear warm-up (the paper: 100 steps)
+    batch_size: int = 8  # sequences per optimizer step (the paper: 4 x 16 accumulated = 64)
+    micro_batch_size: int | None = None  # sequences per forward pass; None: the whole batch at once
+    max_steps: int = 100
+    max_tokens: int | None = None
+    max_seq_len: int = 256  # longer sequences lose prompt tokens from the left, never the answer
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    save_every: int = 50  # steps between saved (resumable) checkpoints; also when validation loss is measured
+    select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
+
+    def __post_init__(self):
+        # Accept a list from YAML for the target modules, but keep the dataclass hashable.
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise ValueError(f"LoraSettings: {msg}")
+
+        if not isinstance(self.rank, int) or self.rank < 1:
+            bad(f"rank {self.rank!r} must be a positive integer (the paper: 8)")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            bad(f"alpha {self.alpha!r} must be > 0: the update is scaled by alpha / rank (the paper: 16)")
+        if not (0.0 <= self.dropout < 1.0):
+            bad(f"dropout {self.dropout!r} is outside [0, 1): it is the probability of zeroing a LoRA input")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            bad(f"target_modules {self.target_modules!r} must name at least one module, e.g. {PROJECTIONS}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            bad(f"lr {self.lr!r} must be a finite number > 0 (the paper: 1e-4)")
+        if self.weight_decay < 0:
+            bad(f"weight_decay {self.weight_decay!r} must be >= 0")
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            bad(f"warmup_ratio {self.warmup_ratio!r} is outside [0, 1): it is the share of steps warming up")
+        for name in ("batch_size", "max_steps", "max_seq_len", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                bad(f"{name} {value!r} must be a positive integer")
+        if self.max_seq_len < 2:
+            bad(f"max_seq_len {self.max_seq_len} is too short: a context token and an answer token are needed")
+        if self.micro_batch_size is not None and not (
+                isinstance(self.micro_batch_size, int) and 1 <= self.micro_batch_size <= self.batch_size):
+            bad(f"micro_batch_size {self.micro_batch_size!r} must be between 1 and batch_size ({self.batch_size})")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad(f"max_tokens {self.max_tokens!r} must be a positive integer or None (no token budget)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad(f"max_grad_norm {self.max_grad_norm!r} must be > 0 or None (no clipping)")
+        if self.precision not in PRECISIONS:
+            bad(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad(f"seed {self.seed!r} must be an integer >= 0")
+        if self.select not in SELECTIONS:
+            bad(f"select {self.select!r} is not one of {SELECTIONS}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LoraSettings: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 on a CUDA device that supports it (``"auto"``, ``"bf16"``); ``None`` means plain fp32."""
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if self.precision == "bf16" and not cuda_bf16:
+            raise ValueError(f"precision 'bf16' needs a CUDA device with bf16 support, the model is on {device}; "
+                             "use precision='auto' (fp32 there)")
+        return torch.bfloat16 if self.precision != "fp32" and cuda_bf16 else None
+
+
+# ====================================================================================== training data
+@dataclass(frozen=True)
+class TrainExample:
+    """One supervised example: the model reads ``prompt + answer`` and is trained on the answer only."""
+
+    prompt: str
+    answer: str
+    source: str = ""  # "<task>/<example id>", for tracing
+
+
+def generic_examples(n: int, seed: int = 0, skip: int = 0) -> list[TrainExample]:
+    """``n`` instruction-following examples (the "instructions" task): instruction (+ input) -> output.
+
+    This is the *generic* recovery data, the offline stand-in for LLM-Pruner's Alpaca. ``skip`` drops the
+    first examples of the seeded order (used to keep a validation part apart, see ``train_and_validation``).
+    """
+    from tailored.data import load_task
+
+    out = []
+    for ex in load_task("instructions", split="train", limit=skip + n, seed=seed)[skip:]:
+        if not ex.references:
+            continue
+        instruction, extra = ex.fields.get("instruction", ""), ex.fields.get("input", "")
+        prompt = (GENERIC_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=extra) if extra.strip()
+                  else GENERIC_TEMPLATE.format(instruction=instruction))
+        out.append(TrainExample(prompt, ex.references[0], f"instructions/{ex.id}"))
+    return out
+
+
+def tailored_examples(task: str | Sequence[str], prompt_name: str = "task_specific", n: int = 500,
+                      seed: int = 0, skip: int = 0) -> list[TrainExample]:
+    """``n`` examples of a task's TRAIN split written with one of its prompts (the *tailored* data).
+
+    ``prompt = render_context(example)``, ``answer = render_target(example)`` (the gold answer with its
+    leading delimiter), exactly the strings the evaluator scores. Given several tasks, ``n`` examples of
+    each are mixed in one seeded order (multi-task recovery). Examples without a gold answer are skipped.
+    """
+    from tailored.data import load_task
+    from tailored.prompts import get_prompt
+
+    tasks = [task] if isinstance(task, str) else list(task)
+    out: list[TrainExample] = []
+    for name in tasks:
+        prompt = get_prompt(name, prompt_name)
+        for ex in load_task(name, split="train", limit=skip + n, seed=seed)[skip:]:
+            if ex.label is None and not ex.references:
+                continue
+            out.append(TrainExample(prompt.render_context(ex), prompt.render_target(ex), f"{name}/{ex.id}"))
+    return mix_examples(out, seed) if len(tasks) > 1 else out
+
+
+def mix_examples(examples: Sequence[TrainExample], seed: int = 0) -> list[TrainExample]:
+    """One seeded shuffle of examples from several sources (multi-task or generic + tailored mixes)."""
+    out = list(examples)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def train_and_validation(task: str | Sequence[str], n: int, n_validation: int = 0,
+                         prompt_name: str = "task_specific", seed: int = 0
+                         ) -> tuple[list[TrainExample], list[TrainExample]]:
+    """Training examples and a disjoint validation part, both from the TRAIN split.
+
+    ``task="generic"`` takes instruction data. The first ``n_validation`` examples of the seeded order are
+    the validation part, the next ``n`` the training set: the validation part is the same for every ``n``
+    and training sets of a sweep are nested (n=50 is a prefix of n=500). The evaluated examples come from
+    the evaluation split and never take part in training or checkpoint choice.
+    """
+    if task == "generic":
+        both = generic_examples(n_validation + n, seed=seed)
+    else:
+        tasks = [task] if isinstance(task, str) else list(task)
+        both, val = [], []
+        for name in tasks:  # split each task, so every task has its own validation part
+            rows = tailored_examples(name, prompt_name, n_validation + n, seed=seed)
+            val += rows[:n_validation]
+            both += rows[n_validation:]
+        return (mix_examples(both, seed) if len(tasks) > 1 else both), val
+    return both[n_validation:], both[:n_validation]
+
+
+# ========================================================================================= tokenizing
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example and its labels: ``IGNORE`` (-100) on every prompt token."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    truncated: int = 0  # prompt (or answer) tokens dropped to fit max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """What the tokenizer puts in front of a text by default (LLaMA-2's BOS; nothing for SmolLM2)."""
+    full, plain = list(tokenizer("a")["input_ids"]), _ids(tokenizer, "a")
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def encode(tokenizer, example: TrainExample, max_seq_len: int = 256) -> Encoded:
+    """Tokenize ``prompt + answer + EOS`` with a completion-only loss mask (labels -100 on the prompt).
+
+    The split follows the evaluator (``tailored.evaluate.encode_request``, lm-evaluation-harness): trailing
+    whitespace of the prompt moves to the answer, and the answer tokens are those that ``enc(prompt +
+    answer)`` adds after ``enc(prompt)``, so training sees the tokens the evaluator scores. The tokenizer's
+    leading special tokens (a BOS) start the sequence. Too long a sequence loses prompt tokens from the left
+    (the BOS and the end of the prompt, next to the answer, are kept); an answer longer than the whole
+    budget is cut on the right.
+    """
+    prompt, answer = example.prompt, example.answer
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    if n_spaces:
+        prompt, answer = prompt[:-n_spaces], prompt[-n_spaces:] + answer
+    lead = _leading_special_ids(tokenizer)
+    prompt_ids = _ids(tokenizer, prompt)
+    whole = _ids(tokenizer, prompt + answer)
+    if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
+        answer_ids = whole[len(prompt_ids):]
+    else:  # the tokenizer merged across the boundary: tokenize the answer on its own
+        answer_ids = _ids(tokenizer, answer)
+    if not answer_ids:
+        raise ValueError(f"example {example.source!r} has an empty answer: there is nothing to train on")
+    target_ids = answer_ids + [tokenizer.eos_token_id]
+    dropped = 0
+    budget = max_seq_len - len(lead) - 1  # keep at least one context token before the first answer token
+    if budget < 1:
+        raise ValueError(f"max_seq_len {max_seq_len} leaves no room for an answer after {len(lead)} special tokens")
+    if len(target_ids) > budget:
+        dropped += len(target_ids) - budget
+        target_ids = target_ids[:budget]
+    room = max_seq_len - len(lead) - len(target_ids)
+    if len(prompt_ids) > room:
+        dropped += len(prompt_ids) - room
+        prompt_ids = prompt_ids[len(prompt_ids) - room:]
+    prompt_ids = lead + prompt_ids
+    if not prompt_ids:
+        raise ValueError(f"example {example.source!r} has an empty prompt: the first answer token needs a context")
+    return Encoded(tuple(prompt_ids) + tuple(target_ids), (IGNORE,) * len(prompt_ids) + tuple(target_ids), dropped)
+
+
+def loss_mask(encoded: Encoded) -> list[bool]:
+    """True on the tokens the loss is computed on: exactly the answer tokens and the closing EOS.
+
+    (Whitespace at the end of a prompt counts as the answer's, as in ``encode``.)
+    """
+    return [lab != IGNORE for lab in encoded.labels]
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels``, each (batch, longest).
+
+    Right padding keeps every sequence at positions 0..len-1, as when it is scored alone.
+    """
+    width = max(len(e) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e)] = torch.tensor(e.input_ids)
+        labels[i, : len(e)] = torch.tensor(e.labels)
+        mask[i, : len(e)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the answer tokens: (sum or mean over them, number of answer tokens).
+
+    The LM head is applied to the answer positions only: with a 49k vocabulary, logits for every prompt
+    token of a (8, 256) batch would take 400 MB and a fifth of the compute, to be thrown away.
+    (Right for LLaMA-family models, whose logits are ``lm_head(final hidden state)``.)
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state  # (batch, seq, hidden)
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    answer = targets != IGNORE  # (batch, seq - 1)
+    logits = head(hidden[:, :-1][answer]).float()  # (n_answer_tokens, vocab)
+    loss = F.cross_entropy(logits, targets[answer], reduction=reduction)
+    return loss, int(answer.sum())
+
+
+# ========================================================================================== schedule
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine decay.
+
+    Every step gets a positive rate: warm-up steps k = 1..W get ``peak * k / W``, and the cosine runs from
+    ``peak`` at step W + 1 down towards (not to) zero at step ``total``.
+    """
+    if step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup - 1) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int, _cache: dict | None = None) -> list[int]:
+    """Which examples form step ``step`` (1-based): epochs of seeded permutations, read in order.
+
+    A pure function of (step, seed): resuming needs no data-loader state.
+    """
+    cache = {} if _cache is None else _cache
+    out = []
+    for g in range((step - 1) * batch_size, step * batch_size):
+        epoch, pos = divmod(g, n)
+        if epoch not in cache:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(n, generator=gen).tolist()
+        out.append(cache[epoch][pos])
+    return out
+
+
+def plan_steps(encoded: Sequence[Encoded], settings: LoraSettings) -> int:
+    """How many optimizer steps the run takes: ``max_steps``, or fewer when ``max_tokens`` runs out first."""
+    if settings.max_tokens is None:
+        return settings.max_steps
+    cache: dict = {}
+    seen = 0
+    for step in range(1, settings.max_steps + 1):
+        seen += sum(len(encoded[i]) for i in _batch_indices(step, len(encoded), settings.batch_size,
+                                                             settings.seed, cache))
+        if seen >= settings.max_tokens:
+            return step
+    return settings.max_steps
+
+
+# ============================================================================================ results
+@dataclass(frozen=True)
+class TrainResult:
+    """What a LoRA run did. ``model`` is the trained ``PeftModel`` (not saved in the JSON)."""
+
+    adapter_dir: Path
+    steps: int
+    tokens: int
+    train_s: float  # seconds spent in forward/backward/update (tokens_per_s divides by this)
+    wall_s: float  # whole run including validation and saving, summed over resumed parts
+    tokens_per_s: float
+    losses: tuple[tuple[int, float], ...]  # (step, training loss)
+    validation: tuple[tuple[int, float], ...] = ()  # (step, validation loss)
+    selected_step: int = 0
+    resumed_from: int = 0  # step the last call started at (0: from scratch)
+    n_examples: int = 0
+    trainable_params: int = 0
+    settings: LoraSettings = field(default_factory=LoraSettings)
+    model: Any = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        d["settings"] = self.settings.to_dict()
+        d["losses"] = [list(x) for x in self.losses]
+        d["validation"] = [list(x) for x in self.validation]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, model=None) -> TrainResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}  # train_metrics.json also holds the data fingerprint
+        d["adapter_dir"] = Path(d["adapter_dir"])
+        d["settings"] = LoraSettings.from_dict(d["settings"])
+        d["losses"] = tuple((int(s), float(v)) for s, v in d["losses"])
+        d["validation"] = tuple((int(s), float(v)) for s, v in d["validation"])
+        return cls(**d, model=model)
+
+
+def read_train_metrics(out_dir: str | Path) -> TrainResult:
+    """The ``TrainResult`` of a finished run, from its ``train_metrics.json`` (for figures and tables)."""
+    result = TrainResult.from_dict(read_json(Path(out_dir) / METRICS_FILE))
+    return dataclasses.replace(result, adapter_dir=Path(out_dir))  # where it is now, if the run moved
+
+
+# ============================================================================================= PEFT
+def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, settings: LoraSettings):
+    """Wrap ``model`` with fresh LoRA adapters (A random under ``settings.seed``, B zero): a ``PeftModel``."""
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("the model already carries LoRA adapters; pass the base (pruned) model, "
+                         "or merge(model) first to tune on top of merged weights")
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise ValueError("the model already carries LoRA layers (train_lora adds them in place): load the "
+                         "(pruned) model afresh for each run, e.g. with checkpoint.load_pruned")
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in settings.target_modules if t not in present]
+    if missing:
+        raise ValueError(f"target_modules {missing} are not modules of {type(model).__name__}; "
+                         f"LLaMA-family models have {PROJECTIONS}")
+    torch.manual_seed(settings.seed)
+    return get_peft_model(model, lora_config(settings))
+
+
+def load_adapter(model, adapter_dir: str | Path):
+    """Put the adapter saved in ``adapter_dir`` (PEFT format) on ``model``: a ``PeftModel`` in eval mode.
+
+    ``model`` must be the same (pruned) model the adapter was trained on: the LoRA shapes follow its
+    per-layer widths. ``adapter_dir`` is a finished run's ``out_dir`` or one of its ``checkpoint-<step>``.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        hint = " (the run has not finished; its checkpoint-<step> folders hold adapters)" if adapter_dir.is_dir() else ""
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a saved LoRA adapter{hint}")
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model.eval()
+    return peft_model
+
+
+def merge(model):
+    """Fold the LoRA update into the weights, ``W <- W + (alpha / r) B A``: a plain model, no PEFT layers.
+
+    The result has the pruned shapes and no adapter, so ``checkpoint.save_pruned`` saves it as any pruned
+    model, and it runs as fast as the model it was tuned from.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ValueError(f"merge expects a PeftModel (from train_lora or load_adapter), got {type(model).__name__}")
+    return model.merge_and_unload()
+
+
+# ======================================================================================== checkpoints
+def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _fingerprint(encoded: Sequence[Encoded]) -> str:
+    h = hashlib.sha256()
+    for e in encoded:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def _write_adapter(peft_model, dest: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then rename: a reader never sees half an adapter."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    _swap_dir(tmp, dest)
+
+
+def _swap_dir(tmp: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, state: dict) -> Path:
+    """``out_dir/checkpoint-<step>/``: adapter (PEFT), optimizer (safetensors + JSON), RNG, trainer state.
+
+    Written into a temporary folder and renamed, then older checkpoints are removed: a crash at any point
+    leaves the last complete checkpoint in place.
+    """
+    from safetensors.torch import save_file
+
+    dest = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    # Optimizer: its tensors (per parameter: step, exp_avg, exp_avg_sq) in safetensors, the rest in JSON.
+    sd = optimizer.state_dict()
+    tensors = {f"{idx}.{key}": value.detach().contiguous().cpu()
+               for idx, per_param in sd["state"].items() for key, value in per_param.items()}
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in sd["param_groups"]]
+    write_json(tmp / "optimizer.json", {"param_groups": groups,
+                                        "param_names": [n for n, _ in _trainable(peft_model)]})
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(rng, str(tmp / "rng.safetensors"))
+    write_json(tmp / "trainer_state.json", state)
+    _swap_dir(tmp, dest)
+    for old in out_dir.glob("checkpoint-*"):
+        if old != dest and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step that is complete, or None."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*")
+             if p.is_dir() and (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    _load_adapter_weights(peft_model, ckpt)
+    meta = read_json(ckpt / "optimizer.json")
+    names = [n for n, _ in _trainable(peft_model)]
+    if meta["param_names"] != names:
+        raise ValueError(f"{ckpt} was saved for other trainable parameters than this model's LoRA layers: "
+                         "was it trained on another (pruned) model? Use a fresh out_dir.")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(ckpt / "optimizer.safetensors")).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return read_json(ckpt / "trainer_state.json")
+
+
+def _check_same_run(saved: dict, settings: LoraSettings, fingerprint: str, where: Path) -> None:
+    """A rerun continues a run only with the same settings (save_every aside) and the same data."""
+    now = settings.to_dict()
+    diff = sorted(k for k in now if k != "save_every" and saved["settings"].get(k) != now[k])
+    if diff:
+        raise ValueError(f"{where} holds a LoRA run with other settings ({', '.join(diff)}: "
+                         f"{ {k: saved['settings'].get(k) for k in diff} } there, { {k: now[k] for k in diff} } now); "
+                         "rerun with the same settings to continue it, or use another out_dir")
+    if saved["data_fingerprint"] != fingerprint:
+        raise ValueError(f"{where} holds a LoRA run trained on other examples; "
+                         "rerun with the same examples to continue it, or use another out_dir")
+
+
+# ============================================================================================ training
+@torch.no_grad()
+def validation_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 8,
+                    autocast: torch.dtype | None = None) -> float:
+    """Mean completion-only loss per answer token over ``encoded`` (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], pad_id).items()}
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss, n = completion_loss(model, batch, reduction="sum")
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings | None = None,
+               out_dir: str | Path = "adapter", validation: Sequence[TrainExample] | None = None,
+               progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train LoRA adapters on ``examples`` with a completion-only loss; save them to ``out_dir``.
+
+    A plain loop: every step takes ``batch_size`` examples (seeded epochs), sets the scheduled learning
+    rate, accumulates the answer-token loss over micro-batches, clips the gradient, and updates with AdamW.
+    Every ``save_every`` steps a resumable checkpoint is written (and the validation loss measured, if
+    ``validation`` is given); at the end ``out_dir`` holds the adapter (PEFT format: ``load_adapter``) and
+    ``train_metrics.json``. A rerun with an unfinished ``out_dir`` continues from its last checkpoint; with a
+    finished one it loads the adapter and returns at once.
+
+    ``stop_after`` leaves after that many steps, as an interruption would, keeping the schedule of the full
+    run (for tests and for splitting a long run over sessions). A non-finite loss raises
+    ``FloatingPointError`` naming the step. ``model`` is wrapped in place (``get_peft_model``); the trained
+    ``PeftModel`` is ``result.model``.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or LoraSettings()
+    out_dir = Path(out_dir)
+    if not examples:
+        raise ValueError("no training examples: build them with tailored_examples(...) or generic_examples(...)")
+    if settings.select == "validation" and not validation:
+        raise ValueError("select='validation' needs validation examples (a part of the train split, "
+                         "see train_and_validation); the evaluation set must not choose the checkpoint")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; the answer is trained to end with one")
+    t_start = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in examples]
+    val_encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in validation or ()]
+    fingerprint = _fingerprint(encoded)
+    total = plan_steps(encoded, settings)
+    warmup = round(settings.warmup_ratio * total)
+    autocast = settings.autocast_dtype(next(model.parameters()).device)
+
+    peft_model = add_lora(model, settings)
+    params = [p for _, p in _trainable(peft_model)]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    # ---- finished before? load and return; unfinished? continue from the last checkpoint
+    if (out_dir / METRICS_FILE).exists():
+        done = read_json(out_dir / METRICS_FILE)
+        _check_same_run(done, settings, fingerprint, out_dir)
+        _load_adapter_weights(peft_model, out_dir)
+        peft_model.eval()
+        return dataclasses.replace(TrainResult.from_dict(done, model=peft_model), adapter_dir=out_dir)
+    state = {"step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0, "losses": [], "validation": [],
+             "best": None, "settings": settings.to_dict(), "data_fingerprint": fingerprint, "total_steps": total}
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        saved = read_json(ckpt / "trainer_state.json")
+        _check_same_run(saved, settings, fingerprint, ckpt)
+        state = _load_checkpoint(ckpt, peft_model, optimizer)
+    else:
+        torch.manual_seed(settings.seed)  # dropout masks from here on are a function of the seed
+    resumed_from = state["step"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(step: int, t0: float) -> None:
+        if val_encoded:
+            v = validation_loss(peft_model, val_encoded, pad_id, settings.micro_batch_size or settings.batch_size,
+                                autocast)
+            state["validation"].append([step, v])
+            if state["best"] is None or v < state["best"][1]:
+                state["best"] = [step, v]
+                _write_adapter(peft_model, out_dir / "best")
+        state["wall_s"] += time.perf_counter() - t0
+        _save_checkpoint(out_dir, step, peft_model, optimizer, state)
+
+    last = total if stop_after is None else min(total, stop_after)
+    perms: dict = {}
+    peft_model.train()
+    bar = tqdm(total=total, initial=resumed_from, desc=f"LoRA {out_dir.name}", disable=not progress, unit="step")
+    t_part = t_start  # wall time is booked at each checkpoint, so a resumed run adds to it
+    try:
+        for step in range(resumed_from + 1, last + 1):
+            t_step = time.perf_counter()
+            lr = lr_at(step, total, warmup, settings.lr)
+            rows = [encoded[i] for i in _batch_indices(step, len(encoded), settings.batch_size, settings.seed, perms)]
+            loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"LoRA training loss is {loss} at step {step} of {total} (lr {lr:.3g}): lower the "
+                    f"learning rate (settings.lr={settings.lr:g}) or train in fp32 (precision='fp32')")
+            state["step"], state["tokens"] = step, state["tokens"] + sum(len(e) for e in rows)
+            state["train_s"] += time.perf_counter() - t_step
+            state["losses"].append([step, loss])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['tokens'] / max(state['train_s'], 1e-9):.0f}")
+            if step % settings.save_every == 0 or step == last:
+                checkpoint(step, t_part)
+                t_part = time.perf_counter()
+    finally:
+        bar.close()
+
+    finished = state["step"] == total
+    selected = state["step"]
+    if finished:  # out_dir gets the chosen adapter, then the metrics (written last: the run is done)
+        if settings.select == "validation" and state["best"] is not None:
+            selected = state["best"][0]
+            _install_adapter(out_dir / "best", out_dir)
+            _load_adapter_weights(peft_model, out_dir)  # the returned model carries the chosen adapter too
+        else:
+            _install_adapter(latest_checkpoint(out_dir), out_dir)
+    result = TrainResult(
+        adapter_dir=out_dir, steps=state["step"], tokens=state["tokens"], train_s=state["train_s"],
+        wall_s=state["wall_s"], tokens_per_s=state["tokens"] / max(state["train_s"], 1e-9),
+        losses=tuple((s, v) for s, v in state["losses"]), validation=tuple((s, v) for s, v in state["validation"]),
+        selected_step=selected, resumed_from=resumed_from, n_examples=len(examples),
+        trainable_params=sum(p.numel() for p in params), settings=settings, model=peft_model)
+    if finished:
+        write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": fingerprint})
+        for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"]:
+            shutil.rmtree(old, ignore_errors=True)
+    peft_model.eval()
+    return result
+
+
+def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, settings: LoraSettings,
+                pad_id: int) -> float:
+    """One optimizer step on ``rows``; returns the mean loss per answer token (NaN stops before updating)."""
+    device = next(peft_model.parameters()).device
+    autocast = settings.autocast_dtype(device)
+    micro = settings.micro_batch_size or settings.batch_size
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_answer = sum(sum(loss_mask(e)) for e in rows)  # the loss is a mean over all answer tokens of the batch
+    total = 0.0
+    for i in range(0, len(rows), micro):
+        batch = {k: v.to(device) for k, v in collate(rows[i: i + micro], pad_id).items()}
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss_sum, _ = completion_loss(peft_model, batch, reduction="sum")
+        loss = loss_sum / n_answer
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+        loss.backward()
+        total += float(loss.detach())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if settings.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+
+
+def _install_adapter(src: Path, out_dir: Path) -> None:
+    """Copy an adapter's files into ``out_dir`` itself, each through a temporary file and a rename."""
+    for name in ADAPTER_FILES:
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, out_dir / name)
+
+
+# ========================================================================================= throughput
+def measure_throughput(model, settings: LoraSettings | None = None, batch_size: int = 8, seq_len: int = 256,
+                       steps: int = 3, warmup: int = 1) -> dict:
+    """Tokens per second of one LoRA training step (forward, backward, AdamW) on random full-length tokens.
+
+    For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
+    Answer-only loss on the last quarter of each sequence. The model is returned to its state (adapters
+    removed) afterwards.
+    """
+    settings = settings or LoraSettings()
+    peft_model = add_lora(model, settings)
+    device = next(peft_model.parameters()).device
+    vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
+    params = [p for _, p in _trainable(peft_model)]
+    opt = torch.optim.AdamW(params, lr=settings.lr)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    labels = ids.clone()
+    labels[:, : seq_len * 3 // 4] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    autocast = settings.autocast_dtype(device)
+    peft_model.train()
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss, n = completion_loss(peft_model, batch, reduction="mean")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    peft_model.unload()
+    per_step = sorted(times)[len(times) // 2]
+    return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
+            "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),
+            "device": str(device)}
