@@ -45,7 +45,8 @@ class FastDecoder:
     the loop free of masks. Results equal HF ``generate(do_sample=False)`` token for token (tested).
     """
 
-    def __init__(self, model, max_batch: int = 1, max_len: int = 1024, compile: bool = False):
+    def __init__(self, model, max_batch: int = 1, max_len: int = 1024, compile: bool = False,
+                 cuda_graph: bool | None = None, static: bool | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         inner = base.model
         cfg = base.config
@@ -78,6 +79,15 @@ class FastDecoder:
             cos, sin = inner.rotary_emb(self.embed[:1][None], pos)
         self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
         self._forward = torch.compile(self._forward_impl, dynamic=True) if compile else self._forward_impl
+        # Decode steps: on CUDA one step is captured once as a CUDA graph and replayed (no Python or launch
+        # overhead per token); that needs static shapes, so the step attends over the whole cache with a mask.
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not on_cuda:
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.static = self.cuda_graph if static is None else (static or self.cuda_graph)
+        self._positions = torch.arange(max_len, device=self.device)
+        self._graphs: dict[int, tuple] = {}
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # as LlamaRMSNorm: statistics in fp32, weight applied in the model dtype
@@ -111,6 +121,54 @@ class FastDecoder:
             h = h + F.linear(F.silu(g) * u, b.wd)
         return F.linear(self._rms(h[:, -1], self.norm), self.lm_head)  # (batch, vocab)
 
+    def _step_static(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step with static shapes: ``ids`` (batch, 1) at position ``pos`` (a (1,) tensor)."""
+        bsz, hd = ids.shape[0], self.head_dim
+        h = F.embedding(ids, self.embed)  # (batch, 1, hidden)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, head_dim)
+        visible = (self._positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len): the filled cache slots
+        for i, b in enumerate(self.blocks):
+            qkv = F.linear(self._rms(h, b.ln1), b.wqkv, b.bqkv)
+            q, k, v = qkv.split([b.nq * hd, b.nkv * hd, b.nkv * hd], dim=-1)
+            q = self._rope(q.view(bsz, 1, b.nq, hd).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(bsz, 1, b.nkv, hd).transpose(1, 2), cos, sin)
+            keys, values = self.k_cache[i][:bsz], self.v_cache[i][:bsz]  # (batch, nkv, max_len, hd)
+            keys.index_copy_(2, pos, k)
+            values.index_copy_(2, pos, v.view(bsz, 1, b.nkv, hd).transpose(1, 2))
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=b.nq != b.nkv)
+            h = h + F.linear(a.transpose(1, 2).reshape(bsz, 1, b.nq * hd), b.wo)
+            g, u = F.linear(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
+            h = h + F.linear(F.silu(g) * u, b.wd)
+        return F.linear(self._rms(h[:, -1], self.norm), self.lm_head)
+
+    def _graph_for(self, bsz: int):
+        """Capture (once per batch size) the static decode step as a CUDA graph over static input buffers."""
+        if bsz not in self._graphs:
+            ids = torch.zeros(bsz, 1, dtype=torch.long, device=self.device)
+            pos = torch.zeros(1, dtype=torch.long, device=self.device)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the graph (it writes cache slot 0; prefill overwrites)
+                for _ in range(2):
+                    self._step_static(ids, pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._step_static(ids, pos)
+            self._graphs[bsz] = (graph, ids, pos, out)
+        return self._graphs[bsz]
+
+    def _decode(self, nxt: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.cuda_graph:
+            graph, ids, pos_buf, out = self._graph_for(nxt.shape[0])
+            ids.copy_(nxt)
+            pos_buf.fill_(pos)
+            graph.replay()
+            return out
+        if self.static:
+            return self._step_static(nxt, torch.tensor([pos], device=self.device))
+        return self._forward(nxt, pos)
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation: returns (batch, prompt + max_new_tokens) token ids."""
@@ -118,11 +176,13 @@ class FastDecoder:
         if bsz > self.max_batch or T + max_new_tokens > self.max_len:
             raise ValueError(f"batch {bsz} × length {T + max_new_tokens} exceeds the decoder's static cache "
                              f"({self.max_batch} × {self.max_len}); build FastDecoder with larger max_batch/max_len")
+        if self.cuda_graph:
+            self._graph_for(bsz)  # capture before prefill: the warm-up writes cache slot 0
         out = [input_ids]
         nxt = self._forward(input_ids.to(self.device), 0).argmax(-1, keepdim=True)
         for step in range(max_new_tokens - 1):
             out.append(nxt)
-            nxt = self._forward(nxt, T + step).argmax(-1, keepdim=True)
+            nxt = self._decode(nxt, T + step).argmax(-1, keepdim=True)
         out.append(nxt)
         return torch.cat([o.to(input_ids.device) for o in out], dim=1)
 

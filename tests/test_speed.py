@@ -9,13 +9,15 @@ from tailored.models import load
 from tailored.speed import FastDecoder, compare
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-step"])
 @pytest.mark.parametrize("spec", ["tiny", "tiny-mha", "tiny-qwen2", "tiny-tied"])
-def test_fast_decoder_matches_hf_greedy_generate(spec):
+def test_fast_decoder_matches_hf_greedy_generate(spec, static):
     model, _ = load(spec)
     ids = torch.randint(0, 250, (3, 9), generator=torch.Generator().manual_seed(1))
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                          do_sample=False, pad_token_id=0)
-    out = FastDecoder(model, max_batch=3, max_len=32).generate(ids, 12)
+    # the static step (masked attention over the whole cache) is what a CUDA graph replays on a GPU
+    out = FastDecoder(model, max_batch=3, max_len=32, static=static).generate(ids, 12)
     assert torch.equal(out, ref)
 
 
@@ -33,3 +35,22 @@ def test_compare_reports_side_by_side_rows():
     assert [r["model"] for r in rows] == ["a", "b"]
     assert rows[0]["decode_tok_s_bs1_speedup"] == 1.0 and rows[1]["share_removed"] == 0.0
     assert rows[0]["macs_per_token"] > 0 and rows[0]["prefill_ms"] > 0
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-step"])
+def test_fast_decoder_runs_pruned_models_with_per_layer_shapes(static):
+    from tailored.graph import trace
+    from tailored.prune import apply, plan_pruning
+
+    model, _ = load("tiny")
+    graph = trace(model)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.name: torch.rand(g.units, generator=gen) for g in graph.groups}
+    plan = plan_pruning(graph, scores, target=0.4, allocation="global", layer_range=(0, 4))
+    pruned = apply(plan, model, graph)
+    widths = {(w["q_heads"], w["mlp"]) for w in plan.widths}
+    assert len(widths) > 1, "global allocation should leave layers of different widths"
+    ids = torch.randint(0, 250, (2, 5), generator=gen)
+    ref = pruned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                          do_sample=False, pad_token_id=0)
+    assert torch.equal(FastDecoder(pruned, max_batch=2, max_len=16, static=static).generate(ids, 8), ref)
