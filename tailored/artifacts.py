@@ -76,3 +76,30 @@ def tree_sha256(path: str | Path) -> str:
         h.update(str(f.relative_to(path)).encode())
         h.update(file_sha256(f).encode())
     return h.hexdigest()
+
+
+def embed_tables(markdown_path: str | Path, figures_dir: str | Path) -> list[str]:
+    """Refresh the generated tables of a Markdown file (the README) from ``figures_dir``.
+
+    A block ``<!-- table: NAME -->`` … ``<!-- /table -->`` is replaced by the content of
+    ``<figures_dir>/NAME.md``, so numbers in the README always come from the last run, never typed by hand.
+    Blocks whose table does not exist are left as they are. Returns the names refreshed.
+    """
+    import re
+
+    markdown_path, figures_dir = Path(markdown_path), Path(figures_dir)
+    text = markdown_path.read_text()
+    done = []
+
+    def refresh(match: re.Match) -> str:
+        name = match.group(1)
+        table = figures_dir / f"{name}.md"
+        if not table.exists():
+            return match.group(0)
+        done.append(name)
+        return f"<!-- table: {name} -->\n{table.read_text().strip()}\n<!-- /table -->"
+
+    new = re.sub(r"<!-- table: ([\w.-]+) -->.*?<!-- /table -->", refresh, text, flags=re.S)
+    if new != text:
+        atomic_write_text(markdown_path, new)
+    return done

@@ -109,3 +109,16 @@ def test_step_selection():
     assert [s.name for s in runner.select_steps(steps, start="02")] == ["02_b", "03_c"]
     with pytest.raises(runner.ParamsError, match="step '07' does not exist"):
         runner.select_steps(steps, only="07")
+
+
+def test_readme_tables_are_refreshed_from_figures(tmp_path):
+    from tailored.artifacts import embed_tables
+
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "t1.md").write_text("| a |\n|---|\n| 2 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table: t1 -->\n| a |\n|---|\n| 1 |\n<!-- /table -->\n"
+                      "<!-- table: missing -->\nold\n<!-- /table -->\nend\n")
+    assert embed_tables(readme, tmp_path / "figs") == ["t1"]
+    text = readme.read_text()
+    assert "| 2 |" in text and "| 1 |" not in text and "old" in text and text.endswith("end\n")
