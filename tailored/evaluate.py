@@ -725,3 +725,79 @@ def evaluate_many(models: Mapping[str, str | Path | tuple[torch.nn.Module, Any]]
             del model
     bar.close()
     return rows
+
+
+# =========================================================================================== a run's models
+@dataclass(frozen=True)
+class RunModel:
+    """One model of a run to evaluate: the dense model, a pruned checkpoint, or a pruned one + a LoRA adapter.
+
+    ``spec`` is what ``tailored.models.load`` takes (the dense spec, or a pruned checkpoint folder);
+    ``share`` is the share of decoder parameters removed (0 for dense). A ``lora`` model is its ``base``
+    checkpoint with the adapter in ``adapter`` merged in; ``recipe`` is ``generic`` or ``tailored``,
+    ``tasks`` the tasks it was trained for (empty: all), ``prompt`` the prompt it was trained with (empty:
+    none in particular) and ``n`` the training examples per task of a data-sweep run (None: a main run).
+    """
+
+    name: str
+    kind: str  # "dense" | "pruned" | "lora"
+    spec: str
+    share: float = 0.0
+    base: str = ""
+    adapter: str = ""
+    recipe: str = ""
+    tasks: tuple[str, ...] = ()
+    prompt: str = ""
+    n: int | None = None
+
+
+def run_models(run_dir: str | Path, dense: str) -> list[RunModel]:
+    """The models a run has produced, in the order a table lists them: dense, then by share removed.
+
+    Pruned checkpoints are the folders ``run_dir/pruned/*/`` holding a ``pruning.json`` (notebook 03); their
+    share comes from the plan recorded there. LoRA models are the entries of ``run_dir/adapters/index.json``
+    (notebook 04): ``{"name", "base", "adapter", "recipe", "tasks", "prompt", "n"}``, paths relative to
+    ``run_dir``; ``tasks`` and ``prompt`` may be null (a generic adapter), ``n`` is null except for the runs
+    of a data sweep.
+    A run with neither gives the dense model alone.
+    """
+    import json
+
+    from tailored.prune import Plan
+
+    run_dir = Path(run_dir)
+    out = [RunModel("dense", "dense", dense)]
+    pruned = {}
+    for record_file in sorted(run_dir.glob("pruned/*/pruning.json")):
+        record = json.loads(record_file.read_text()).get("record", {})
+        share = Plan.from_dict(record["plan"]).share_decoder if "plan" in record else float("nan")
+        pruned[record_file.parent.name] = RunModel(record_file.parent.name, "pruned", str(record_file.parent), share)
+    out += sorted(pruned.values(), key=lambda m: (m.share, m.name))
+    index = run_dir / "adapters" / "index.json"
+    if index.exists():
+        for e in json.loads(index.read_text()):
+            base = Path(e["base"]).name
+            if base not in pruned:
+                raise FileNotFoundError(f"{index}: adapter {e['name']!r} was tuned from {e['base']!r}, which is not "
+                                        f"a pruned checkpoint of this run ({sorted(pruned)}); rerun notebook 03")
+            recipe = e.get("recipe") or ""
+            tasks = () if recipe == "generic" else tuple(e.get("tasks") or ())
+            out.append(RunModel(e["name"], "lora", pruned[base].spec, pruned[base].share, base=base,
+                                adapter=str(run_dir / e["adapter"]), recipe=recipe, tasks=tasks,
+                                prompt=e.get("prompt") or "", n=e.get("n")))
+    order = {m.name: i for i, m in enumerate(out)}
+    return sorted(out, key=lambda m: (m.share if m.kind != "dense" else -1.0, m.kind == "lora", m.n is not None,
+                                      order[m.name]))
+
+
+def load_run_model(entry: RunModel, device: str = "cpu", dtype: str = "float32", seed: int = 0):
+    """``(model, tokenizer)`` of a ``RunModel``; a LoRA adapter is loaded onto its base and merged in."""
+    from tailored.models import load
+
+    model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed)
+    if entry.kind == "lora":
+        from tailored.lora import load_adapter, merge
+
+        model = merge(load_adapter(model, entry.adapter))
+        model.eval()
+    return model, tokenizer

@@ -616,3 +616,29 @@ def sync_module_attributes(model: torch.nn.Module) -> None:
                 mod.hidden_size = mod.gate_proj.weight.shape[1]
         if hasattr(mod, "input_layernorm") and hasattr(mod, "hidden_size"):
             mod.hidden_size = mod.input_layernorm.weight.shape[0]
+
+
+# ============================================================================================ trade-off
+def sweep(dense: torch.nn.Module, graph: Graph, scores: Mapping[str, Mapping[str, torch.Tensor]],
+          shares: Sequence[float], measure, progress: bool = True, **plan_kw) -> list[dict]:
+    """Prune a copy of ``dense`` to every share with every estimator's scores; ``measure(model)`` each one.
+
+    ``scores``: estimator name -> (group set name -> scores). ``plan_kw`` go to ``plan_pruning``. Returns one
+    row per (estimator, share): the asked and achieved shares and what ``measure`` returned (a float or a dict).
+    The dense model is never modified.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    rows = []
+    jobs = [(est, share) for est in scores for share in shares]
+    for est, share in tqdm(jobs, desc="prune + measure", disable=not progress):
+        plan = plan_pruning(graph, scores[est], target=share, **plan_kw)
+        model = apply(plan, copy.deepcopy(dense), graph)
+        value = measure(model)
+        del model
+        row = {"estimator": est, "target": share, "share": plan.share_decoder, "share_model": plan.share_model}
+        row.update(value if isinstance(value, Mapping) else {"value": value})
+        rows.append(row)
+    return rows

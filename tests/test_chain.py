@@ -48,3 +48,68 @@ def test_01_traced_graph_of_the_tiny_gqa_model(smoke_run):
     # tiny: 4 layers, 2 key-value groups of 2 query heads, 128 MLP channels, hidden 64
     assert m["group_sets"]["attention"] == 4 and m["group_sets"]["mlp"] == 4 and m["group_sets"]["hidden"] == 1
     assert m["units"]["attention"] == 4 * 2 and m["units"]["mlp"] == 4 * 128 and m["units"]["hidden"] == 64
+
+
+def test_04_trained_adapters_listed_in_index(smoke_run):
+    run_dir, _ = smoke_run
+    m = read_metrics(run_dir, "04_lora_tune")
+    index = json.loads((run_dir / "adapters" / "index.json").read_text())
+    names = {e["name"] for e in index}
+    pruned = sorted(p.name for p in (run_dir / "pruned").iterdir() if (p / "pruning.json").exists())
+    assert pruned and all({f"{p}+generic", f"{p}+tailored"} <= names for p in pruned)
+    sweep = [e for e in index if e["n"] is not None]  # the data sweep: one pruned model, one adapter per n
+    assert sorted(e["n"] for e in sweep) == sorted(m["n_sweep"])
+    assert {e["base"] for e in sweep} == {f"pruned/{m['sweep_model']}"}
+    for e in index:
+        assert set(e) == {"name", "base", "adapter", "recipe", "tasks", "prompt", "n", "share_decoder"}
+        assert (run_dir / e["adapter"] / "adapter_model.safetensors").exists(), f"{e['name']}: no PEFT adapter"
+        assert (run_dir / e["base"] / "pruning.json").exists() and 0 < e["share_decoder"] < 1
+        if e["recipe"] == "generic":
+            assert e["tasks"] is None and e["prompt"] is None
+        else:
+            assert e["recipe"] == "tailored" and e["tasks"] and e["prompt"] == "task_specific"
+        run = m["runs"][e["name"]]
+        assert run["steps"] == m["settings"]["max_steps"] and run["tokens"] > 0 and run["tokens_per_s"] > 0
+        assert 0 < run["validation"]["all"] < float("inf") and 0 < run["final_train_loss"] < float("inf")
+        assert not list((run_dir / e["adapter"]).glob("checkpoint-*")), "a finished run keeps no checkpoints"
+    assert m["settings"]["seed"] == m["seed"] and set(m["validation_before"]) == {"dense", *pruned}
+
+
+def test_05_evaluate_wrote_metrics_for_every_model_task_prompt(smoke_run):
+    from tailored.data import TASKS
+
+    run_dir, _ = smoke_run
+    m = read_metrics(run_dir, "05_evaluate")
+    s = m["settings"]
+    pruned = sorted(p.name for p in (run_dir / "pruned").iterdir() if (p / "pruning.json").exists())
+    index = json.loads((run_dir / "adapters" / "index.json").read_text())
+    names = [e["name"] for e in m["models"]]
+    assert names[0] == "dense" and sorted(names) == sorted(["dense"] + pruned + [e["name"] for e in index])
+    rows = {(r["model"], r["task"], r["prompt"], r["k"], r["metric"]): r for r in m["results"]}
+    done = {key[:4] for key in rows}
+
+    def generated(task):
+        return TASKS[task].kind in ("extractive_qa", "summarization")
+
+    for entry in m["models"]:
+        name = entry["name"]
+        if entry["kind"] == "lora":  # main_k only, with the prompt it was trained with, on its own tasks
+            wanted = {(name, t, entry["prompt"] or "task_specific", s["main_k"])
+                      for t in s["tasks"] if not entry["tasks"] or t in entry["tasks"]}
+        else:
+            wanted = {(name, t, p, s["main_k"]) for t in s["tasks"]
+                      for p in ((s["generation_prompts"] or s["prompts"]) if generated(t) else s["prompts"])}
+            wanted |= {(name, t, "task_specific", k) for t in s["k_sweep_tasks"] for k in s["k_sweep"]}
+        assert wanted and wanted <= done, f"{name}: missing {sorted(wanted - done)}"
+        assert rows[(name, "wikitext", None, 0, "perplexity")]["value"] > 1
+    for r in m["results"]:
+        assert r["n"] > 0
+        if r["metric"] in ("acc", "acc_norm"):
+            assert 0 <= r["ci_low"] <= r["value"] <= r["ci_high"] <= 1 and r["stderr"] is not None
+            assert r["chance"] == TASKS[r["task"]].chance and r["majority"] is not None
+        elif r["task"] == "squad":
+            assert r["metric"] in ("exact_match", "f1") and 0 <= r["value"] <= 1 and r["chance"] is None
+    table = {row["model"]: row for row in m["main_table"]}
+    assert {"dense", *pruned} <= set(table)
+    assert {f"{p} + {recipe} LoRA" for p in pruned for recipe in ("generic", "tailored")} <= set(table)
+    assert m["notes"]["prompt"] == "task_specific" and m["notes"]["k"] == s["main_k"]

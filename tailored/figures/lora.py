@@ -2,6 +2,7 @@
 
     fig = plot_loss_curves({"generic": generic_result, "tailored boolq": boolq_result})
     fig = plot_accuracy_vs_n(df)       # columns: task, method, n, accuracy (+ ci_low, ci_high, chance)
+    fig = plot_validation_vs_n(df, references={"no LoRA": 2.9})   # columns: n, validation_loss (+ run)
 """
 
 from __future__ import annotations
@@ -109,5 +110,36 @@ def plot_accuracy_vs_n(df, n: str = "n", value: str = "accuracy", method: str = 
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     axes.flat[0].legend(handles, labels, fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_validation_vs_n(df, references: Mapping[str, float] | None = None, n: str = "n",
+                         value: str = "validation_loss", group: str = "run", ax=None,
+                         title: str = "How much data is enough? Validation loss against n"):
+    """Validation loss of the final adapter against the number of training examples ``n`` (log axis).
+
+    ``df`` has one row per trained adapter with columns ``n`` and ``validation_loss``; with a ``group``
+    column (e.g. "tailored" or "tailored-piqa") one line is drawn per group. ``references`` are losses
+    without a sweep (e.g. the pruned model before LoRA, the generic adapter), drawn as horizontal lines.
+    Lower is better; every point was trained with the same budget of steps (or tokens), so what changes
+    along a line is only how many *different* examples the steps were drawn from.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.0, 3.4))
+    groups = list(dict.fromkeys(df[group])) if group in df.columns else [None]
+    for i, name in enumerate(groups):
+        rows = (df if name is None else df[df[group] == name]).sort_values(n)
+        ax.plot(rows[n], rows[value], marker="o", ms=4, lw=1.4, color=f"C{i % 10}", label=name or "tailored")
+    for j, (label, loss) in enumerate((references or {}).items()):
+        ax.axhline(loss, color=f"C{(len(groups) + j) % 10}", lw=1.0, linestyle=(0, (4, 2 + 2 * j)), label=label)
+    if len(df):
+        ax.set_xscale("log")
+        ticks = sorted(set(df[n]))
+        ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("training examples n (per task)")
+    ax.set_ylabel("validation loss per answer token (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig

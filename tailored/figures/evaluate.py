@@ -1,0 +1,301 @@
+"""Figures and tables of notebook 05: few-shot accuracy of dense, pruned and LoRA-tuned models.
+
+Everything here reads two pandas frames:
+
+- ``rows``: the long rows of ``tailored.evaluate.result_rows`` (one per model, task, prompt, k and metric,
+  with ``value``, ``stderr``, ``ci_low``/``ci_high``, ``chance``, ``majority``, ``near_chance``);
+- ``models``: one row per evaluated model: ``model`` (the name in ``rows``), ``label`` (its row in the main
+  table; several models may share one, e.g. one tailored adapter per task), ``kind`` (dense, pruned, lora),
+  ``share`` (share of decoder parameters removed, 0 for dense) and ``recipe`` (generic, tailored, or "").
+
+::
+
+    table, notes = main_table(rows, models, prompt="task_specific", k=5)
+    fig = plot_accuracy_vs_k(rows, ["arc_easy", "sst2"], prompt="task_specific")
+    fig = plot_prompts(rows, k=5)
+    fig = plot_accuracy_vs_share(rows, models, prompt="task_specific", k=5)
+
+Which number a task reports follows LLM-Pruner's table, which Tailored-LLaMA copies: ``acc_norm`` for
+HellaSwag, ARC-Challenge and OpenBookQA, ``acc`` for the others (LLaMA-7B's 72.99 on HellaSwag and 67.45 on
+ARC-Easy there are the harness's acc_norm and acc). SQuAD reports F1, XSum ROUGE-L.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from tailored.figures import plt
+
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
+                "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "sst2": "acc", "squad": "f1",
+                "xsum": "rougeL", "wikitext": "perplexity"}
+KIND_METRIC = {"classification": "acc", "multiple_choice": "acc", "extractive_qa": "f1",
+               "summarization": "rougeL", "text": "perplexity"}
+GENERATION_COLUMNS = {("squad", "exact_match"): "squad EM", ("squad", "f1"): "squad F1",
+                      ("xsum", "rouge1"): "xsum R-1", ("xsum", "rouge2"): "xsum R-2", ("xsum", "rougeL"): "xsum R-L"}
+PROMPT_LABELS = {"harness": "harness (lm-eval default)", "general": "general instruction",
+                 "task_specific": "task-specific"}
+RECIPE_MARKERS = {"": "o", "generic": "s", "tailored": "*"}
+
+
+def models_frame(entries) -> pd.DataFrame:
+    """The ``models`` frame of a list of ``tailored.evaluate.RunModel``, with each one's table ``label``.
+
+    LoRA models are labelled by checkpoint and recipe ("block_20 + tailored LoRA"), so that the adapters of one
+    recipe on one checkpoint (one per task) fill one table row; data-sweep runs add their ``n``.
+    """
+    out = []
+    for m in entries:
+        label = m.name
+        if m.kind == "lora":
+            label = f"{m.base} + {m.recipe} LoRA" + (f", n={m.n}" if m.n is not None else "")
+        out.append({"model": m.name, "label": label, "kind": m.kind, "share": m.share, "base": m.base,
+                    "recipe": m.recipe, "tasks": ", ".join(m.tasks) or "all", "prompt": m.prompt, "n": m.n})
+    return pd.DataFrame(out)
+
+
+def _main_runs(models: pd.DataFrame) -> pd.DataFrame:
+    """The models of the main table: all but the runs of a LoRA data sweep."""
+    return models[models["n"].isna()] if "n" in models.columns else models
+
+
+def table_metric(task: str, kind: str | None = None) -> str:
+    """The metric a task reports in the tables (see the module docstring); unknown tasks by their kind."""
+    return TABLE_METRIC.get(task) or KIND_METRIC.get(kind or "", "acc")
+
+
+def scores(rows: pd.DataFrame, prompt: str | None = "task_specific", k: int | None = None) -> pd.DataFrame:
+    """One row per (model, task): the task's table metric under ``prompt`` and ``k`` shots.
+
+    Perplexity rows (no prompt, no shots) are kept whatever ``prompt`` and ``k`` say.
+    """
+    keep = rows["metric"] == [table_metric(t, kd) for t, kd in zip(rows["task"], rows["kind"])]
+    text = rows["kind"] == "text"
+    if prompt is not None:
+        keep &= (rows["prompt"] == prompt) | text
+    if k is not None:
+        keep &= (rows["k"] == k) | text
+    return rows[keep].drop_duplicates(["model", "task", "prompt", "k"])
+
+
+def model_scores(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific",
+                 k: int = 0) -> pd.DataFrame:
+    """``scores`` under ``prompt``; a model never evaluated with ``prompt`` (a tailored adapter trained with
+    another prompt is evaluated with its own) contributes its rows under whatever prompt it was scored with."""
+    s = scores(rows, prompt, k)
+    other = rows[rows["model"].isin(set(models["model"]) - set(s["model"]))]
+    return pd.concat([s, scores(other, None, k)]) if len(other) else s
+
+
+def _accuracy_tasks(rows: pd.DataFrame) -> list[str]:
+    """Tasks scored by accuracy, in the order they were evaluated."""
+    acc = rows[rows["kind"].isin(["classification", "multiple_choice"])]
+    return list(dict.fromkeys(acc["task"]))
+
+
+def main_table(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
+               dense: str = "dense") -> tuple[pd.DataFrame, dict]:
+    """The paper's table: one row per model label, accuracy per task (in %), the average, recovery.
+
+    - ``avg``: mean accuracy over the paper's seven tasks that were evaluated (all accuracy tasks if none
+      were); a row that covers only some of them (a tailored adapter trained for two tasks) averages those.
+    - ``recovery %`` = 100 · avg / dense avg on the same tasks (the paper's measure: 95.68% at 20%).
+    - ``recovery vs chance %`` = 100 · (avg − chance) / (dense avg − chance), over the tasks where the dense
+      model is *not* within two standard errors of chance (there the dense model's accuracy is noise, and
+      the ratio would divide by it).
+    - then SST-2 and other accuracy tasks, SQuAD EM/F1, XSum ROUGE (in %) and perplexity where evaluated.
+
+    Returns ``(table, notes)``; ``notes`` has ``near_chance`` (tasks flagged for the dense model),
+    ``average_over`` (tasks in ``avg``) and ``recovery_vs_chance_over``.
+    """
+    models = _main_runs(models)
+    s = model_scores(rows, models, prompt, k)
+    s = s[s["model"].isin(models["model"])]
+    acc_tasks = _accuracy_tasks(s)
+    avg_tasks = [t for t in PAPER_TASKS if t in acc_tasks] or acc_tasks
+    dense_s = s[s["model"] == dense].set_index("task")
+    near = [t for t in acc_tasks if t in dense_s.index and bool(dense_s.loc[t, "near_chance"])]
+    signal = [t for t in avg_tasks if t not in near]
+    chance = s.dropna(subset=["chance"]).groupby("task")["chance"].first()
+    labels = list(dict.fromkeys(models["label"]))
+    out = []
+    for label in labels:
+        names = models.loc[models["label"] == label, "model"]
+        info = models[models["label"] == label].iloc[0]
+        mine = s[s["model"].isin(names)].drop_duplicates("task").set_index("task")
+        row: dict = {"model": label, "removed %": 100 * float(info.get("share", 0.0) or 0.0)}
+        for t in acc_tasks:
+            row[t] = 100 * mine.loc[t, "value"] if t in mine.index else np.nan
+        have = [t for t in avg_tasks if t in mine.index and t in dense_s.index]
+        row["avg"] = 100 * mine.loc[have, "value"].mean() if have else np.nan
+        dense_avg = dense_s.loc[have, "value"].mean() if have else 0.0
+        row["recovery %"] = row["avg"] / dense_avg if dense_avg > 0 else np.nan  # avg is in %, so this is too
+        sig = [t for t in signal if t in have]
+        row["recovery vs chance %"] = np.nan
+        if sig:
+            gain = mine.loc[sig, "value"].mean() - chance[sig].mean()
+            dense_gain = dense_s.loc[sig, "value"].mean() - chance[sig].mean()
+            row["recovery vs chance %"] = 100 * gain / dense_gain if dense_gain > 0 else np.nan
+        mine_rows = rows[rows["model"].isin(names)]
+        for (task, metric), col in GENERATION_COLUMNS.items():
+            if task in set(rows["task"]):
+                hit = mine_rows[(mine_rows["task"] == task) & (mine_rows["metric"] == metric) & (mine_rows["k"] == k)]
+                hit = hit.sort_values("prompt", key=lambda p: p != prompt)  # the table's prompt first
+                row[col] = 100 * hit["value"].iloc[0] if len(hit) else np.nan
+        if (rows["metric"] == "perplexity").any():
+            ppl = mine_rows[mine_rows["metric"] == "perplexity"]
+            row["perplexity"] = ppl["value"].iloc[0] if len(ppl) else np.nan
+        out.append(row)
+    table = pd.DataFrame(out)
+    ordered = ["model", "removed %"] + avg_tasks + ["avg", "recovery %", "recovery vs chance %"]
+    table = table[ordered + [c for c in table.columns if c not in ordered]]
+    table = table.rename(columns={t: f"{t} †" for t in near})
+    notes = {"near_chance": near, "average_over": avg_tasks, "recovery_vs_chance_over": signal,
+             "prompt": prompt, "k": k, "metrics": {t: table_metric(t) for t in acc_tasks}}
+    return table.round(2), notes
+
+
+def plot_accuracy_vs_k(rows: pd.DataFrame, tasks: Sequence[str], prompt: str = "task_specific",
+                       models: Sequence[str] | None = None, ncols: int = 3):
+    """Accuracy against the number of shots k, one panel per task, one line per model, 95% CI bands.
+
+    The x axis is symmetric-log (k = 0, 1, 5, 25 spread evenly); the dotted line is chance.
+    """
+    s = scores(rows, prompt)
+    s = s[s["task"].isin(tasks)]
+    tasks = [t for t in tasks if t in set(s["task"])]
+    models = list(models or dict.fromkeys(s["model"]))
+    ncols = max(1, min(ncols, len(tasks)))
+    nrows = max(1, -(-len(tasks) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        part = s[s["task"] == task]
+        for i, m in enumerate(models):
+            line = part[part["model"] == m].sort_values("k")
+            if line.empty:
+                continue
+            ax.plot(line["k"], line["value"], marker="o", ms=4, color=f"C{i}", label=m)
+            ax.fill_between(line["k"], line["ci_low"], line["ci_high"], color=f"C{i}", alpha=0.15, lw=0)
+        if part["chance"].notna().any():
+            ax.axhline(part["chance"].dropna().iloc[0], color="0.5", ls=":", lw=1, label="chance")
+        ks = sorted(set(part["k"]))
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ks, [str(int(v)) for v in ks])
+        ax.minorticks_off()
+        ax.set_title(f"{task} ({table_metric(task)})")
+        ax.set_xlabel("shots k")
+        ax.set_ylabel("accuracy" if table_metric(task).startswith("acc") else table_metric(task))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    fig.suptitle(f"More shots, {prompt} prompt: accuracy against k (bands: 95% CI)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_prompts(rows: pd.DataFrame, k: int, models: Sequence[str] | None = None,
+                 prompts: Sequence[str] | None = None):
+    """Grouped bars per task, one bar per prompt, 95% CI error bars; one panel per model.
+
+    Chance is a short black line over each task's bars. Generation tasks show F1 (SQuAD) or ROUGE-L (XSum).
+    """
+    s = scores(rows, None, k)
+    s = s[s["kind"] != "text"]
+    models = list(models or dict.fromkeys(s["model"]))
+    prompts = list(prompts or dict.fromkeys(s["prompt"].dropna()))
+    tasks = list(dict.fromkeys(s["task"]))
+    width = 0.8 / max(1, len(prompts))
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 0.9 * len(tasks) + 2), 2.6 * len(models)),
+                             squeeze=False, sharey=True)
+    x = np.arange(len(tasks))
+    for ax, m in zip(axes[:, 0], models):
+        part = s[s["model"] == m].set_index(["task", "prompt"])
+        for j, p in enumerate(prompts):
+            vals = np.array([part["value"].get((t, p), np.nan) for t in tasks], dtype=float)
+            lo = np.array([part["ci_low"].get((t, p), np.nan) for t in tasks], dtype=float)
+            hi = np.array([part["ci_high"].get((t, p), np.nan) for t in tasks], dtype=float)
+            ax.bar(x + (j - (len(prompts) - 1) / 2) * width, vals, width, color=f"C{j}",
+                   yerr=[np.nan_to_num(vals - lo), np.nan_to_num(hi - vals)], capsize=2, error_kw={"lw": 0.8},
+                   label=PROMPT_LABELS.get(p, p))
+        for i, t in enumerate(tasks):
+            ch = s.loc[s["task"] == t, "chance"].dropna()
+            if len(ch):
+                ax.hlines(ch.iloc[0], i - 0.45, i + 0.45, color="black", lw=1)
+        ax.set_xticks(x, [f"{t}\n({table_metric(t)})" for t in tasks], fontsize=7)
+        ax.set_ylabel(f"{m}\nscore")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, frameon=False, ncols=len(prompts), loc="upper right")
+    fig.suptitle(f"Does the prompt matter? {k}-shot scores per prompt (bars: 95% CI; black: chance)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific",
+                           k: int = 0, tasks: Sequence[str] | None = None):
+    """Accuracy against the share of decoder parameters removed: thin lines per task, the average thick.
+
+    Models without LoRA make the lines; LoRA-tuned ones are drawn as markers on the average (square:
+    generic recipe, star: tailored), so the gap they close is visible.
+    """
+    models = _main_runs(models)
+    s = model_scores(rows, models, prompt, k).merge(models[["model", "share", "recipe", "kind"]].rename(
+        columns={"kind": "model_kind"}), on="model")
+    acc_tasks = [t for t in (tasks or _accuracy_tasks(s))]
+    s = s[s["task"].isin(acc_tasks)]
+    plain = s[s["model_kind"] != "lora"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, t in enumerate(acc_tasks):
+        line = plain[plain["task"] == t].sort_values("share")
+        ax.plot(100 * line["share"], line["value"], color=f"C{i % 10}", lw=1, marker=".", alpha=0.7, label=t)
+    avg = plain.groupby("share")["value"].mean().sort_index()
+    ax.plot(100 * avg.index, avg.values, color="black", lw=2.2, marker="o", label="average")
+    tuned = s[s["model_kind"] == "lora"]
+    for recipe, part in tuned.groupby("recipe"):
+        pts = part.groupby("share")["value"].mean()
+        n_tasks = part["task"].nunique()
+        ax.plot(100 * pts.index, pts.values, ls="none", marker=RECIPE_MARKERS.get(recipe, "D"), ms=10,
+                color="black", mfc="white" if recipe == "generic" else "gold",
+                label=f"+ {recipe} LoRA (average of its {n_tasks} task{'s' * (n_tasks > 1)})")
+    chance = s.dropna(subset=["chance"]).groupby("task")["chance"].first()
+    if len(chance):
+        ax.axhline(chance.mean(), color="0.5", ls=":", lw=1, label="average chance")
+    ax.set_xlabel("decoder parameters removed (%)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Accuracy against the share removed ({prompt} prompt, k = {k})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_n_frame(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
+                        dense: str = "dense") -> pd.DataFrame:
+    """What ``tailored.figures.lora.plot_accuracy_vs_n`` draws: the LoRA data-sweep runs against their ``n``.
+
+    One row per (task, run): ``task, method`` (the recipe), ``n, accuracy, ci_low, ci_high, chance``; the dense
+    model and the checkpoint the sweep tuned are added with ``n = 0`` (drawn as reference lines). Empty when
+    the run has no sweep.
+    """
+    sweep = models[models["n"].notna()] if "n" in models.columns else models.iloc[:0]
+    if sweep.empty:
+        return pd.DataFrame(columns=["task", "method", "n", "accuracy", "ci_low", "ci_high", "chance"])
+    s = model_scores(rows, models, prompt, k)
+    s = s[s["kind"].isin(["classification", "multiple_choice"])]
+    refs = [dense] + list(dict.fromkeys(sweep["base"]))
+    out = []
+    for _, m in sweep.iterrows():
+        for _, r in s[s["model"] == m["model"]].iterrows():
+            out.append({"task": r["task"], "method": m["recipe"] or "lora", "n": int(m["n"]), "accuracy": r["value"],
+                        "ci_low": r["ci_low"], "ci_high": r["ci_high"], "chance": r["chance"]})
+    tasks = list(dict.fromkeys(o["task"] for o in out))
+    for ref in refs:
+        for _, r in s[(s["model"] == ref) & s["task"].isin(tasks)].iterrows():
+            out.append({"task": r["task"], "method": ref, "n": 0, "accuracy": r["value"], "ci_low": r["ci_low"],
+                        "ci_high": r["ci_high"], "chance": r["chance"]})
+    return pd.DataFrame(out).sort_values(["task", "n"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,54 @@
+"""Figures of notebook 03: the pruning trade-off curve and the widths a plan keeps."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tailored.figures import plt
+
+ESTIMATOR_LABELS = {"param_first": "Taylor, 1st order |w·g|", "param_second": "Taylor, 2nd order ½w²F",
+                    "param_mix": "Taylor, mixed", "vectorize": "Taylor, vector-wise", "l1": "magnitude L1",
+                    "l2": "magnitude L2", "activation": "activation-aware |W|·‖X‖", "random": "random"}
+
+
+def perplexity_curve(df: pd.DataFrame, dense_ppl: float, title: str = ""):
+    """Perplexity (log scale) against the share of decoder parameters removed, one line per estimator.
+
+    ``df`` columns: estimator, share (achieved, 0–1), perplexity.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for est, part in df.groupby("estimator", sort=False):
+        part = part.sort_values("share")
+        ax.plot(100 * part["share"], part["perplexity"], marker="o", ms=4,
+                label=ESTIMATOR_LABELS.get(est, est), ls="--" if est == "random" else "-")
+    ax.axhline(dense_ppl, color="black", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder parameters removed (%)")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title(title or "Too much pruning hurts: perplexity against the share removed")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def kept_widths(plans: dict, num_layers: int, dense: dict):
+    """Kept query heads and MLP channels per layer, for each named plan (dense drawn as the outline).
+
+    ``plans``: name -> Plan; ``dense``: {"q_heads": int, "mlp": int}.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), sharex=True)
+    layers = list(range(num_layers))
+    for ax, key, label in ((axes[0], "q_heads", "query heads kept"), (axes[1], "mlp", "MLP channels kept")):
+        ax.bar(layers, [dense[key]] * num_layers, color="#dddddd", label="dense", width=0.85)
+        for i, (name, plan) in enumerate(plans.items()):
+            kept = {w["layer"]: w[key] for w in plan.widths}
+            ax.step(layers, [kept.get(layer, 0) for layer in layers], where="mid", lw=1.8, color=f"C{i}",
+                    label=name)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, dense[key] * 1.08)
+    axes[0].legend(frameon=False, fontsize=8, loc="lower left")
+    fig.suptitle("Kept width per layer: first and last layers are left whole (block-wise pruning)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,75 @@
+"""The tables of notebook 05 (tailored.figures.evaluate) on hand-made results, and finding a run's models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from tailored.evaluate import RunModel, run_models
+from tailored.figures import evaluate as figs
+
+
+def row(model, task, value, metric="acc", kind="multiple_choice", prompt="task_specific", k=5, stderr=0.05,
+        chance=0.5, near=False):
+    return {"model": model, "task": task, "kind": kind, "prompt": prompt, "k": k, "k_used": k, "n": 100,
+            "metric": metric, "value": value, "stderr": stderr, "ci_low": value - 0.1, "ci_high": value + 0.1,
+            "chance": chance, "majority": 0.5, "near_chance": near, "seconds": 1.0}
+
+
+def test_main_table_recovery_plain_and_relative_to_chance():
+    rows = pd.DataFrame([
+        row("dense", "piqa", 0.70), row("dense", "winogrande", 0.52, near=True),
+        row("p20", "piqa", 0.60), row("p20", "winogrande", 0.50),
+        row("p20+t", "piqa", 0.68),  # a tailored adapter trained for PIQA only
+        row("dense", "piqa", 0.10, prompt="general"),  # other prompts never reach the table
+        row("dense", "wikitext", 20.0, metric="perplexity", kind="text", prompt=None, k=0, chance=None),
+    ])
+    models = figs.models_frame([RunModel("dense", "dense", "m"), RunModel("p20", "pruned", "dir", 0.2),
+                                RunModel("p20+t", "lora", "dir", 0.2, base="p20", recipe="tailored",
+                                         tasks=("piqa",), prompt="task_specific")])
+    table, notes = figs.main_table(rows, models, prompt="task_specific", k=5)
+    t = table.set_index("model")
+    assert notes["near_chance"] == ["winogrande"] and "winogrande †" in table.columns
+    assert t.loc["dense", "recovery %"] == pytest.approx(100)
+    assert t.loc["p20", "avg"] == pytest.approx(55.0)
+    assert t.loc["p20", "recovery %"] == pytest.approx(100 * 0.55 / 0.61, abs=0.01)
+    # relative to chance, over PIQA only (WinoGrande's dense score is indistinguishable from chance)
+    assert t.loc["p20", "recovery vs chance %"] == pytest.approx(100 * 0.10 / 0.20, abs=0.01)
+    # the tailored row covers PIQA alone: its recovery compares it with dense on PIQA
+    assert t.loc["p20 + tailored LoRA", "recovery %"] == pytest.approx(100 * 0.68 / 0.70, abs=0.01)
+    assert math.isnan(t.loc["p20 + tailored LoRA", "winogrande †"])
+    assert t.loc["dense", "perplexity"] == 20.0 and math.isnan(t.loc["p20", "perplexity"])
+
+
+def test_table_metric_follows_llm_pruner():
+    assert [figs.table_metric(t) for t in figs.PAPER_TASKS] == [
+        "acc", "acc", "acc_norm", "acc", "acc", "acc_norm", "acc_norm"]
+    assert figs.table_metric("squad") == "f1" and figs.table_metric("new_task", "summarization") == "rougeL"
+
+
+def test_run_models_reads_pruned_checkpoints_and_adapter_index(tmp_path):
+    from tailored.prune import Plan
+
+    plan = Plan(keep={}, drop_layers=(), params_before=100, params_after=80, decoder_params_before=50,
+                decoder_params_after=40, widths=(), llm_pruner_ratio=0.2, unit_ratios={})
+    for name in ("block_50", "block_20"):
+        (tmp_path / "pruned" / name).mkdir(parents=True)
+        (tmp_path / "pruned" / name / "pruning.json").write_text(json.dumps({"record": {"plan": plan.to_dict()}}))
+    assert [m.name for m in run_models(tmp_path, "tiny")] == ["dense", "block_20", "block_50"]
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "index.json").write_text(json.dumps([
+        {"name": "block_20+tailored", "base": "pruned/block_20", "adapter": "adapters/block_20/tailored",
+         "recipe": "tailored", "tasks": ["piqa"], "prompt": "task_specific", "n": None},
+        {"name": "block_20+generic", "base": "pruned/block_20", "adapter": "adapters/block_20/generic",
+         "recipe": "generic", "tasks": None, "prompt": None, "n": None}]))
+    found = {m.name: m for m in run_models(tmp_path, "tiny")}
+    assert found["block_20+tailored"].tasks == ("piqa",) and found["block_20+generic"].tasks == ()
+    assert found["block_20+generic"].adapter == str(tmp_path / "adapters/block_20/generic")
+    assert found["block_20"].share == pytest.approx(0.2)
+    (tmp_path / "adapters" / "index.json").write_text(json.dumps([
+        {"name": "x", "base": "pruned/gone", "adapter": "adapters/gone/generic", "recipe": "generic"}]))
+    with pytest.raises(FileNotFoundError, match="rerun notebook 03"):
+        run_models(tmp_path, "tiny")
