@@ -48,7 +48,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# training tokenizes exactly as evaluation scores: the same helpers, so the two can never drift apart
 from tailored.artifacts import read_json, write_json
+from tailored.evaluate import encode as _encode_text
+from tailored.evaluate import leading_special_ids
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -251,19 +254,6 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
-def _leading_special_ids(tokenizer) -> list[int]:
-    """What the tokenizer puts in front of a text by default (LLaMA-2's BOS; nothing for SmolLM2)."""
-    full, plain = list(tokenizer("a")["input_ids"]), _ids(tokenizer, "a")
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start]
-    return []
-
-
 def encode(tokenizer, example: TrainExample, max_seq_len: int = 256) -> Encoded:
     """Tokenize ``prompt + answer + EOS`` with a completion-only loss mask (labels -100 on the prompt).
 
@@ -278,13 +268,13 @@ def encode(tokenizer, example: TrainExample, max_seq_len: int = 256) -> Encoded:
     n_spaces = len(prompt) - len(prompt.rstrip())
     if n_spaces:
         prompt, answer = prompt[:-n_spaces], prompt[-n_spaces:] + answer
-    lead = _leading_special_ids(tokenizer)
-    prompt_ids = _ids(tokenizer, prompt)
-    whole = _ids(tokenizer, prompt + answer)
+    lead = leading_special_ids(tokenizer)
+    prompt_ids = _encode_text(tokenizer, prompt)
+    whole = _encode_text(tokenizer, prompt + answer)
     if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
         answer_ids = whole[len(prompt_ids):]
     else:  # the tokenizer merged across the boundary: tokenize the answer on its own
-        answer_ids = _ids(tokenizer, answer)
+        answer_ids = _encode_text(tokenizer, answer)
     if not answer_ids:
         raise ValueError(f"example {example.source!r} has an empty answer: there is nothing to train on")
     target_ids = answer_ids + [tokenizer.eos_token_id]

@@ -16,13 +16,7 @@ from tailored.prune import apply, plan_pruning
 PROMPT = "The quick brown fox"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than several, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pruned(spec: str = "tiny", mode: str = "block", attention: str = "kv", target: float = 0.2):

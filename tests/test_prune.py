@@ -12,13 +12,7 @@ from tailored.prune import Plan, apply, default_layer_range, make_plan, plan_pru
 _GRAPHS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is faster than several, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(spec: str = "tiny"):
