@@ -26,13 +26,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nin
 DOCS = [TEXT[i * 150:i * 150 + 400] for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_batch(n: int = 3, seq: int = 16, seed: int = 0) -> torch.Tensor:

@@ -21,13 +21,7 @@ EXAMPLES = [TrainExample(f"Is {w} a fruit?\nAnswer:", " yes" if w in FRUIT else 
 QUICK = dict(lr=1e-2, batch_size=4, max_seq_len=64, warmup_ratio=0.0, save_every=100)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model is far faster on one thread, and the test machine is shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny():
