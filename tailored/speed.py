@@ -5,6 +5,9 @@ Why a decode path of our own: HF's eager ``generate`` spends most of a small mod
 ``FastDecoder`` reads the (possibly pruned, per-layer-shaped) weights of a LLaMA-family model once, fuses
 q/k/v and gate/up into one matrix each, keeps a static pre-allocated KV cache, and runs a plain loop of
 matmuls — so the time per token follows the bytes of weights read, which is what pruning reduces.
+Weights are stored transposed, ``(in, out)``, and applied as ``x @ w``: at batch 1 on the 2-core development
+CPU that streams weights 1.25× faster than ``F.linear`` on ``(out, in)`` and the 28M-parameter LM head 1.7×
+faster (``benchmarks/README.md``); cuBLAS takes either layout.
 
 Run ``python -m tailored.speed --help`` (or ``tailored bench``) for the benchmark.
 """
@@ -22,20 +25,31 @@ import torch.nn.functional as F
 from tailored.models import count_parameters, decoder_layers
 
 
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """A weight ``(out, in)`` as a contiguous ``(in, out)`` copy, for ``x @ w``."""
+    return w.detach().t().contiguous()
+
+
+def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w (+ b)`` with ``w`` stored ``(in, out)``: the same values as ``F.linear(x, w.T, b)``."""
+    y = x @ w
+    return y if b is None else y + b
+
+
 @dataclass
 class _Block:
     """One decoder layer's weights, fused. Shapes are per layer: a pruned layer has fewer heads/channels."""
 
     ln1: torch.Tensor  # (hidden,)
-    wqkv: torch.Tensor  # ((nq + 2 nkv) · head_dim, hidden)
+    wqkv: torch.Tensor  # (hidden, (nq + 2 nkv) · head_dim): transposed, applied as x @ w
     bqkv: torch.Tensor | None
     nq: int
     nkv: int
-    wo: torch.Tensor  # (hidden, nq · head_dim)
+    wo: torch.Tensor  # (nq · head_dim, hidden)
     ln2: torch.Tensor
-    wgu: torch.Tensor  # (2 · inter, hidden)
+    wgu: torch.Tensor  # (hidden, 2 · inter)
     inter: int
-    wd: torch.Tensor  # (hidden, inter)
+    wd: torch.Tensor  # (inter, hidden)
 
 
 class FastDecoder:
@@ -54,7 +68,7 @@ class FastDecoder:
         self.eps = cfg.rms_norm_eps
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = base.lm_head.weight
+        self.lm_head = base.lm_head.weight.detach().t().contiguous()  # (hidden, vocab): a copy when tied
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.blocks = []
         for layer in decoder_layers(base):
@@ -64,11 +78,11 @@ class FastDecoder:
             biases = [p.bias for p in (at.q_proj, at.k_proj, at.v_proj)]
             self.blocks.append(_Block(
                 ln1=layer.input_layernorm.weight,
-                wqkv=torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]).detach().contiguous(),
+                wqkv=_t(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
                 bqkv=torch.cat(biases).detach() if biases[0] is not None else None,
-                nq=nq, nkv=nkv, wo=at.o_proj.weight.detach(), ln2=layer.post_attention_layernorm.weight,
-                wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().contiguous(),
-                inter=mlp.gate_proj.out_features, wd=mlp.down_proj.weight.detach()))
+                nq=nq, nkv=nkv, wo=_t(at.o_proj.weight), ln2=layer.post_attention_layernorm.weight,
+                wgu=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                inter=mlp.gate_proj.out_features, wd=_t(mlp.down_proj.weight)))
         self.max_batch, self.max_len = max_batch, max_len
         # (batch, kv_heads, max_len, head_dim) per layer, allocated once
         self.k_cache = [torch.zeros(max_batch, b.nkv, max_len, self.head_dim, dtype=self.dtype, device=self.device)
@@ -77,7 +91,11 @@ class FastDecoder:
         pos = torch.arange(max_len, device=self.device)[None]
         with torch.no_grad():
             cos, sin = inner.rotary_emb(self.embed[:1][None], pos)
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim)
+        half = self.head_dim // 2
+        # (max_len, 1, head_dim): broadcast over heads of (batch, T, heads, head_dim). The sine's first half is
+        # negated so that rotate_half(x) * sin == roll(x, half) * sin_signed: one op instead of four.
+        self.cos = cos[0][:, None]
+        self.sin = torch.cat([-sin[0][:, :half], sin[0][:, half:]], dim=-1)[:, None]
         self._forward = torch.compile(self._forward_impl, dynamic=True) if compile else self._forward_impl
         # Decode steps: on CUDA one step is captured once as a CUDA graph and replayed (no Python or launch
         # overhead per token); that needs static shapes, so the step attends over the whole cache with a mask.
@@ -90,56 +108,56 @@ class FastDecoder:
         self._graphs: dict[int, tuple] = {}
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # as LlamaRMSNorm: statistics in fp32, weight applied in the model dtype
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # as LlamaRMSNorm: statistics in fp32, weight applied in the model dtype (one op when that is fp32)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, eps=self.eps)
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _qkv(self, x: torch.Tensor, b: _Block, cos: torch.Tensor, sin: torch.Tensor):
+        """Project and rotate: q (batch, nq, T, hd), k and v (batch, nkv, T, hd).
+
+        Queries and keys get their rotary embedding in one pass, as one (batch, T, nq + nkv, hd) view.
+        """
+        bsz, T, _ = x.shape
+        qkv = _lin(x, b.wqkv, b.bqkv).view(bsz, T, b.nq + 2 * b.nkv, self.head_dim)
+        qk = qkv[:, :, :b.nq + b.nkv]
+        qk = torch.addcmul(qk * cos, qk.roll(self.head_dim // 2, dims=-1), sin)
+        return (qk[:, :, :b.nq].transpose(1, 2), qk[:, :, b.nq:].transpose(1, 2),
+                qkv[:, :, b.nq + b.nkv:].transpose(1, 2))
 
     def _forward_impl(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Run tokens ``ids`` (batch, T) at positions pos..pos+T-1; return last-position logits (batch, vocab)."""
         bsz, T = ids.shape
         hd = self.head_dim
         h = F.embedding(ids, self.embed)  # (batch, T, hidden)
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, head_dim)
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]  # (T, 1, head_dim)
         for i, b in enumerate(self.blocks):
-            x = self._rms(h, b.ln1)
-            qkv = F.linear(x, b.wqkv, b.bqkv)  # (batch, T, (nq + 2 nkv) · hd)
-            q, k, v = qkv.split([b.nq * hd, b.nkv * hd, b.nkv * hd], dim=-1)
-            q = self._rope(q.view(bsz, T, b.nq, hd).transpose(1, 2), cos, sin)  # (batch, nq, T, hd)
-            k = self._rope(k.view(bsz, T, b.nkv, hd).transpose(1, 2), cos, sin)  # (batch, nkv, T, hd)
+            q, k, v = self._qkv(self._rms(h, b.ln1), b, cos, sin)
             self.k_cache[i][:bsz, :, pos:pos + T] = k
-            self.v_cache[i][:bsz, :, pos:pos + T] = v.view(bsz, T, b.nkv, hd).transpose(1, 2)
+            self.v_cache[i][:bsz, :, pos:pos + T] = v
             keys, values = self.k_cache[i][:bsz, :, :pos + T], self.v_cache[i][:bsz, :, :pos + T]
             a = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=b.nq != b.nkv)
-            h = h + F.linear(a.transpose(1, 2).reshape(bsz, T, b.nq * hd), b.wo)
-            g, u = F.linear(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
-            h = h + F.linear(F.silu(g) * u, b.wd)
-        return F.linear(self._rms(h[:, -1], self.norm), self.lm_head)  # (batch, vocab)
+            h = h + _lin(a.transpose(1, 2).reshape(bsz, T, b.nq * hd), b.wo)
+            g, u = _lin(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
+            h = h + _lin(F.silu(g) * u, b.wd)
+        return _lin(self._rms(h[:, -1], self.norm), self.lm_head)  # (batch, vocab)
 
     def _step_static(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step with static shapes: ``ids`` (batch, 1) at position ``pos`` (a (1,) tensor)."""
         bsz, hd = ids.shape[0], self.head_dim
         h = F.embedding(ids, self.embed)  # (batch, 1, hidden)
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, head_dim)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (1, 1, head_dim)
         visible = (self._positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len): the filled cache slots
         for i, b in enumerate(self.blocks):
-            qkv = F.linear(self._rms(h, b.ln1), b.wqkv, b.bqkv)
-            q, k, v = qkv.split([b.nq * hd, b.nkv * hd, b.nkv * hd], dim=-1)
-            q = self._rope(q.view(bsz, 1, b.nq, hd).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(bsz, 1, b.nkv, hd).transpose(1, 2), cos, sin)
+            q, k, v = self._qkv(self._rms(h, b.ln1), b, cos, sin)
             keys, values = self.k_cache[i][:bsz], self.v_cache[i][:bsz]  # (batch, nkv, max_len, hd)
             keys.index_copy_(2, pos, k)
-            values.index_copy_(2, pos, v.view(bsz, 1, b.nkv, hd).transpose(1, 2))
+            values.index_copy_(2, pos, v)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=b.nq != b.nkv)
-            h = h + F.linear(a.transpose(1, 2).reshape(bsz, 1, b.nq * hd), b.wo)
-            g, u = F.linear(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
-            h = h + F.linear(F.silu(g) * u, b.wd)
-        return F.linear(self._rms(h[:, -1], self.norm), self.lm_head)
+            h = h + _lin(a.transpose(1, 2).reshape(bsz, 1, b.nq * hd), b.wo)
+            g, u = _lin(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
+            h = h + _lin(F.silu(g) * u, b.wd)
+        return _lin(self._rms(h[:, -1], self.norm), self.lm_head)
 
     def _graph_for(self, bsz: int):
         """Capture (once per batch size) the static decode step as a CUDA graph over static input buffers."""
@@ -198,17 +216,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+def _timed(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    _sync(device)
+    return time.perf_counter() - t
 
 
 @torch.inference_mode()
@@ -217,35 +230,64 @@ def _hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
-def measure(model, name: str, prompt_len: int = 128, new_tokens: int = 32, batches=(1, 16),
-            prefill_len: int = 512, repeats: int = 3, eager: bool = True, compile: bool = False) -> dict:
-    """Parameters, MACs, weight memory, prefill latency and decode tokens/s of one model."""
+def _cases(model, name: str, prompt_len: int, new_tokens: int, batches, prefill_len: int, eager: bool,
+           compile: bool) -> tuple[dict, list[tuple[str, object, int]]]:
+    """The static facts of one model, and its timed cases ``(key, fn, tokens)`` (tokens 0: report milliseconds)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # every model gets the same inputs
     row = {"model": name, "params": count_parameters(model), "macs_per_token": macs_per_token(model),
            "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
     ids = torch.randint(0, vocab, (1, prefill_len), generator=gen).to(device)
-    with torch.inference_mode():
-        row["prefill_ms"] = 1000 * _time(lambda: model(ids, use_cache=False, logits_to_keep=1), device, repeats)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+
+    def prefill():
+        with torch.inference_mode():
+            model(ids, use_cache=False, logits_to_keep=1)
+
+    cases = [("prefill_ms", prefill, 0)]
     for bsz in batches:
         prompt = torch.randint(0, vocab, (bsz, prompt_len), generator=gen).to(device)
         fast = FastDecoder(model, max_batch=bsz, max_len=prompt_len + new_tokens, compile=compile)
-        secs = _time(partial(fast.generate, prompt, new_tokens), device, repeats)
-        row[f"decode_tok_s_bs{bsz}"] = bsz * new_tokens / secs
+        cases.append((f"decode_tok_s_bs{bsz}", partial(fast.generate, prompt, new_tokens), bsz * new_tokens))
         if eager:
-            hf = partial(_hf_generate, model, prompt, new_tokens)
-            row[f"hf_decode_tok_s_bs{bsz}"] = bsz * new_tokens / _time(hf, device, repeats)
-    if device.type == "cuda":
-        row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-    return row
+            cases.append((f"hf_decode_tok_s_bs{bsz}", partial(_hf_generate, model, prompt, new_tokens),
+                          bsz * new_tokens))
+    return row, cases
 
 
-def compare(models: dict, **kw) -> list[dict]:
-    """Measure several models side by side (same process, same inputs); add speed-ups against the first."""
-    rows = [measure(m, name, **kw) for name, m in models.items()]
+def measure(model, name: str, prompt_len: int = 128, new_tokens: int = 32, batches=(1, 16),
+            prefill_len: int = 512, repeats: int = 3, eager: bool = True, compile: bool = False) -> dict:
+    """Parameters, MACs, weight memory, prefill latency and decode tokens/s of one model."""
+    return compare({name: model}, prompt_len=prompt_len, new_tokens=new_tokens, batches=batches,
+                   prefill_len=prefill_len, repeats=repeats, eager=eager, compile=compile)[0]
+
+
+def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(1, 16), prefill_len: int = 512,
+            repeats: int = 3, eager: bool = True, compile: bool = False) -> list[dict]:
+    """Measure several models side by side (same process, same inputs); add speed-ups against the first.
+
+    Measurements are interleaved: each repeat times every case of every model in turn, and each figure is the
+    median over repeats (after one warm-up run of each case). A burst of load on a shared machine then hits
+    dense and pruned alike instead of whichever model happened to be measured during it.
+    """
+    built = [_cases(m, name, prompt_len, new_tokens, batches, prefill_len, eager, compile)
+             for name, m in models.items()]
+    devices = [next(m.parameters()).device for m in models.values()]
+    for _, cases in built:
+        for _, fn, _ in cases:  # warm-up: allocations, CUDA graph capture, kernel selection
+            fn()
+    times: dict[tuple[int, str], list[float]] = {}
+    for _ in range(repeats):
+        for i, ((_, cases), device) in enumerate(zip(built, devices)):
+            for key, fn, _ in cases:
+                times.setdefault((i, key), []).append(_timed(fn, device))
+    rows = []
+    for i, (row, cases) in enumerate(built):
+        for key, _, tokens in cases:
+            secs = sorted(times[i, key])[len(times[i, key]) // 2]
+            row[key] = tokens / secs if tokens else 1000 * secs
+        row["repeats"] = repeats
+        rows.append(row)
     base = rows[0]
     for r in rows:
         r["share_removed"] = 1 - r["params"] / base["params"]
