@@ -1,12 +1,14 @@
-"""Naive vs prefix-cached few-shot evaluation: the time each takes and how far their scores differ.
+"""Naive vs prefix-cached vs prefix-cached + shared-context few-shot evaluation: time and score differences.
 
     python benchmarks/bench_eval.py                          # arc_easy, 50 examples, k = 25, SmolLM2-135M, CPU
+    python benchmarks/bench_eval.py --paths cached,shared --k 5 --task hellaswag
     python benchmarks/bench_eval.py --task piqa --device cuda
 
-Both runs score the same token ids (see ``tailored.evaluate``); the naive one re-encodes the 25-shot
-prefix for every answer of every example, the cached one encodes it once and reuses its KV cache. The
-script prints the times, the speed-up, and the largest difference between the two paths' log-likelihoods;
-it asserts nothing. (On a GPU a 135M model is bound by Python overhead, not arithmetic, so the speed-up there
+All runs score the same token ids (see ``tailored.evaluate``); the naive one re-encodes the 25-shot prefix
+and the question for every answer of every example, ``cached`` encodes the prefix once and reuses its KV
+cache, ``shared`` also reads each question once for all its answers (one packed row, a 4-D mask). The script
+prints the times, the speed-ups against the first path, and the largest difference between the paths'
+log-likelihoods; it asserts nothing. (On a GPU a 135M model is bound by Python overhead, not arithmetic, so the speed-up there
 is smaller than on a CPU; ``--random-init`` times a model of the same shapes when the weights are not at hand.)
 """
 
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--paths", default="naive,cached,shared",
+                        help="comma-separated, timed in this order: naive, cached (prefix KV cache), shared "
+                             "(prefix cache + each context read once for all its answers)")
     parser.add_argument("--random-init", action="store_true",
                         help="--model is an HF folder: take its config and tokenizer, random weights (the same "
                              "shapes and token ids, so the same time; scores are then meaningless)")
@@ -56,34 +61,40 @@ def main() -> None:
     common = dict(task=args.task, prompt=args.prompt, k=args.k, seed=args.seed, batch_size=args.batch_size,
                   examples=examples, train_examples=train, details=True, progress=False)
 
-    # warm-up of both paths (first-call allocations; on a GPU, kernel and cuDNN plan selection), then the timed runs
-    for cached in (False, True):
-        evaluate_task(model, tokenizer, use_prefix_cache=cached, **{**common, "examples": examples[:2]})
+    settings = {"naive": dict(use_prefix_cache=False, share_context=False),
+                "cached": dict(use_prefix_cache=True, share_context=False),
+                "shared": dict(use_prefix_cache=True, share_context=True)}
+    paths = args.paths.split(",")
+    unknown = [p for p in paths if p not in settings]
+    if unknown:
+        parser.error(f"unknown path(s) {unknown}; choose from {list(settings)}")
+    # warm-up of every path (first-call allocations; on a GPU, kernel plan selection), then the timed runs
+    for path in paths:
+        evaluate_task(model, tokenizer, **settings[path], **{**common, "examples": examples[:2]})
     runs = {}
-    for cached in (False, True):
+    for path in paths:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        runs[cached] = evaluate_task(model, tokenizer, use_prefix_cache=cached, **common)
+        runs[path] = evaluate_task(model, tokenizer, **settings[path], **common)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        runs[cached]["wall"] = time.perf_counter() - t0
+        runs[path]["wall"] = time.perf_counter() - t0
 
-    naive, fast = runs[False], runs[True]
-    lls_naive = np.concatenate([r["loglikelihoods"] for r in naive["examples"]])
-    lls_fast = np.concatenate([r["loglikelihoods"] for r in fast["examples"]])
+    first = runs[paths[0]]
+    lls = {p: np.concatenate([r["loglikelihoods"] for r in runs[p]["examples"]]) for p in paths}
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"model {args.model} ({args.dtype}) on {device}; task {args.task}, prompt {args.prompt}, "
-          f"{naive['n']} examples, {len(lls_naive)} requests")
-    print(f"k = {args.k} requested, {fast['k_used']} used; shared prefix {fast['prefix_tokens']} tokens; "
+          f"{first['n']} examples, {len(lls[paths[0]])} requests")
+    print(f"k = {args.k} requested, {first['k_used']} used; shared prefix {first['prefix_tokens']} tokens; "
           f"batch size {args.batch_size}")
-    print(f"naive (prefix re-encoded per request): {naive['wall']:8.2f} s   acc {naive['metrics']['acc']:.3f}  "
-          f"acc_norm {naive['metrics']['acc_norm']:.3f}")
-    print(f"prefix KV cache (encoded once):        {fast['wall']:8.2f} s   acc {fast['metrics']['acc']:.3f}  "
-          f"acc_norm {fast['metrics']['acc_norm']:.3f}")
-    print(f"speed-up {naive['wall'] / fast['wall']:.1f}x; max |delta log-likelihood| "
-          f"{np.abs(lls_naive - lls_fast).max():.2e} nats (of values down to {lls_naive.min():.1f}); "
-          f"same predictions: {all(a['pred'] == b['pred'] and a['pred_norm'] == b['pred_norm'] for a, b in zip(naive['examples'], fast['examples']))}")
+    for p in paths:
+        r = runs[p]
+        same = all(a["pred"] == b["pred"] and a["pred_norm"] == b["pred_norm"]
+                   for a, b in zip(first["examples"], r["examples"]))
+        print(f"{p:>7}: {r['wall']:8.2f} s  {first['wall'] / r['wall']:5.1f}x   acc {r['metrics']['acc']:.3f}  "
+              f"acc_norm {r['metrics']['acc_norm']:.3f}   max |delta log-likelihood| vs {paths[0]} "
+              f"{np.abs(lls[p] - lls[paths[0]]).max():.2e} nats; same predictions: {same}")
 
 
 if __name__ == "__main__":

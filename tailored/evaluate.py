@@ -19,6 +19,8 @@ k-shot evaluation puts k solved training examples in front of every evaluated on
 values are cached and reused for every example and every answer, expanded along the batch. With k = 25
 the ARC-Easy prefix is ~700 tokens and each request ~30, so this is where the speed comes from; the naive path
 (``use_prefix_cache=False``) re-encodes the whole sequence per request and scores identical token ids.
+The answers of one question share their context too: they are packed in one row, the context read once and
+each answer attending to it and to itself only (``share_context``; see ``score_token_requests``).
 
 Tokenization follows the harness: ``context`` and ``continuation`` are encoded as
 ``whole = enc(context + continuation)``, ``ctx = enc(context)``, ``cont = whole[len(ctx):]`` (trailing
@@ -244,56 +246,98 @@ def _batches(order: list[int], size: int) -> list[list[int]]:
 
 
 # =========================================================================================== log-likelihood
+def _pack_rows(requests: Sequence[tuple[Sequence[int], Sequence[int]]], share_context: bool) -> list[list[int]]:
+    """Request indices grouped into rows: one row per distinct context (or one per request)."""
+    if not share_context:
+        return [[i] for i in range(len(requests))]
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(requests):
+        rows.setdefault(tuple(ctx), []).append(i)
+    return list(rows.values())
+
+
 def score_token_requests(model: torch.nn.Module, prefix_ids: Sequence[int],
                          requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0,
-                         batch_size: int = 16, use_prefix_cache: bool = True, progress: bool = False,
-                         desc: str = "log-likelihood") -> np.ndarray:
+                         batch_size: int = 16, use_prefix_cache: bool = True, share_context: bool = True,
+                         progress: bool = False, desc: str = "log-likelihood") -> np.ndarray:
     """Log-likelihood of each continuation given prefix + context, in nats: (n_requests,) float64.
 
     ``requests`` are ``(ctx_ids, cont_ids)``; every scored sequence is ``prefix_ids + ctx_ids + cont_ids``.
-    Requests are sorted longest first and batched with right padding; no attention mask is needed since
-    causal attention never lets a real token see the padding after it. With ``use_prefix_cache`` the
-    prefix is encoded once and its KV cache expanded along the batch; positions continue from the cache
-    length, so both paths compute the same thing.
+    Two savings, each computing exactly what the plain forward pass over that sequence would:
+
+    - ``use_prefix_cache``: the prefix shared by all requests (the few-shot examples) is encoded once and its
+      KV cache expanded along the batch; positions continue from the cache length.
+    - ``share_context``: the requests with the same context (the choices of one question) share one row: the
+      context once, then every continuation's tokens, each continuation attending to the prefix, the context
+      and itself only (a 4-D attention mask, positions restarting after the context). A 4-choice ARC question
+      reads its context once instead of four times; a yes/no answer of one token adds no input token at all,
+      since the context's last logit already predicts it.
+
+    Rows are sorted longest first and batched with right padding.
     """
     prefix_ids = list(prefix_ids)
-    n_prefix = len(prefix_ids)
     scores = np.zeros(len(requests), dtype=np.float64)
     if not requests:
         return scores
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    rows = _pack_rows(requests, share_context)
     dev = _device(model)
     with _eval_mode(model):
         cached, prefix_kv = _split_prefix(model, prefix_ids, use_prefix_cache)
+        # each row's input: (prefix + ctx)[cached:] (the base), then cont[:-1] of each of its requests; the
+        # last token of a continuation is only ever predicted, never read
+        bases = [(prefix_ids + list(requests[row[0]][0]))[cached:] for row in rows]
+        lengths = [len(b) + sum(len(requests[i][1]) - 1 for i in row) for b, row in zip(bases, rows)]
+        order = sorted(range(len(rows)), key=lambda r: -lengths[r])
         for batch in tqdm(_batches(order, batch_size), desc=desc, disable=not progress, leave=False):
-            # input of row b: (prefix + ctx + cont)[cached:-1]; its logits at position t predict token t + 1
-            inputs = [(prefix_ids + list(requests[i][0]) + list(requests[i][1]))[cached:-1] for i in batch]
-            width = max(len(x) for x in inputs)
+            width = max(lengths[r] for r in batch)
             x = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
-            for b, row in enumerate(inputs):
-                x[b, :len(row)] = torch.tensor(row)
-            # index (in the input) of the logit that predicts the first continuation token of each row
-            starts = [n_prefix + len(requests[i][0]) - 1 - cached for i in batch]
-            keep = width - min(starts)  # only the last `keep` positions need logits
-            out = model(input_ids=x.to(dev), past_key_values=_cache_for_batch(prefix_kv, len(batch)),
-                        use_cache=prefix_kv is not None, logits_to_keep=keep)
+            segment = torch.full((len(batch), width), -1, dtype=torch.long)  # 0 base, j + 1 continuation j
+            position = torch.zeros((len(batch), width), dtype=torch.long)
+            targets: list[tuple[int, int, list[int], Sequence[int]]] = []  # (request, row b, logit indices, ids)
+            for b, r in enumerate(batch):
+                n_base = len(bases[r])
+                x[b, :n_base] = torch.tensor(bases[r])
+                position[b, :n_base] = torch.arange(cached, cached + n_base)
+                segment[b, :n_base] = 0
+                at = n_base
+                for j, i in enumerate(rows[r]):
+                    cont = list(requests[i][1])
+                    seg = cont[:-1]
+                    x[b, at:at + len(seg)] = torch.tensor(seg, dtype=torch.long)
+                    position[b, at:at + len(seg)] = torch.arange(cached + n_base, cached + n_base + len(seg))
+                    segment[b, at:at + len(seg)] = j + 1
+                    # the base's last logit predicts the first token; token m of the segment predicts m + 1
+                    targets.append((i, b, [n_base - 1] + list(range(at, at + len(seg))), cont))
+                    at += len(seg)
+                position[b, at:] = torch.arange(width - at) + cached + n_base  # padding: any in-range position
+            # a query sees the cached prefix, the base causally, and its own continuation causally; padding sees
+            # the base and padding before it (so no row of the mask is empty)
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            allowed = causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
+            allowed = torch.cat([torch.ones(len(batch), width, cached, dtype=torch.bool), allowed], dim=-1)
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            keep = width - min(t[2][0] for t in targets)  # only the last `keep` positions need logits
+            out = model(input_ids=x.to(dev), attention_mask=mask[:, None].to(dev), position_ids=position.to(dev),
+                        past_key_values=_cache_for_batch(prefix_kv, len(batch)), use_cache=prefix_kv is not None,
+                        logits_to_keep=keep)
             logits = out.logits  # (B, keep, vocab)
             offset = width - keep
-            for b, i in enumerate(batch):
-                cont = torch.tensor(list(requests[i][1]), device=logits.device)  # (n_cont,)
-                s = starts[b] - offset
-                logp = F.log_softmax(logits[b, s:s + len(cont)].float(), dim=-1)  # (n_cont, vocab)
-                scores[i] = logp.gather(-1, cont[:, None]).sum().item()
+            for i, b, idx, cont in targets:
+                rows_logits = logits[b, [t - offset for t in idx]].float()  # (n_cont, vocab)
+                logp = F.log_softmax(rows_logits, dim=-1)
+                scores[i] = logp.gather(-1, torch.tensor(cont, device=logp.device)[:, None]).sum().item()
     return scores
 
 
 def loglikelihood(model: torch.nn.Module, tokenizer, requests: Sequence[tuple[str, str]],
                   prefix: FewShotPrefix | str = "", batch_size: int = 16, use_prefix_cache: bool = True,
-                  progress: bool = False) -> np.ndarray:
+                  share_context: bool = True, progress: bool = False) -> np.ndarray:
     """``log p(continuation | prefix + context)`` for each ``(context, continuation)``: (n,) float64, nats."""
     encoded = [encode_request(tokenizer, c, a) for c, a in requests]
     return score_token_requests(model, prefix_token_ids(tokenizer, prefix), encoded, pad_id=_pad_id(tokenizer),
-                                batch_size=batch_size, use_prefix_cache=use_prefix_cache, progress=progress)
+                                batch_size=batch_size, use_prefix_cache=use_prefix_cache,
+                                share_context=share_context, progress=progress)
 
 
 def choice_predictions(lls: Sequence[float], choice_texts: Sequence[str]) -> tuple[int, int]:
@@ -499,6 +543,7 @@ def _longest_request(tokenizer, prompt: Prompt, examples: Sequence[ExampleLike],
 
 def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, examples: Sequence[ExampleLike],
                       prefix: FewShotPrefix | str = "", batch_size: int = 16, use_prefix_cache: bool = True,
+                      share_context: bool = True,
                       max_new_tokens: int | None = None, progress: bool = False,
                       details: bool = False) -> dict[str, Any]:
     """Score examples with a prompt and a shared prefix: per-example values and their means.
@@ -514,7 +559,7 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
         requests = [prompt.requests(ex) for ex in examples]
         flat = [r for reqs in requests for r in reqs]
         lls = loglikelihood(model, tokenizer, flat, prefix=prefix, batch_size=batch_size,
-                            use_prefix_cache=use_prefix_cache, progress=progress)
+                            use_prefix_cache=use_prefix_cache, share_context=share_context, progress=progress)
         at = 0
         for ex, reqs in zip(examples, requests):
             ex_lls = lls[at:at + len(reqs)]
@@ -582,7 +627,8 @@ def majority_baseline(train_examples: Sequence[ExampleLike],
 
 def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Prompt = "task_specific", k: int = 0,
                   limit: int | None = None, seed: int = 0, batch_size: int = 16, use_prefix_cache: bool = True,
-                  progress: bool = True, max_new_tokens: int | None = None, max_tokens: int | None = None,
+                  share_context: bool = True, progress: bool = True, max_new_tokens: int | None = None,
+                  max_tokens: int | None = None,
                   max_length: int = 128, stride: int | None = None,
                   examples: Sequence[ExampleLike] | None = None,
                   train_examples: Sequence[ExampleLike] | None = None,
@@ -598,7 +644,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
       ``max_position_embeddings``); ``k_used`` says how many were used.
     - ``limit``: evaluate this many examples (``load_task(task, "eval", limit, seed)``); ``examples`` and
       ``train_examples`` may be passed instead, to reuse loaded data.
-    - ``use_prefix_cache=False`` re-encodes the prefix for every request (same scores, slower).
+    - ``use_prefix_cache=False`` re-encodes the prefix for every request, ``share_context=False`` the context for
+      every answer (same scores, slower).
     - ``max_new_tokens`` (generation; default the prompt's) and ``details`` (add per-example records under
       ``"examples"``: log-likelihoods and predictions, or generated answers).
 
@@ -637,8 +684,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
     prefix = build_fewshot_prefix(task, p, k, train_examples, seed, tokenizer, max_tokens=max_tokens,
                                   longest_request=longest, exclude_ids=[ex.id for ex in examples])
     scored = evaluate_examples(model, tokenizer, p, examples, prefix=prefix, batch_size=batch_size,
-                               use_prefix_cache=use_prefix_cache, max_new_tokens=budget, progress=progress,
-                               details=details)
+                               use_prefix_cache=use_prefix_cache, share_context=share_context,
+                               max_new_tokens=budget, progress=progress, details=details)
     chance = majority = majority_label = near_chance = None
     if p.scoring != "generate":
         chance = info.chance if info.chance is not None else float(np.mean([1 / len(p.options(e)) for e in examples]))

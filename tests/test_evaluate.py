@@ -123,18 +123,34 @@ def test_prefix_cached_loglikelihoods_equal_naive(tiny):
     train, evaluated = arc_like(20, "train", 1), arc_like(7, "eval", 2)
     prefix = ev.build_fewshot_prefix("arc_easy", prompt, 3, train, seed=0, tokenizer=tok)
     requests = [r for ex in evaluated for r in prompt.requests(ex)]  # 28 requests of varied lengths
-    cached = ev.loglikelihood(model, tok, requests, prefix=prefix, batch_size=5, use_prefix_cache=True)
-    naive = ev.loglikelihood(model, tok, requests, prefix=prefix, batch_size=3, use_prefix_cache=False)
-    np.testing.assert_allclose(cached, naive, atol=1e-4, rtol=0)
+    # the naive reference: one plain forward pass over prefix + context + continuation per request
+    by_hand = []
+    for req in requests:
+        ctx, cont = ev.encode_request(tok, *req)
+        ids = list(prefix.token_ids) + ctx + cont
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        start = len(prefix.token_ids) + len(ctx)
+        by_hand.append(sum(logp[start - 1 + j, t].item() for j, t in enumerate(cont)))
+    # every combination of the two savings computes the same thing, whatever the batch size
+    for use_cache, share, bs in [(True, True, 3), (True, False, 5), (False, True, 2), (False, False, 3)]:
+        got = ev.loglikelihood(model, tok, requests, prefix=prefix, batch_size=bs, use_prefix_cache=use_cache,
+                               share_context=share)
+        np.testing.assert_allclose(got, by_hand, atol=1e-4, rtol=0, err_msg=f"cache={use_cache} share={share}")
 
-    # and both equal one plain forward pass over prefix + context + continuation
-    ctx, cont = ev.encode_request(tok, *requests[5])
-    ids = list(prefix.token_ids) + ctx + cont
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-    start = len(prefix.token_ids) + len(ctx)
-    by_hand = sum(logp[start - 1 + j, t].item() for j, t in enumerate(cont))
-    assert cached[5] == pytest.approx(by_hand, abs=1e-4)
+
+def test_shared_context_rows_handle_one_token_answers_and_distinct_contexts(tiny):
+    """Yes/no answers add no input token; Winogrande-style requests (contexts differ) get a row each."""
+    model, tok = tiny
+    requests = [("Is the sky blue? Answer:", " yes"), ("Is the sky blue? Answer:", " no"),
+                ("The cat sat on the", " mat today"), ("The dog sat on the", " mat today"),
+                ("Is the sky blue? Answer:", " maybe not")]
+    encoded = [ev.encode_request(tok, c, a) for c, a in requests]
+    assert [len(r) for r in ev._pack_rows(encoded, True)] == [3, 1, 1]
+    shared = ev.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=2)
+    apart = ev.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=1, share_context=False,
+                             use_prefix_cache=False)
+    np.testing.assert_allclose(shared, apart, atol=1e-4, rtol=0)
 
 
 def test_prefix_cached_generation_equals_naive(tiny):
