@@ -184,6 +184,7 @@ def plot_accuracy_vs_k(rows: pd.DataFrame, tasks: Sequence[str], prompt: str = "
             ax.axhline(part["chance"].dropna().iloc[0], color="0.5", ls=":", lw=1, label="chance")
         ks = sorted(set(part["k"]))
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.15, max(ks) * 1.15 + 0.15)
         ax.set_xticks(ks, [str(int(v)) for v in ks])
         ax.minorticks_off()
         ax.set_title(f"{task} ({table_metric(task)})")
@@ -240,8 +241,9 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
                            k: int = 0, tasks: Sequence[str] | None = None):
     """Accuracy against the share of decoder parameters removed: thin lines per task, the average thick.
 
-    Models without LoRA make the lines; LoRA-tuned ones are drawn as markers on the average (square:
-    generic recipe, star: tailored), so the gap they close is visible.
+    Models without LoRA make the lines; LoRA-tuned ones are drawn as markers (square: generic recipe, star:
+    tailored), each the average of the tasks it was evaluated on, so the gap they close is visible. The thick
+    average is over the paper's seven tasks where evaluated, as in ``main_table``.
     """
     models = _main_runs(models)
     s = model_scores(rows, models, prompt, k).merge(models[["model", "share", "recipe", "kind"]].rename(
@@ -253,8 +255,10 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
     for i, t in enumerate(acc_tasks):
         line = plain[plain["task"] == t].sort_values("share")
         ax.plot(100 * line["share"], line["value"], color=f"C{i % 10}", lw=1, marker=".", alpha=0.7, label=t)
-    avg = plain.groupby("share")["value"].mean().sort_index()
-    ax.plot(100 * avg.index, avg.values, color="black", lw=2.2, marker="o", label="average")
+    avg_tasks = [t for t in PAPER_TASKS if t in acc_tasks] or acc_tasks  # as in main_table
+    avg = plain[plain["task"].isin(avg_tasks)].groupby("share")["value"].mean().sort_index()
+    ax.plot(100 * avg.index, avg.values, color="black", lw=2.2, marker="o",
+            label=f"average of {len(avg_tasks)} tasks" + (" (the paper's)" if avg_tasks[0] in PAPER_TASKS else ""))
     tuned = s[s["model_kind"] == "lora"]
     for recipe, part in tuned.groupby("recipe"):
         pts = part.groupby("share")["value"].mean()
@@ -262,9 +266,9 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
         ax.plot(100 * pts.index, pts.values, ls="none", marker=RECIPE_MARKERS.get(recipe, "D"), ms=10,
                 color="black", mfc="white" if recipe == "generic" else "gold",
                 label=f"+ {recipe} LoRA (average of its {n_tasks} task{'s' * (n_tasks > 1)})")
-    chance = s.dropna(subset=["chance"]).groupby("task")["chance"].first()
+    chance = s[s["task"].isin(avg_tasks)].dropna(subset=["chance"]).groupby("task")["chance"].first()
     if len(chance):
-        ax.axhline(chance.mean(), color="0.5", ls=":", lw=1, label="average chance")
+        ax.axhline(chance.mean(), color="0.5", ls=":", lw=1, label="their average chance")
     ax.set_xlabel("decoder parameters removed (%)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"Accuracy against the share removed ({prompt} prompt, k = {k})")
