@@ -310,7 +310,23 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
                                         "duration_s": round(time.time() - started, 2), "output": out_nb.name}
         write_json(manifest_path, manifest)
         log(f"[{step.name}] done in {time.time() - started:.1f} s")
+        refreshed = refresh_readme(figures_dir)
+        if refreshed:
+            log(f"[{step.name}] README tables refreshed from figures/: {', '.join(refreshed)}")
     return manifest
+
+
+def refresh_readme(figures_dir: Path, readme: Path = paths.REPO_ROOT / "README.md") -> list[str]:
+    """Copy the tables of a run that writes the repository's ``figures/`` into the README; names refreshed.
+
+    Only the class profile writes there (other profiles keep their figures in their run directory), so the
+    README's numbers are always those of the last class-profile run, never typed by hand.
+    """
+    from tailored.artifacts import embed_tables
+
+    if Path(figures_dir).resolve() != (readme.parent / "figures").resolve() or not readme.exists():
+        return []
+    return embed_tables(readme, figures_dir)
 
 
 def _now() -> str:

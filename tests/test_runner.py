@@ -122,3 +122,16 @@ def test_readme_tables_are_refreshed_from_figures(tmp_path):
     assert embed_tables(readme, tmp_path / "figs") == ["t1"]
     text = readme.read_text()
     assert "| 2 |" in text and "| 1 |" not in text and "old" in text and text.endswith("end\n")
+
+
+def test_only_a_run_writing_the_repository_figures_refreshes_the_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table: t1 -->\nold\n<!-- /table -->\n")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "t1.md").write_text("new\n")
+    (tmp_path / "run" / "figures").mkdir(parents=True)
+    (tmp_path / "run" / "figures" / "t1.md").write_text("smoke\n")
+    assert runner.refresh_readme(tmp_path / "run" / "figures", readme) == []  # a smoke run: README untouched
+    assert "old" in readme.read_text()
+    assert runner.refresh_readme(tmp_path / "figures", readme) == ["t1"]
+    assert "new" in readme.read_text()
