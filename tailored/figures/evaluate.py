@@ -303,3 +303,66 @@ def accuracy_vs_n_frame(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = 
             out.append({"task": r["task"], "method": ref, "n": 0, "accuracy": r["value"], "ci_low": r["ci_low"],
                         "ci_high": r["ci_high"], "chance": r["chance"]})
     return pd.DataFrame(out).sort_values(["task", "n"], kind="stable").reset_index(drop=True)
+
+
+def tailored_vs_generic(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
+                        validation: dict | None = None) -> pd.DataFrame:
+    """Did tailoring beat the generic recipe? One row per (checkpoint, task a tailored adapter was trained on).
+
+    Columns: ``checkpoint, task, metric, n, generic, tailored`` (scores), ``difference`` (tailored − generic)
+    with ``diff_low``/``diff_high``, a 95% interval from the two standard errors as if the samples were
+    independent (they are the same examples, so this is conservative), and ``verdict``: "tailored better" or
+    "generic better" when the interval excludes 0, else "not established". With ``validation`` (notebook 04's
+    ``runs`` metrics: ``{run name: {"validation": {task: loss}}}``), the held-out loss per answer token of both
+    adapters is added (``val_loss_generic``, ``val_loss_tailored``): a finer instrument than accuracy on a
+    few examples, measured on train-split examples that no adapter trained on.
+    """
+    lora = _main_runs(models[models["kind"] == "lora"])
+    s = scores(rows[rows["kind"] != "text"], prompt, k).set_index(["model", "task"])
+    out = []
+    for base, part in lora.groupby("base", sort=False):
+        generic = part.loc[part["recipe"] == "generic", "model"].tolist()
+        if not generic:
+            continue
+        g = generic[0]
+        for _, t in part[part["recipe"] == "tailored"].iterrows():
+            trained = t["tasks"].split(", ") if t["tasks"] != "all" else []
+            for task in trained:
+                if (g, task) not in s.index or (t["model"], task) not in s.index:
+                    continue
+                a, b = s.loc[(g, task)], s.loc[(t["model"], task)]
+                diff = float(b["value"] - a["value"])
+                half = 1.96 * float(np.hypot(a["stderr"], b["stderr"]))
+                verdict = ("tailored better" if diff - half > 0 else "generic better" if diff + half < 0
+                           else "not established")
+                row = {"checkpoint": base, "task": task, "metric": a["metric"], "n": int(b["n"]),
+                       "generic": float(a["value"]), "tailored": float(b["value"]), "difference": diff,
+                       "diff_low": diff - half, "diff_high": diff + half, "verdict": verdict}
+                if validation:
+                    row["val_loss_generic"] = validation.get(g, {}).get("validation", {}).get(task, np.nan)
+                    row["val_loss_tailored"] = validation.get(t["model"], {}).get("validation", {}).get(task, np.nan)
+                out.append(row)
+    return pd.DataFrame(out)
+
+
+def plot_tailored_vs_generic(frame: pd.DataFrame):
+    """Tailored minus generic accuracy per (checkpoint, task) with its 95% interval; right of 0: tailoring won."""
+    n = len(frame)
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * n + 1.4))
+    y = np.arange(n)[::-1]
+    colors = frame["verdict"].map({"tailored better": "C2", "generic better": "C3"}).fillna("0.35")
+    ax.errorbar(100 * frame["difference"], y, xerr=[100 * (frame["difference"] - frame["diff_low"]),
+                                                    100 * (frame["diff_high"] - frame["difference"])],
+                fmt="none", ecolor="0.6", capsize=3)
+    ax.scatter(100 * frame["difference"], y, c=list(colors), zorder=3, s=40)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(y, [f"{c} · {t} ({m})" for c, t, m in zip(frame["checkpoint"], frame["task"], frame["metric"])])
+    ax.set_xlabel("tailored − generic LoRA (accuracy points; bar: 95% interval)")
+    lo, hi = int(frame["n"].min()), int(frame["n"].max())
+    ax.set_title(f"Does tailoring beat the generic recipe? ({lo if lo == hi else f'{lo}–{hi}'} examples per task)",
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
