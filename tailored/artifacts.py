@@ -83,7 +83,7 @@ def embed_tables(markdown_path: str | Path, figures_dir: str | Path) -> list[str
 
     A block ``<!-- table: NAME -->`` … ``<!-- /table -->`` is replaced by the content of
     ``<figures_dir>/NAME.md``, so numbers in the README always come from the last run, never typed by hand.
-    Blocks whose table does not exist are left as they are. Returns the names refreshed.
+    Blocks whose table does not exist are left as they are. Returns the names whose content changed.
     """
     import re
 
@@ -96,8 +96,10 @@ def embed_tables(markdown_path: str | Path, figures_dir: str | Path) -> list[str
         table = figures_dir / f"{name}.md"
         if not table.exists():
             return match.group(0)
-        done.append(name)
-        return f"<!-- table: {name} -->\n{table.read_text().strip()}\n<!-- /table -->"
+        block = f"<!-- table: {name} -->\n{table.read_text().strip()}\n<!-- /table -->"
+        if block != match.group(0):
+            done.append(name)
+        return block
 
     new = re.sub(r"<!-- table: ([\w.-]+) -->.*?<!-- /table -->", refresh, text, flags=re.S)
     if new != text:

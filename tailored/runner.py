@@ -312,7 +312,7 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
         log(f"[{step.name}] done in {time.time() - started:.1f} s")
         refreshed = refresh_readme(figures_dir)
         if refreshed:
-            log(f"[{step.name}] README tables refreshed from figures/: {', '.join(refreshed)}")
+            log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
     return manifest
 
 

@@ -135,3 +135,4 @@ def test_only_a_run_writing_the_repository_figures_refreshes_the_readme(tmp_path
     assert "old" in readme.read_text()
     assert runner.refresh_readme(tmp_path / "figures", readme) == ["t1"]
     assert "new" in readme.read_text()
+    assert runner.refresh_readme(tmp_path / "figures", readme) == []  # already current: nothing to report
