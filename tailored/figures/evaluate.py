@@ -366,3 +366,66 @@ def plot_tailored_vs_generic(frame: pd.DataFrame):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def _diff_counts(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, int, int, int, int]:
+    """Per-task ``b − a`` (frames indexed by task with value/stderr): mean, #up, #down, #tasks, #established."""
+    both = a.index.intersection(b.index)
+    d = b.loc[both, "value"] - a.loc[both, "value"]
+    half = 1.96 * np.hypot(a.loc[both, "stderr"], b.loc[both, "stderr"])
+    return (float(d.mean()) if len(d) else np.nan, int((d > 0).sum()), int((d < 0).sum()), len(d),
+            int(((d - half > 0) | (d + half < 0)).sum()))
+
+
+def claims_table(rows: pd.DataFrame, models: pd.DataFrame, k: int, prompt: str = "task_specific",
+                 k_sweep: Sequence[int] = ()) -> pd.DataFrame:
+    """The study's four claims as this run measured them: one row per (claim, model), every number computed.
+
+    Accuracy tasks only (the task's table metric). ``change`` is in accuracy points: the mean over tasks of the
+    per-task difference the claim is about; ``up / down / tasks`` count the tasks that moved each way; and
+    ``established`` counts those whose difference has a (conservative, independent-samples) 95% interval
+    excluding 0. Claims: pruning keeps most accuracy (pruned vs dense: the mean difference, and the share of
+    the dense average kept over the paper's tasks); LoRA recovers more (tuned vs its pruned checkpoint, on the
+    tasks the adapter was evaluated on); task-specific prompts beat general ones (same model, shots and
+    examples); few-shot helps (largest k of the sweep vs 0 shots, task-specific prompt).
+    """
+    s = scores(rows[rows["kind"].isin(["classification", "multiple_choice"])], None, None)
+
+    def pick(model: str, p: str, kk: int, tasks=None) -> pd.DataFrame:
+        part = s[(s["model"] == model) & (s["prompt"] == p) & (s["k"] == kk)]
+        if tasks is not None:
+            part = part[part["task"].isin(tasks)]
+        return part.set_index("task")[["value", "stderr"]]
+
+    main = _main_runs(models)
+    dense = main.loc[main["kind"] == "dense", "model"].tolist()
+    out = []
+
+    def add(claim, model, a, b, extra=""):
+        mean, up, down, n, est = _diff_counts(a, b)
+        if n:
+            out.append({"claim": claim, "model": model, "change (points)": 100 * mean, "up": up, "down": down,
+                        "tasks": n, "established": est, "note": extra})
+
+    if dense:
+        paper = [t for t in PAPER_TASKS if t in set(s["task"])]
+        d = pick(dense[0], prompt, k, paper)
+        for _, m in main[main["kind"] == "pruned"].iterrows():
+            p = pick(m["model"], prompt, k, paper)
+            kept = p["value"].mean() / d["value"].mean() if len(p) and d["value"].mean() else np.nan
+            add("pruning keeps most accuracy", m["model"], d, p, f"keeps {100 * kept:.0f}% of the dense average")
+    for _, m in main[main["kind"] == "lora"].iterrows():
+        tuned = pick(m["model"], prompt, k)
+        add("LoRA recovers more", f"{m['base']} + {m['recipe']}", pick(m["base"], prompt, k, tuned.index), tuned)
+    for _, m in main[main["kind"] != "lora"].iterrows():
+        add("task-specific prompts beat general ones", m["model"], pick(m["model"], "general", k),
+            pick(m["model"], "task_specific", k))
+    if len(k_sweep) > 1:
+        lo, hi = min(k_sweep), max(k_sweep)
+        for _, m in main[main["kind"] != "lora"].iterrows():
+            add("few-shot helps", m["model"], pick(m["model"], prompt, lo), pick(m["model"], prompt, hi),
+                f"{hi} shots vs {lo}")
+    table = pd.DataFrame(out)
+    if len(table):
+        table["change (points)"] = table["change (points)"].round(1) + 0.0  # no "-0.0"
+    return table
