@@ -101,7 +101,8 @@ def test_05_evaluate_wrote_metrics_for_every_model_task_prompt(smoke_run):
                       for p in ((s["generation_prompts"] or s["prompts"]) if generated(t) else s["prompts"])}
             wanted |= {(name, t, "task_specific", k) for t in s["k_sweep_tasks"] for k in s["k_sweep"]}
         assert wanted and wanted <= done, f"{name}: missing {sorted(wanted - done)}"
-        assert rows[(name, "wikitext", None, 0, "perplexity")]["value"] > 1
+        if entry["n"] is None:  # data-sweep adapters are scored on their tasks only, for the accuracy-vs-n figure
+            assert rows[(name, "wikitext", None, 0, "perplexity")]["value"] > 1
     for r in m["results"]:
         assert r["n"] > 0
         if r["metric"] in ("acc", "acc_norm"):
