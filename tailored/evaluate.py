@@ -281,6 +281,7 @@ def score_token_requests(model: torch.nn.Module, prefix_ids: Sequence[int],
         return scores
     rows = _pack_rows(requests, share_context)
     dev = _device(model)
+    dtype = next(model.parameters()).dtype  # of the additive attention mask
     with _eval_mode(model):
         cached, prefix_kv = _split_prefix(model, prefix_ids, use_prefix_cache)
         # each row's input: (prefix + ctx)[cached:] (the base), then cont[:-1] of each of its requests; the
@@ -315,7 +316,6 @@ def score_token_requests(model: torch.nn.Module, prefix_ids: Sequence[int],
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             allowed = causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
             allowed = torch.cat([torch.ones(len(batch), width, cached, dtype=torch.bool), allowed], dim=-1)
-            dtype = next(model.parameters()).dtype
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             keep = width - min(t[2][0] for t in targets)  # only the last `keep` positions need logits
             out = model(input_ids=x.to(dev), attention_mask=mask[:, None].to(dev), position_ids=position.to(dev),

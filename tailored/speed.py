@@ -68,7 +68,7 @@ class FastDecoder:
         self.eps = cfg.rms_norm_eps
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = base.lm_head.weight.detach().t().contiguous()  # (hidden, vocab): a copy when tied
+        self.lm_head = _t(base.lm_head.weight)  # (hidden, vocab): a copy, also when tied
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.blocks = []
         for layer in decoder_layers(base):

@@ -53,11 +53,9 @@ SAMPLES = {
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model gains nothing from threads and loses much on a busy machine
-    yield load("tiny")
-    torch.set_num_threads(threads)
+def tiny(one_thread):
+    """The tiny model, on one thread (tests/conftest.py): a 64-wide model gains nothing from threads."""
+    return load("tiny")
 
 
 def arc_like(n: int, split: str, seed: int) -> list[Ex]:

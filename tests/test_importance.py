@@ -315,12 +315,10 @@ def test_importance_saves_to_safetensors_and_loads_back(tmp_path):
 
 # ------------------------------------------------------------------------ Taylor vs the true loss change
 @pytest.fixture(scope="module")
-def trained_tiny():
+def trained_tiny(one_thread):
     """A tiny LLaMA with 8 heads of width 8 per layer (32 attention units in all), trained 60 steps on
     repeated text: past random init (loss 5.5 → below 1), where the loss is no longer nearly linear in
     the weights, but not memorized to zero loss either."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model, tok = build_tiny("tiny-mha", seed=0, num_attention_heads=8, num_key_value_heads=8, head_dim=8)
     ids = torch.tensor(tok(TEXT)["input_ids"])
     gen = torch.Generator().manual_seed(0)
@@ -336,7 +334,6 @@ def trained_tiny():
     model.eval()
     model.zero_grad(set_to_none=True)
     batch = calibration_batch(tok, DOCS, n_samples=8, seq_len=48, seed=0)
-    torch.set_num_threads(threads)
     return model, batch, float(loss.detach())
 
 

@@ -331,8 +331,7 @@ def tailored_vs_generic(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = 
                 if (g, task) not in s.index or (t["model"], task) not in s.index:
                     continue
                 a, b = s.loc[(g, task)], s.loc[(t["model"], task)]
-                diff = float(b["value"] - a["value"])
-                half = 1.96 * float(np.hypot(a["stderr"], b["stderr"]))
+                diff, half = (float(v) for v in _difference(a, b))
                 verdict = ("tailored better" if diff - half > 0 else "generic better" if diff + half < 0
                            else "not established")
                 row = {"checkpoint": base, "task": task, "metric": a["metric"], "n": int(b["n"]),
@@ -368,11 +367,17 @@ def plot_tailored_vs_generic(frame: pd.DataFrame):
     return fig
 
 
+def _difference(a, b):
+    """``b − a`` of two scores (rows or frames with ``value`` and ``stderr``) and the half-width of its 95%
+    interval from the two standard errors as if the samples were independent (conservative for the same
+    examples)."""
+    return b["value"] - a["value"], 1.96 * np.hypot(a["stderr"], b["stderr"])
+
+
 def _diff_counts(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, int, int, int, int]:
     """Per-task ``b − a`` (frames indexed by task with value/stderr): mean, #up, #down, #tasks, #established."""
     both = a.index.intersection(b.index)
-    d = b.loc[both, "value"] - a.loc[both, "value"]
-    half = 1.96 * np.hypot(a.loc[both, "stderr"], b.loc[both, "stderr"])
+    d, half = _difference(a.loc[both], b.loc[both])
     return (float(d.mean()) if len(d) else np.nan, int((d > 0).sum()), int((d < 0).sum()), len(d),
             int(((d - half > 0) | (d + half < 0)).sum()))
 
