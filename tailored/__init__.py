@@ -6,12 +6,3 @@ and reloads the result, ``lora`` recovers it, ``evaluate`` measures it, ``figure
 """
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # Lazy re-export so `import tailored` stays cheap (no torch import) for the CLI's --help.
-    if name == "load_pruned":
-        from tailored.checkpoint import load_pruned
-
-        return load_pruned
-    raise AttributeError(name)

@@ -9,31 +9,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from tailored.paths import atomic_write_text
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become None (JSON has no NaN), tuples become lists, paths strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _clean(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON atomically; ``indent=None`` for large machine-read artifacts (one line)."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(_clean(obj), indent=indent, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, sort_keys=False) + "\n")
     return path
 
 
@@ -85,8 +86,6 @@ def embed_tables(markdown_path: str | Path, figures_dir: str | Path) -> list[str
     ``<figures_dir>/NAME.md``, so numbers in the README always come from the last run, never typed by hand.
     Blocks whose table does not exist are left as they are. Returns the names whose content changed.
     """
-    import re
-
     markdown_path, figures_dir = Path(markdown_path), Path(figures_dir)
     text = markdown_path.read_text()
     done = []

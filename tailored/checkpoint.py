@@ -24,6 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from tailored.anatomy import decoder_layers, resolve_device, resolve_dtype
+from tailored.artifacts import json_safe
+from tailored.prune import sync_module_attributes
 
 FORMAT = "tailored.pruned/1"
 WEIGHTS = "model.safetensors"
@@ -41,10 +48,6 @@ def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapp
     The folder is written next to ``dir`` under a temporary name and renamed into place, so an interrupted
     save never leaves a half-written checkpoint where a good one was.
     """
-    from safetensors.torch import save_file
-
-    from tailored.models import decoder_layers
-
     dir = Path(dir)
     tensors, names = {}, {}
     for name, p in model.named_parameters():  # each tensor once: a tied LM head is the embedding
@@ -94,9 +97,7 @@ def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapp
 
 def _readable_json(obj) -> str:
     """JSON with short lists of numbers (shapes, kept indices) on one line, so people can read it."""
-    from tailored.artifacts import _clean
-
-    text = json.dumps(_clean(obj), indent=2)
+    text = json.dumps(json_safe(obj), indent=2)
     return re.sub(r"\[\s*(-?[\d.e+-]+(?:,\s*-?[\d.e+-]+)*)\s*\]",
                   lambda m: "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]", text) + "\n"
 
@@ -129,6 +130,26 @@ def _non_persistent_buffers(model: torch.nn.Module) -> set[str]:
 
 
 # =============================================================================================== load
+def is_checkpoint(dir: str | Path) -> bool:
+    """Does ``dir`` hold a pruned checkpoint (its ``pruning.json``)?"""
+    return (Path(dir) / RECORD).is_file()
+
+
+def read_record(dir: str | Path) -> dict:
+    """The contents of a checkpoint's ``pruning.json`` (shapes, per-layer summary, ``record``), checked."""
+    path = Path(dir) / RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{dir} is not a pruned checkpoint: it has no {RECORD}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the checkpoint is damaged, save it again "
+                         "(notebook 03: `tailored run --from 03`)") from None
+    if meta.get("format") != FORMAT or "shapes" not in meta:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r} or has no 'shapes'")
+    return meta
+
+
 def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 attn_implementation: str | None = None):
     """Rebuild a model saved by ``save_pruned``; return ``(model, tokenizer)`` in eval mode.
@@ -137,12 +158,6 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     ``dir`` is not a pruned checkpoint (saying which files are missing) and ``ValueError`` naming the file
     and tensor when a file is corrupted or its shapes disagree with ``pruning.json``.
     """
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from tailored.models import resolve_device, resolve_dtype
-    from tailored.prune import sync_module_attributes
-
     dir = Path(dir)
     if not dir.is_dir():
         raise FileNotFoundError(f"{dir} is not a directory: expected a pruned checkpoint written by save_pruned")
@@ -150,12 +165,7 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     if missing:
         raise FileNotFoundError(f"{dir} is not a pruned checkpoint: missing {', '.join(missing)} "
                                 "(save_pruned writes config.json, model.safetensors and pruning.json)")
-    try:
-        meta = json.loads((dir / RECORD).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{dir / RECORD}: not valid JSON ({e}); the checkpoint is damaged, save it again") from None
-    if meta.get("format") != FORMAT or "shapes" not in meta:
-        raise ValueError(f"{dir / RECORD}: format {meta.get('format')!r} is not {FORMAT!r} or has no 'shapes'")
+    meta = read_record(dir)
     shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
     weights = dir / WEIGHTS
 

@@ -22,6 +22,11 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters
+from tailored.artifacts import write_json
+
 KINDS = ("attention", "qheads", "mlp", "hidden")
 
 
@@ -57,6 +62,17 @@ class GroupSet:
         if len(hits) != 1:
             raise KeyError(f"{self.name}: {len(hits)} members end with {suffix!r}")
         return hits[0]
+
+    def coupling(self, producer: str, consumer: str) -> torch.Tensor:
+        """Which of ``consumer``'s entries go with which of ``producer``'s: ``(consumer width, producer width)``
+        bool, True where both lie in one unit (e.g. ``coupling("q_proj.weight", "o_proj.weight")``: an
+        ``o_proj`` input column and a ``q_proj`` output row of the same head). What ``reference_dependency``
+        measures by hand, read off the traced units."""
+        p, c = self.member(producer), self.member(consumer)
+        out = torch.zeros(sum(map(len, c.index)), sum(map(len, p.index)), dtype=torch.bool)
+        for u in range(self.units):
+            out[torch.tensor(c.index[u])[:, None], torch.tensor(p.index[u])[None, :]] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -104,8 +120,6 @@ class Graph:
         return cls(groups=tuple(groups), **fields_)
 
     def save(self, path: str | Path) -> Path:
-        from tailored.artifacts import write_json
-
         return write_json(path, self.to_dict(), indent=None)
 
     @classmethod
@@ -206,8 +220,6 @@ def _components(n: int, src, dst):
 
     Min-label propagation with pointer jumping, in torch: a few passes over the edges.
     """
-    import torch
-
     labels = torch.arange(n)
     while True:
         m = torch.minimum(labels[src], labels[dst])
@@ -224,8 +236,6 @@ def _dep_edges(dep, row0: int, col0: int, cache: dict):
     to the columns (on SmolLM2, 1.2k edges instead of 37k for q → o). ``cache`` maps ``id(dep)`` to the
     result: identical layers share their dep tensors.
     """
-    import torch
-
     if id(dep) not in cache:
         patterns, which = torch.unique(dep, dim=0, return_inverse=True)
         n = dep.shape[0]
@@ -269,8 +279,6 @@ class _Module:
 
 
 def _classify(mod: _Module) -> str:
-    import torch
-
     m = mod.module
     own = dict(m.named_parameters(recurse=False))
     if isinstance(m, torch.nn.Linear):
@@ -303,10 +311,6 @@ def trace(model, tokens: int = 6, seed: int = 0) -> Graph:
     SmolLM2-135M that is 1 probe instead of 30, and the same graph (the whole trace: under 1 s instead
     of about 6 s on a 2-core CPU; ``benchmarks/bench_trace.py``).
     """
-    import torch
-
-    from tailored.models import count_parameters, decoder_layers, decoder_parameters
-
     layers = decoder_layers(model)
     layer_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
     owners = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
@@ -390,8 +394,6 @@ def _probe(consumer: _Module, producers: list[_Module]) -> list:
     One batched backward: the vector-Jacobian product with a one-hot vector per input channel (the same
     on every token), all channels at once. Boolean ``(consumer width, producer width)`` per producer.
     """
-    import torch
-
     x = consumer.x
     n = x.shape[-1]
     # (n, *x.shape): probe i is e_i on every token; contiguous, which keeps the batched matmuls on BLAS
@@ -439,8 +441,6 @@ def _probe_all(executed: list[_Module], mixing: dict[int, list[int]], edges) -> 
 
 # ----------------------------------------------------------------------------------- steps 3 and 4: units
 def _build(model, executed: list[_Module]) -> Graph:
-    import torch
-
     for m in executed:
         m.kind = _classify(m)
     edges = _edges(executed)
@@ -584,8 +584,6 @@ def _qheads(build: _GroupBuilder, layer: int, root, dep, index, space_of, edge_c
     Without k and v in the picture, each query head is its own island; ``parent`` names the attention unit
     (key-value head) that holds it.
     """
-    import torch
-
     p = root[0]
     consumers = sorted(c for (pp, c) in dep if pp == p)
     rw = build.executed[p].width("out")
@@ -603,6 +601,67 @@ def _qheads(build: _GroupBuilder, layer: int, root, dep, index, space_of, edge_c
     kv_rows = next(ix for ix, s in index if s == root)
     parent = tuple(next(a for a, rows in enumerate(kv_rows) if set(q) <= set(rows)) for q in q_index[0][0])
     return build(f"layers.{layer}.qheads", "qheads", layer, len(units), q_index, parent=parent)
+
+
+# ================================================================================ the probe, by hand
+NUDGE = 100.0  # large: a nudge of 1 moved one SmolLM2 o_proj input by less than float32 resolves
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the module of interest has run."""
+
+
+def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, seed: int = 0) -> torch.Tensor:
+    """Step 4 of ``trace`` done the slow, obvious way: nudge one output channel of ``producer`` at a time and
+    see which input channels of ``consumer`` change.
+
+    ``producer`` and ``consumer`` are module names (``"model.layers.3.self_attn.q_proj"``). Returns the
+    ``(consumer input width, producer output width)`` bool matrix ``dep[i, j]``: input channel i of the
+    consumer depends on output channel j of the producer. One forward pass per producer channel on the same
+    ``tokens`` random tokens as ``trace`` (each stopped as soon as the consumer has read its input), where the
+    tracer needs one batched backward; for a class, the two are asserted equal (notebook 01).
+    """
+    prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
+    nudge: list[int | None] = [None]
+    seen: list[torch.Tensor] = []
+
+    def add_one(_module, _args, output):
+        if nudge[0] is None:
+            return output
+        output = output.clone()
+        output[..., nudge[0]] += NUDGE
+        return output
+
+    def record(_module, args):
+        seen.append(args[0].detach().clone())
+        raise _Stop
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
+    attn = getattr(model.config, "_attn_implementation", None)
+    switch = attn is not None and attn != "eager"
+    handles = [prod.register_forward_hook(add_one), cons.register_forward_pre_hook(record)]
+    was_training = model.training
+    try:
+        model.eval()
+        if switch:
+            model.set_attn_implementation("eager")
+        with torch.no_grad():
+            for j in [None, *range(prod.weight.shape[0])]:
+                nudge[0] = j
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        if switch:
+            model.set_attn_implementation(attn)
+        model.train(was_training)
+    base = seen[0]
+    return torch.stack([(x != base).reshape(-1, base.shape[-1]).any(0) for x in seen[1:]], dim=1).cpu()
 
 
 # ============================================================================================ summary
@@ -643,8 +702,6 @@ def check(graph: Graph, model) -> None:
     - within a GroupSet the units of every member partition that dimension (disjoint, complete);
     - every ``qheads`` unit lies inside its ``parent`` attention unit.
     """
-    from tailored.models import decoder_layers
-
     params = dict(model.named_parameters())
     in_layers = {id(p) for p in decoder_layers(model).parameters()}
     cov = coverage(graph)
@@ -683,39 +740,3 @@ def check(graph: Graph, model) -> None:
                         problems.append(f"{g.name}: query head {u} of {m.param} is not inside kv unit {a}")
     if problems:
         raise ValueError("the traced graph does not cover the model as expected:\n  " + "\n  ".join(problems[:20]))
-
-
-# ====================================================================== removing units (demonstrations)
-def remove_indices(model, param: str, dim: int, indices) -> None:
-    """Remove ``indices`` along ``dim`` of ONE parameter, in place, and nothing else.
-
-    This is what *not* to do: it shows why coupled groups exist (the next forward fails on shapes).
-    Linear ``in_features``/``out_features`` and Embedding ``embedding_dim`` follow the new shape.
-    """
-    import torch
-
-    p = model.get_parameter(param)
-    drop = set(int(i) for i in indices)
-    keep = torch.tensor([i for i in range(p.shape[dim]) if i not in drop], device=p.device)
-    new = torch.nn.Parameter(p.detach().index_select(dim, keep).clone(), requires_grad=p.requires_grad)
-    for name, q in model.named_parameters(remove_duplicate=False):  # every module that holds this tensor
-        if q is p:
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            setattr(owner, attr, new)
-            if isinstance(owner, torch.nn.Linear) and attr == "weight":
-                owner.out_features, owner.in_features = new.shape
-            if isinstance(owner, torch.nn.Embedding):
-                owner.embedding_dim = new.shape[1]
-
-
-def remove_units(model, group: GroupSet, units) -> int:
-    """Remove whole units of one GroupSet (every member), in place; returns the parameters removed.
-
-    A minimal pruner for demonstrations and tests: it keeps shapes consistent, so the model still runs
-    (HF attention infers head counts from shapes). ``tailored.prune`` is the real one.
-    """
-    units = sorted(set(int(u) for u in units))
-    for m in group.members:
-        remove_indices(model, m.param, m.dim, [i for u in units for i in m.index[u]])
-    return sum(group.params_per_unit[u] for u in units)

@@ -31,6 +31,7 @@ per-unit sums the moment autograd writes it, then drops it (see ``compute_import
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -39,6 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
 from tailored.graph import KINDS, Graph, GroupSet
 from tailored.paths import atomic_write_bytes
@@ -199,8 +203,6 @@ class Importance(Mapping):
     def save(self, path: str | Path) -> Path:
         """Write ``importance.safetensors`` atomically: keys ``"{estimator}/{reduction}/{groupset}"``,
         the settings as JSON in the metadata."""
-        from safetensors.torch import save
-
         tensors = {"/".join(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in self.scores.items()}
         meta = {"format": FORMAT, "settings": json.dumps(self.settings, sort_keys=True, default=str),
                 "keys": json.dumps(list(tensors))}  # safetensors sorts its keys; this keeps our order
@@ -210,8 +212,6 @@ class Importance(Mapping):
 
     @classmethod
     def load(cls, path: str | Path) -> Importance:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
@@ -550,8 +550,6 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     flags = {name: p.requires_grad for name, p in params.items()}
     was_training = model.training
     handles = []
-    from tqdm.auto import tqdm
-
     bar = tqdm(passes, desc="importance (forward + backward)" if grad_est else "importance (forward)",
                unit="pass", disable=not progress or not passes)
     try:
@@ -630,9 +628,39 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
 
 
 def _batch_hash(batch: torch.Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(batch.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ the readable version
+def reference_taylor(model: torch.nn.Module, groupset: GroupSet, batch: torch.Tensor) -> torch.Tensor:
+    """``param_first`` importance of one group set, the readable way: (units,) float32.
+
+        I(unit) = Σ_members Σ_{w in the member's slice} |w · g|,      g = ∂L/∂w over the whole batch
+
+    One forward and one backward with plain autograd, every gradient held at once: what
+    ``compute_importance`` computes while folding each gradient away as it arrives (notebook 02 asserts the
+    two agree).
+    """
+    params = _params_by_name(model)
+    weights = [params[m.param] for m in groupset.members]
+    flags = [w.requires_grad for w in weights]
+    was_training = model.training
+    try:
+        model.eval()
+        for w in weights:
+            w.requires_grad_(True)
+        loss = _lm_loss(model, batch.to(weights[0].device))
+        grads = torch.autograd.grad(loss, weights)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+        model.train(was_training)
+    scores = torch.zeros(groupset.units, dtype=torch.float64)
+    for member, w, g in zip(groupset.members, weights, grads):
+        per_weight = (w.detach() * g).abs().double()  # |w · g|, element by element
+        for u, idx in enumerate(member.index):
+            scores[u] += per_weight.index_select(member.dim, torch.tensor(idx, device=w.device)).sum().cpu()
+    return scores.float()
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -644,8 +672,6 @@ def zeroing_loss_change(model: torch.nn.Module, groupset: GroupSet, batch: torch
     This is what the estimators approximate (for the batch they were computed on). One forward pass per
     unit: use ``units`` to check a sample of a big group set. Returns float32 (len(units),).
     """
-    from tqdm.auto import tqdm
-
     params = _params_by_name(model)
     batch = batch.to(next(model.parameters()).device)
     base = float(_lm_loss(model, batch))
@@ -683,4 +709,4 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 __all__ = ["ESTIMATORS", "REDUCTIONS", "GRADIENT_ESTIMATORS", "Importance", "calibration_batch",
            "compute_importance", "param_first", "param_second", "param_mix", "vectorize_terms",
-           "reduce_members", "spearman", "zeroing_loss_change"]
+           "reduce_members", "reference_taylor", "spearman", "zeroing_loss_change"]

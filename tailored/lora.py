@@ -47,11 +47,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-# training tokenizes exactly as evaluation scores: the same helpers, so the two can never drift apart
 from tailored.artifacts import read_json, write_json
-from tailored.evaluate import encode as _encode_text
-from tailored.evaluate import leading_special_ids
+from tailored.data import load_task
+from tailored.prompts import get_prompt
+
+# training tokenizes exactly as evaluation scores: the same contract, so the two can never drift apart
+from tailored.tokens import encode as encode_text
+from tailored.tokens import leading_special_ids, move_trailing_space
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -176,8 +181,6 @@ def generic_examples(n: int, seed: int = 0, skip: int = 0) -> list[TrainExample]
     This is the *generic* recovery data, the offline stand-in for LLM-Pruner's Alpaca. ``skip`` drops the
     first examples of the seeded order (used to keep a validation part apart, see ``train_and_validation``).
     """
-    from tailored.data import load_task
-
     out = []
     for ex in load_task("instructions", split="train", limit=skip + n, seed=seed)[skip:]:
         if not ex.references:
@@ -197,9 +200,6 @@ def tailored_examples(task: str | Sequence[str], prompt_name: str = "task_specif
     leading delimiter), exactly the strings the evaluator scores. Given several tasks, ``n`` examples of
     each are mixed in one seeded order (multi-task recovery). Examples without a gold answer are skipped.
     """
-    from tailored.data import load_task
-    from tailored.prompts import get_prompt
-
     tasks = [task] if isinstance(task, str) else list(task)
     out: list[TrainExample] = []
     for name in tasks:
@@ -264,17 +264,14 @@ def encode(tokenizer, example: TrainExample, max_seq_len: int = 256) -> Encoded:
     (the BOS and the end of the prompt, next to the answer, are kept); an answer longer than the whole
     budget is cut on the right.
     """
-    prompt, answer = example.prompt, example.answer
-    n_spaces = len(prompt) - len(prompt.rstrip())
-    if n_spaces:
-        prompt, answer = prompt[:-n_spaces], prompt[-n_spaces:] + answer
+    prompt, answer = move_trailing_space(example.prompt, example.answer)
     lead = leading_special_ids(tokenizer)
-    prompt_ids = _encode_text(tokenizer, prompt)
-    whole = _encode_text(tokenizer, prompt + answer)
+    prompt_ids = encode_text(tokenizer, prompt)
+    whole = encode_text(tokenizer, prompt + answer)
     if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
         answer_ids = whole[len(prompt_ids):]
     else:  # the tokenizer merged across the boundary: tokenize the answer on its own
-        answer_ids = _encode_text(tokenizer, answer)
+        answer_ids = encode_text(tokenizer, answer)
     if not answer_ids:
         raise ValueError(f"example {example.source!r} has an empty answer: there is nothing to train on")
     target_ids = answer_ids + [tokenizer.eos_token_id]
@@ -515,8 +512,6 @@ def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, state: dic
     Written into a temporary folder and renamed, then older checkpoints are removed: a crash at any point
     leaves the last complete checkpoint in place.
     """
-    from safetensors.torch import save_file
-
     dest = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -549,8 +544,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
-    from safetensors.torch import load_file
-
     _load_adapter_weights(peft_model, ckpt)
     meta = read_json(ckpt / "optimizer.json")
     names = [n for n, _ in _trainable(peft_model)]
@@ -602,6 +595,20 @@ def validation_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: 
     return total / max(count, 1)
 
 
+def validation_losses(model, tokenizer, by_task: dict[str, Sequence[TrainExample]],
+                      settings: LoraSettings | None = None) -> dict[str, float]:
+    """Loss per answer token on each task's validation examples, and pooled over all of them (``"all"``,
+    weighted by answer tokens). The held-out signal notebook 04 compares recipes with."""
+    settings = settings or LoraSettings()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = {t: [encode(tokenizer, e, settings.max_seq_len) for e in exs] for t, exs in by_task.items()}
+    out = {t: validation_loss(model, e, pad, settings.micro_batch_size or settings.batch_size,
+                              settings.autocast_dtype(device)) for t, e in encoded.items()}
+    counts = {t: sum(sum(loss_mask(x)) for x in e) for t, e in encoded.items()}
+    return out | {"all": sum(out[t] * counts[t] for t in out) / max(1, sum(counts.values()))}
+
+
 def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings | None = None,
                out_dir: str | Path = "adapter", validation: Sequence[TrainExample] | None = None,
                progress: bool = True, stop_after: int | None = None) -> TrainResult:
@@ -619,8 +626,6 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     ``FloatingPointError`` naming the step. ``model`` is wrapped in place (``get_peft_model``); the trained
     ``PeftModel`` is ``result.model``.
     """
-    from tqdm.auto import tqdm
-
     settings = settings or LoraSettings()
     out_dir = Path(out_dir)
     if not examples:
@@ -662,7 +667,7 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     resumed_from = state["step"]
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def checkpoint(step: int, t0: float) -> None:
+    def save_and_validate(step: int, t0: float) -> None:
         if val_encoded:
             v = validation_loss(peft_model, val_encoded, pad_id, settings.micro_batch_size or settings.batch_size,
                                 autocast)
@@ -694,7 +699,7 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['tokens'] / max(state['train_s'], 1e-9):.0f}")
             if step % settings.save_every == 0 or step == last:
-                checkpoint(step, t_part)
+                save_and_validate(step, t_part)
                 t_part = time.perf_counter()
     finally:
         bar.close()
@@ -751,8 +756,7 @@ def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, setti
 
 
 def _load_adapter_weights(peft_model, adapter_dir: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import set_peft_model_state_dict  # peft is imported lazily: 5 s, and only training needs it
 
     set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from tailored import paths
+from tailored.anatomy import resolve_device, resolve_dtype
+from tailored.checkpoint import RECORD, load_pruned
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -36,31 +38,9 @@ TINY_VARIANTS: dict[str, dict] = {
     "tiny-qwen2": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},  # q/k/v biases
 }
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
 
 class ModelNotAvailable(RuntimeError):
     """A model source is missing; the message says what to install or run."""
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return dev
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -195,9 +175,7 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
                 source = convert_smollm2()
         elif Path(spec).expanduser().is_dir():
             source = Path(spec).expanduser()
-            if (source / "pruning.json").exists():
-                from tailored.checkpoint import load_pruned
-
+            if (source / RECORD).exists():
                 return load_pruned(source, device=str(dev), dtype=torch_dtype,
                                    attn_implementation=attn_implementation)
             if not (source / "config.json").exists():
@@ -215,21 +193,3 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters counted once each (a tied embedding and LM head count once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of decoder blocks: its longest ``nn.ModuleList`` (``model.model.layers`` for LLaMA)."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers")
-    return max(lists, key=len)
-
-
-def decoder_parameters(model: torch.nn.Module) -> int:
-    """Parameters inside the decoder layers: the denominator of this study's pruning shares."""
-    return sum(p.numel() for p in decoder_layers(model).parameters())

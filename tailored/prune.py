@@ -33,12 +33,15 @@ Typical use::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from tailored.anatomy import decoder_layers
 from tailored.graph import Graph, GroupSet
 
 MODES = ("block", "channel", "layer")
@@ -546,30 +549,54 @@ def apply(plan: Plan, model: torch.nn.Module, graph: Graph) -> torch.nn.Module:
                 raise ValueError(f"{m.param} has {p.shape[m.dim]} entries along dim {m.dim} but the graph indexes "
                                  f"{max(removed)}: the graph does not describe this model (already pruned?)")
             cuts.setdefault(id(p), (p, {}))[1].setdefault(m.dim, set()).update(removed)
-    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
-    for mod in model.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((mod, attr))
-
-    with torch.no_grad():
-        for key, (p, dims) in cuts.items():
-            new = p.detach()
-            for dim, removed in dims.items():
-                kept = [i for i in range(p.shape[dim]) if i not in removed]
-                new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=p.device))
-            new_p = torch.nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
-            for mod, attr in owners[key]:  # a tied embedding and LM head get the same new tensor
-                setattr(mod, attr, new_p)
+    owners = _owners(model)
+    for p, dims in cuts.values():
+        _shrink(owners, p, dims)
     if plan.drop_layers:
         _drop_layers(model, plan.drop_layers)
     sync_module_attributes(model)
     return model
 
 
-def _drop_layers(model: torch.nn.Module, drop: Sequence[int]) -> None:
-    from tailored.models import decoder_layers
+def narrow(model: torch.nn.Module, param: str, dim: int, remove) -> None:
+    """Remove the entries ``remove`` along ``dim`` of ONE parameter, in place, and nothing else.
 
+    This is what ``apply`` does to every member of a coupled group; done to one matrix alone it breaks the
+    model (notebook 01 shows the forward pass failing), which is why the groups exist. ``Linear`` and
+    ``Embedding`` size attributes follow the new shape; a tied tensor shrinks everywhere it is used.
+    """
+    p = model.get_parameter(param)
+    _shrink(_owners(model), p, {dim: {int(i) for i in remove}})
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+
+
+def _owners(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """``id(parameter) -> [(module, attribute)]``: every place that holds each tensor (tied ones: several)."""
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mod, attr))
+    return owners
+
+
+@torch.no_grad()
+def _shrink(owners: dict, p: torch.nn.Parameter, removed: Mapping[int, set[int]]) -> None:
+    """Replace ``p`` by a smaller parameter without the ``removed[dim]`` entries, wherever it is held."""
+    new = p.detach()
+    for dim, gone in removed.items():
+        kept = [i for i in range(p.shape[dim]) if i not in gone]
+        new = new.index_select(dim, torch.tensor(kept, dtype=torch.long, device=p.device))
+    new_p = torch.nn.Parameter(new.contiguous(), requires_grad=p.requires_grad)
+    for mod, attr in owners[id(p)]:  # a tied embedding and LM head get the same new tensor
+        setattr(mod, attr, new_p)
+
+
+def _drop_layers(model: torch.nn.Module, drop: Sequence[int]) -> None:
     layers = decoder_layers(model)
     kept = [layer for i, layer in enumerate(layers) if i not in set(drop)]
     for parent in model.modules():
@@ -627,10 +654,6 @@ def sweep(dense: torch.nn.Module, graph: Graph, scores: Mapping[str, Mapping[str
     row per (estimator, share): the asked and achieved shares and what ``measure`` returned (a float or a dict).
     The dense model is never modified.
     """
-    import copy
-
-    from tqdm.auto import tqdm
-
     rows = []
     jobs = [(est, share) for est in scores for share in shares]
     for est, share in tqdm(jobs, desc="prune + measure", disable=not progress):

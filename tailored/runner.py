@@ -31,7 +31,8 @@ from pathlib import Path
 import yaml
 
 from tailored import paths
-from tailored.artifacts import read_json, write_json
+from tailored.artifacts import embed_tables, read_json, write_json
+from tailored.models import SMOLLM2, TINY_VARIANTS
 
 NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
 PARAMS_DIR = paths.REPO_ROOT / "params"
@@ -193,8 +194,6 @@ def resolve_params(profile: str, steps: list[Step], run_dir: Path, figures_dir: 
 
 
 def _check_model(spec) -> str | None:
-    from tailored.models import SMOLLM2, TINY_VARIANTS
-
     if spec in (None, ""):
         return ("no model given: this profile needs a model, e.g. `tailored run --profile paper --model /path/to/llama-7b` "
                 "(a local HF directory of a LLaMA-family model)")
@@ -322,8 +321,6 @@ def refresh_readme(figures_dir: Path, readme: Path = paths.REPO_ROOT / "README.m
     Only the class profile writes there (other profiles keep their figures in their run directory), so the
     README's numbers are always those of the last class-profile run, never typed by hand.
     """
-    from tailored.artifacts import embed_tables
-
     if Path(figures_dir).resolve() != (readme.parent / "figures").resolve() or not readme.exists():
         return []
     return embed_tables(readme, figures_dir)

@@ -22,10 +22,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from tailored.models import count_parameters, decoder_layers
+from tailored.anatomy import count_parameters, decoder_layers
+from tailored.artifacts import write_json
+from tailored.models import load
 
 
-def _t(w: torch.Tensor) -> torch.Tensor:
+def _transposed(w: torch.Tensor) -> torch.Tensor:
     """A weight ``(out, in)`` as a contiguous ``(in, out)`` copy, for ``x @ w``."""
     return w.detach().t().contiguous()
 
@@ -47,7 +49,7 @@ class _Block:
     nkv: int
     wo: torch.Tensor  # (nq · head_dim, hidden)
     ln2: torch.Tensor
-    wgu: torch.Tensor  # (hidden, 2 · inter)
+    w_gate_up: torch.Tensor  # (hidden, 2 · inter)
     inter: int
     wd: torch.Tensor  # (inter, hidden)
 
@@ -68,7 +70,7 @@ class FastDecoder:
         self.eps = cfg.rms_norm_eps
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = _t(base.lm_head.weight)  # (hidden, vocab): a copy, also when tied
+        self.lm_head = _transposed(base.lm_head.weight)  # (hidden, vocab): a copy, also when tied
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.blocks = []
         for layer in decoder_layers(base):
@@ -78,11 +80,11 @@ class FastDecoder:
             biases = [p.bias for p in (at.q_proj, at.k_proj, at.v_proj)]
             self.blocks.append(_Block(
                 ln1=layer.input_layernorm.weight,
-                wqkv=_t(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
+                wqkv=_transposed(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
                 bqkv=torch.cat(biases).detach() if biases[0] is not None else None,
-                nq=nq, nkv=nkv, wo=_t(at.o_proj.weight), ln2=layer.post_attention_layernorm.weight,
-                wgu=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                inter=mlp.gate_proj.out_features, wd=_t(mlp.down_proj.weight)))
+                nq=nq, nkv=nkv, wo=_transposed(at.o_proj.weight), ln2=layer.post_attention_layernorm.weight,
+                w_gate_up=_transposed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                inter=mlp.gate_proj.out_features, wd=_transposed(mlp.down_proj.weight)))
         self.max_batch, self.max_len = max_batch, max_len
         # (batch, kv_heads, max_len, head_dim) per layer, allocated once
         self.k_cache = [torch.zeros(max_batch, b.nkv, max_len, self.head_dim, dtype=self.dtype, device=self.device)
@@ -138,7 +140,7 @@ class FastDecoder:
             keys, values = self.k_cache[i][:bsz, :, :pos + T], self.v_cache[i][:bsz, :, :pos + T]
             a = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=b.nq != b.nkv)
             h = h + _lin(a.transpose(1, 2).reshape(bsz, T, b.nq * hd), b.wo)
-            g, u = _lin(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
+            g, u = _lin(self._rms(h, b.ln2), b.w_gate_up).split(b.inter, dim=-1)
             h = h + _lin(F.silu(g) * u, b.wd)
         return _lin(self._rms(h[:, -1], self.norm), self.lm_head)  # (batch, vocab)
 
@@ -155,7 +157,7 @@ class FastDecoder:
             values.index_copy_(2, pos, v)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=b.nq != b.nkv)
             h = h + _lin(a.transpose(1, 2).reshape(bsz, 1, b.nq * hd), b.wo)
-            g, u = _lin(self._rms(h, b.ln2), b.wgu).split(b.inter, dim=-1)
+            g, u = _lin(self._rms(h, b.ln2), b.w_gate_up).split(b.inter, dim=-1)
             h = h + _lin(F.silu(g) * u, b.wd)
         return _lin(self._rms(h[:, -1], self.norm), self.lm_head)
 
@@ -320,16 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--json", help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    from tailored.models import load
-
     models = {spec: load(spec, device=args.device, dtype=args.dtype)[0] for spec in args.models}
     rows = compare(models, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                    batches=tuple(int(b) for b in args.batches.split(",")), prefill_len=args.prefill_len,
                    repeats=args.repeats, eager=not args.no_eager, compile=args.compile)
     print(format_table(rows))
     if args.json:
-        from tailored.artifacts import write_json
-
         write_json(args.json, {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "rows": rows})
     return 0

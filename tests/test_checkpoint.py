@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-import tailored
+from tailored import checkpoint
 from tailored.checkpoint import load_pruned, save_pruned
 from tailored.graph import trace
 from tailored.models import load
@@ -103,7 +104,7 @@ def test_tied_embeddings_stay_tied_after_reload(tmp_path):
 
 def test_load_in_another_dtype_and_through_models_load(saved):
     _, tok, path = saved
-    half, _ = tailored.load_pruned(path, dtype=torch.bfloat16)
+    half, _ = load_pruned(path, dtype=torch.bfloat16)
     assert half.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
     via_load, _ = load(str(path))  # any place a model can be named, a pruned folder can
     assert torch.equal(logits(via_load, tok), logits(saved[0], tok))
@@ -152,10 +153,6 @@ def test_a_folder_that_is_not_a_checkpoint_says_what_is_missing(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(saved, tmp_path, monkeypatch):
-    import shutil
-
-    import safetensors.torch
-
     model, tok, src = saved
     path = shutil.copytree(src, tmp_path / "good")
     before = (path / "model.safetensors").read_bytes()
@@ -163,7 +160,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(saved, tmp_path, mo
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_file", crash)  # the writer checkpoint.py imported
     with pytest.raises(OSError, match="disk full"):
         save_pruned(model, tok, path, {})
     assert (path / "model.safetensors").read_bytes() == before

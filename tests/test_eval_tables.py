@@ -1,4 +1,4 @@
-"""The tables of notebook 05 (tailored.figures.evaluate) on hand-made results, and finding a run's models."""
+"""The tables of notebook 05 (tailored.analysis) on hand-made results, and finding a run's models (tailored.rundir)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 import pandas as pd
 import pytest
 
-from tailored.evaluate import RunModel, run_models
-from tailored.figures import evaluate as figs
+from tailored import analysis as figs
+from tailored.checkpoint import FORMAT
+from tailored.prune import Plan
+from tailored.rundir import RunModel, run_models
 
 
 def row(model, task, value, metric="acc", kind="multiple_choice", prompt="task_specific", k=5, stderr=0.05,
@@ -51,13 +53,12 @@ def test_table_metric_follows_llm_pruner():
 
 
 def test_run_models_reads_pruned_checkpoints_and_adapter_index(tmp_path):
-    from tailored.prune import Plan
-
     plan = Plan(keep={}, drop_layers=(), params_before=100, params_after=80, decoder_params_before=50,
                 decoder_params_after=40, widths=(), llm_pruner_ratio=0.2, unit_ratios={})
     for name in ("block_50", "block_20"):
         (tmp_path / "pruned" / name).mkdir(parents=True)
-        (tmp_path / "pruned" / name / "pruning.json").write_text(json.dumps({"record": {"plan": plan.to_dict()}}))
+        (tmp_path / "pruned" / name / "pruning.json").write_text(json.dumps({"format": FORMAT, "shapes": {},
+                                                                                 "record": {"plan": plan.to_dict()}}))
     assert [m.name for m in run_models(tmp_path, "tiny")] == ["dense", "block_20", "block_50"]
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / "index.json").write_text(json.dumps([

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tailored import evaluate as ev
+from tailored import metrics, scoring, tokens
 from tailored.models import load
 from tailored.prompts import PROMPT_NAMES, get_prompt, prompt_names, prompt_tasks
 
@@ -110,21 +111,21 @@ def test_winogrande_partial_scoring_builds_context_and_continuation():
 # ------------------------------------------------------------------------------------------------ scoring
 def test_encode_request_moves_trailing_space_to_the_continuation(tiny):
     _, tok = tiny
-    assert ev.encode_request(tok, "Answer: ", "yes") == ev.encode_request(tok, "Answer:", " yes")
-    ctx, cont = ev.encode_request(tok, "Answer:", " yes")
-    assert ctx + cont == ev.encode(tok, "Answer: yes")
+    assert tokens.encode_request(tok, "Answer: ", "yes") == tokens.encode_request(tok, "Answer:", " yes")
+    ctx, cont = tokens.encode_request(tok, "Answer:", " yes")
+    assert ctx + cont == tokens.encode(tok, "Answer: yes")
 
 
 def test_prefix_cached_loglikelihoods_equal_naive(tiny):
     model, tok = tiny
     prompt = get_prompt("arc_easy", "harness")
     train, evaluated = arc_like(20, "train", 1), arc_like(7, "eval", 2)
-    prefix = ev.build_fewshot_prefix("arc_easy", prompt, 3, train, seed=0, tokenizer=tok)
+    prefix = scoring.build_fewshot_prefix("arc_easy", prompt, 3, train, seed=0, tokenizer=tok)
     requests = [r for ex in evaluated for r in prompt.requests(ex)]  # 28 requests of varied lengths
     # the naive reference: one plain forward pass over prefix + context + continuation per request
     by_hand = []
     for req in requests:
-        ctx, cont = ev.encode_request(tok, *req)
+        ctx, cont = tokens.encode_request(tok, *req)
         ids = list(prefix.token_ids) + ctx + cont
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
@@ -132,7 +133,7 @@ def test_prefix_cached_loglikelihoods_equal_naive(tiny):
         by_hand.append(sum(logp[start - 1 + j, t].item() for j, t in enumerate(cont)))
     # every combination of the two savings computes the same thing, whatever the batch size
     for use_cache, share, bs in [(True, True, 3), (True, False, 5), (False, True, 2), (False, False, 3)]:
-        got = ev.loglikelihood(model, tok, requests, prefix=prefix, batch_size=bs, use_prefix_cache=use_cache,
+        got = scoring.loglikelihood(model, tok, requests, prefix=prefix, batch_size=bs, use_prefix_cache=use_cache,
                                share_context=share)
         np.testing.assert_allclose(got, by_hand, atol=1e-4, rtol=0, err_msg=f"cache={use_cache} share={share}")
 
@@ -143,10 +144,10 @@ def test_shared_context_rows_handle_one_token_answers_and_distinct_contexts(tiny
     requests = [("Is the sky blue? Answer:", " yes"), ("Is the sky blue? Answer:", " no"),
                 ("The cat sat on the", " mat today"), ("The dog sat on the", " mat today"),
                 ("Is the sky blue? Answer:", " maybe not")]
-    encoded = [ev.encode_request(tok, c, a) for c, a in requests]
-    assert [len(r) for r in ev._pack_rows(encoded, True)] == [3, 1, 1]
-    shared = ev.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=2)
-    apart = ev.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=1, share_context=False,
+    encoded = [tokens.encode_request(tok, c, a) for c, a in requests]
+    assert [len(r) for r in scoring._pack_rows(encoded, True)] == [3, 1, 1]
+    shared = scoring.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=2)
+    apart = scoring.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=1, share_context=False,
                              use_prefix_cache=False)
     np.testing.assert_allclose(shared, apart, atol=1e-4, rtol=0)
 
@@ -156,21 +157,21 @@ def test_prefix_cached_generation_equals_naive(tiny):
     prompt = get_prompt("squad", "harness")
     train = [Ex("squad", f"t{i}", {"title": "Boxes", "context": f"Box {i} is {w}.", "question": f"What is box {i}?"},
                 references=(w,)) for i, w in enumerate(WORDS[:6])]
-    prefix = ev.build_fewshot_prefix("squad", prompt, 2, train, seed=0, tokenizer=tok)
+    prefix = scoring.build_fewshot_prefix("squad", prompt, 2, train, seed=0, tokenizer=tok)
     contexts = [prompt.render_context(SAMPLES["squad"]) + " " * i + "x" * (3 * i) for i in range(3)]
     kw = dict(prefix=prefix, max_new_tokens=6, until=("\n",), batch_size=3)
-    cached = ev.greedy_generate(tiny[0], tok, contexts, use_prefix_cache=True, **kw)
-    assert cached == ev.greedy_generate(model, tok, contexts, use_prefix_cache=False, **kw)
-    assert cached[2] == ev.greedy_generate(model, tok, contexts[2:], use_prefix_cache=False, **kw)[0]
+    cached = scoring.greedy_generate(tiny[0], tok, contexts, use_prefix_cache=True, **kw)
+    assert cached == scoring.greedy_generate(model, tok, contexts, use_prefix_cache=False, **kw)
+    assert cached[2] == scoring.greedy_generate(model, tok, contexts[2:], use_prefix_cache=False, **kw)[0]
     # no prefix: rows are left-padded at the very start, and padding must not change any row's answer
     kw["prefix"] = ""
-    alone = [ev.greedy_generate(model, tok, [c], **kw)[0] for c in contexts]
-    assert ev.greedy_generate(model, tok, contexts, **kw) == alone
+    alone = [scoring.greedy_generate(model, tok, [c], **kw)[0] for c in contexts]
+    assert scoring.greedy_generate(model, tok, contexts, **kw) == alone
 
 
 def test_acc_norm_divides_by_answer_bytes_not_characters():
     lls, texts = [-6.0, -4.5], ["ééé", "abcd"]  # 3 characters but 6 UTF-8 bytes, against 4
-    pred, pred_norm = ev.choice_predictions(lls, texts)
+    pred, pred_norm = metrics.choice_predictions(lls, texts)
     assert pred == 1  # -4.5 > -6.0
     assert pred_norm == 0  # -6/6 = -1.0 > -4.5/4 = -1.125 (per character it would be -2.0 < -1.125)
 
@@ -191,18 +192,18 @@ def test_evaluate_examples_reports_accuracy_with_interval(tiny):
 
 # ------------------------------------------------------------------------------------------------ text metrics
 def test_squad_exact_match_and_f1_on_known_strings():
-    assert ev.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
-    assert ev.exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
-    assert ev.exact_match("Paris, France", ["Paris"]) == 0.0
-    assert ev.f1_score("in Paris France", ["Paris"]) == pytest.approx(0.5)  # P = 1/3, R = 1
-    assert ev.f1_score("in Paris France", ["London", "Paris France"]) == pytest.approx(0.8)  # best reference
-    assert ev.f1_score("a", ["the"]) == 1.0  # both normalize to empty
+    assert metrics.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert metrics.exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    assert metrics.exact_match("Paris, France", ["Paris"]) == 0.0
+    assert metrics.f1_score("in Paris France", ["Paris"]) == pytest.approx(0.5)  # P = 1/3, R = 1
+    assert metrics.f1_score("in Paris France", ["London", "Paris France"]) == pytest.approx(0.8)  # best reference
+    assert metrics.f1_score("a", ["the"]) == 1.0  # both normalize to empty
 
 
 def test_rouge_on_known_strings():
-    assert ev.rouge_scores("the cat sat on the mat", ["the cat sat on the mat"]) == pytest.approx(
+    assert metrics.rouge_scores("the cat sat on the mat", ["the cat sat on the mat"]) == pytest.approx(
         {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
-    scores = ev.rouge_scores("the cat", ["the cat sat"])
+    scores = metrics.rouge_scores("the cat", ["the cat sat"])
     assert scores["rouge1"] == pytest.approx(0.8)  # P 2/2, R 2/3
     assert scores["rouge2"] == pytest.approx(2 / 3)  # P 1/1, R 1/2
     assert scores["rougeL"] == pytest.approx(0.8)
@@ -211,11 +212,11 @@ def test_rouge_on_known_strings():
 def test_sliding_window_perplexity_matches_hand_computation(tiny):
     model, tok = tiny
     text = "The quick brown fox jumps over the lazy dog."
-    ids = ev.encode(tok, text)
+    ids = tokens.encode(tok, text)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     nll = -np.mean([logp[t - 1, ids[t]].item() for t in range(1, len(ids))])
-    whole = ev.perplexity(model, tok, [text], max_length=len(ids) + 5)
+    whole = scoring.perplexity(model, tok, [text], max_length=len(ids) + 5)
     assert whole["n_tokens"] == len(ids) - 1
     assert whole["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
 
@@ -228,7 +229,7 @@ def test_sliding_window_perplexity_matches_hand_computation(tiny):
         for t in range(max(scored_to, begin + 1), begin + len(window)):
             total -= wlogp[t - 1 - begin, ids[t]].item()
         scored_to, begin = begin + len(window), begin + 4
-    sliding = ev.perplexity(model, tok, [text], max_length=8, stride=4, batch_size=3)
+    sliding = scoring.perplexity(model, tok, [text], max_length=8, stride=4, batch_size=3)
     assert sliding["perplexity"] == pytest.approx(math.exp(total / (len(ids) - 1)), rel=1e-4)
 
 
@@ -238,7 +239,7 @@ def test_fewshot_never_draws_evaluated_examples_and_is_deterministic(tiny):
     prompt = get_prompt("arc_easy", "harness")
     train = arc_like(12, "train", 3)
     evaluated_ids = [ex.id for ex in train[:8]]  # pretend 8 of them are also evaluated
-    draws = [ev.build_fewshot_prefix("arc_easy", prompt, 4, train, seed=s, tokenizer=tok, exclude_ids=evaluated_ids)
+    draws = [scoring.build_fewshot_prefix("arc_easy", prompt, 4, train, seed=s, tokenizer=tok, exclude_ids=evaluated_ids)
              for s in (0, 0, 1)]
     assert draws[0] == draws[1]  # same seed, same shots, same text
     assert draws[0].shot_ids != draws[2].shot_ids or draws[0].text != draws[2].text
@@ -246,17 +247,17 @@ def test_fewshot_never_draws_evaluated_examples_and_is_deterministic(tiny):
         assert not set(d.shot_ids) & set(evaluated_ids) and d.k_used == 4
         assert d.text.endswith("\n\n") and d.text.count("Question:") == 4
     with pytest.raises(ValueError, match="only 4 examples"):
-        ev.build_fewshot_prefix("arc_easy", prompt, 5, train, seed=0, tokenizer=tok, exclude_ids=evaluated_ids)
-    assert ev.build_fewshot_prefix("arc_easy", prompt, 0, train, seed=0, tokenizer=tok).text == ""
+        scoring.build_fewshot_prefix("arc_easy", prompt, 5, train, seed=0, tokenizer=tok, exclude_ids=evaluated_ids)
+    assert scoring.build_fewshot_prefix("arc_easy", prompt, 0, train, seed=0, tokenizer=tok).text == ""
 
 
 def test_fewshot_drops_shots_from_the_end_until_the_longest_request_fits(tiny):
     _, tok = tiny
     prompt = get_prompt("arc_easy", "harness")
     train = arc_like(10, "train", 4)
-    full = ev.build_fewshot_prefix("arc_easy", prompt, 6, train, seed=0, tokenizer=tok)
+    full = scoring.build_fewshot_prefix("arc_easy", prompt, 6, train, seed=0, tokenizer=tok)
     budget = full.n_tokens - 1 + 40
-    cut = ev.build_fewshot_prefix("arc_easy", prompt, 6, train, seed=0, tokenizer=tok, max_tokens=budget,
+    cut = scoring.build_fewshot_prefix("arc_easy", prompt, 6, train, seed=0, tokenizer=tok, max_tokens=budget,
                                   longest_request=40)
     assert cut.k_requested == 6 and cut.k_used < 6
     assert cut.n_tokens + 40 <= budget
@@ -274,11 +275,11 @@ def test_bad_inputs_raise_value_errors_that_list_what_exists(tiny):
     with pytest.raises(ValueError, match="limit = 0"):
         ev.evaluate_task(model, tok, "boolq", limit=0)
     with pytest.raises(ValueError, match="k = -1"):
-        ev.build_fewshot_prefix("boolq", "harness", -1, [], seed=0, tokenizer=tok)
+        scoring.build_fewshot_prefix("boolq", "harness", -1, [], seed=0, tokenizer=tok)
     with pytest.raises(ValueError, match="k = 3 shots asked for"):
-        ev.build_fewshot_prefix("boolq", "harness", 3, [SAMPLES["boolq"]], seed=0, tokenizer=tok)
+        scoring.build_fewshot_prefix("boolq", "harness", 3, [SAMPLES["boolq"]], seed=0, tokenizer=tok)
     with pytest.raises(ValueError, match="stride"):
-        ev.perplexity(model, tok, ["some text"], max_length=8, stride=9)
+        scoring.perplexity(model, tok, ["some text"], max_length=8, stride=9)
 
 
 # ------------------------------------------------------------------------------------------------ with real data

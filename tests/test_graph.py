@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from tailored.graph import Graph, check, remove_indices, remove_units, trace
+from tailored.graph import Graph, check, trace
 from tailored.models import load
+from tailored.prune import apply, make_plan, narrow
 
 VARIANTS = ["tiny", "tiny-mha", "tiny-qwen2", "tiny-tied"]
 
@@ -136,11 +137,13 @@ def test_pruning_one_matrix_alone_breaks_the_model():
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
     att = graph.by_name("layers.1.attention")
     alone = copy.deepcopy(model)
-    remove_indices(alone, "model.layers.1.self_attn.q_proj.weight", 0, att.member("q_proj.weight").index[0])
+    narrow(alone, "model.layers.1.self_attn.q_proj.weight", 0, att.member("q_proj.weight").index[0])
     with pytest.raises(RuntimeError, match="shape|size"):
         alone(ids)
     together = copy.deepcopy(model)
-    removed = remove_units(together, att, [0])
+    plan = make_plan(graph, {att.name: range(1, att.units)})  # unit 0 goes, with every member
+    apply(plan, together, graph)
+    removed = plan.params_before - plan.params_after
     assert together(ids).logits.shape == (2, 7, model.config.vocab_size)
     assert removed == sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in together.parameters())
 
@@ -150,7 +153,10 @@ def test_removing_mlp_channels_and_hidden_units_keeps_the_model_running():
     graph = trace(model)
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(1))
     before = sum(p.numel() for p in model.parameters())
-    removed = remove_units(model, graph.by_name("hidden"), [0, 7, 9])
+    hidden = graph.by_name("hidden")
+    plan = make_plan(graph, {"hidden": [u for u in range(hidden.units) if u not in (0, 7, 9)]})
+    apply(plan, model, graph)
+    removed = plan.params_before - plan.params_after
     assert removed == before - sum(p.numel() for p in model.parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     model.eval()
@@ -236,3 +242,17 @@ def test_trace_reads_the_computation_not_the_module_names():
     assert [m.param for m in graph.by_name("layers.0.mlp").members] == [
         "layers.0.w1.weight", "layers.0.w3.weight", "layers.0.w2.weight"]
     assert graph.hidden_size == 32 and graph.by_name("hidden").member("output.weight").dim == 1
+
+
+@pytest.mark.parametrize("spec", ["tiny", "tiny-qwen2"])
+def test_the_probe_by_hand_finds_the_traced_coupling(spec):
+    from tailored.graph import reference_dependency
+
+    model, _ = load(spec)
+    graph = trace(model)
+    attn = "model.layers.2.self_attn"
+    by_hand_q = reference_dependency(model, f"{attn}.q_proj", f"{attn}.o_proj")
+    by_hand_k = reference_dependency(model, f"{attn}.k_proj", f"{attn}.o_proj")
+    assert torch.equal(by_hand_q, graph.by_name("layers.2.qheads").coupling("q_proj.weight", "o_proj.weight"))
+    assert torch.equal(by_hand_k, graph.by_name("layers.2.attention").coupling("k_proj.weight", "o_proj.weight"))
+    assert by_hand_q.any() and not by_hand_q.all()  # heads are separate: some channels do not depend

@@ -396,3 +396,17 @@ def test_figures_draw_and_save(tmp_path):
                       ("corr", plot_estimator_correlation(imp, graph, kind="qheads")),
                       ("depth", plot_depth_profile(imp, graph))]:
         assert save_figure(fig, tmp_path, name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("spec", ["tiny", "tiny-tied", "tiny-qwen2"])
+def test_reference_taylor_equals_the_folded_fast_path(spec, one_thread):
+    from tailored.importance import reference_taylor
+    from tailored.models import load
+
+    model, _ = load(spec)
+    graph = trace(model)
+    batch = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    fast = compute_importance(model, graph, batch, micro_batch=1, progress=False)
+    for name in ("layers.1.attention", "layers.2.mlp", "hidden"):
+        torch.testing.assert_close(reference_taylor(model, graph.by_name(name), batch),
+                                   fast.score("param_first", name), rtol=1e-4, atol=1e-7)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import types
 
 import pytest
@@ -71,7 +70,7 @@ def test_train_and_validation_are_disjoint_and_nested(monkeypatch):
                                       choices=(), label=None, references=(str(i),)) for i in range(100)]
         return rows[:limit]
 
-    monkeypatch.setitem(sys.modules, "tailored.data", types.SimpleNamespace(load_task=load_task))
+    monkeypatch.setattr(lora, "load_task", load_task)  # the loader lora.py imported
     train, val = lora.train_and_validation("generic", n=10, n_validation=5)
     assert len(train) == 10 and len(val) == 5
     assert not {e.source for e in train} & {e.source for e in val}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tailored.anatomy import count_parameters, decoder_parameters
 from tailored.graph import trace
-from tailored.models import count_parameters, decoder_parameters, load
+from tailored.models import load
 from tailored.prune import Plan, apply, default_layer_range, make_plan, plan_pruning
 
 _GRAPHS: dict = {}

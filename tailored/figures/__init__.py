@@ -9,12 +9,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
+# No backend is forced: a notebook keeps its inline backend, a headless process gets Agg by itself, and a PNG
+# is rendered by Agg whichever backend draws on screen, so the saved bytes do not depend on it.
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # headless and deterministic; notebooks still show figures inline via display()
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tailored.paths import atomic_write_bytes, atomic_write_text  # noqa: E402
+from tailored.paths import atomic_write_bytes, atomic_write_text
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 10,
          "axes.spines.top": False, "axes.spines.right": False}

@@ -1,23 +1,11 @@
-"""Figures and tables of notebook 05: few-shot accuracy of dense, pruned and LoRA-tuned models.
+"""Figures of notebook 05: few-shot accuracy of dense, pruned and LoRA-tuned models.
 
-Everything here reads two pandas frames:
+The tables and numbers they draw come from ``tailored.analysis``::
 
-- ``rows``: the long rows of ``tailored.evaluate.result_rows`` (one per model, task, prompt, k and metric,
-  with ``value``, ``stderr``, ``ci_low``/``ci_high``, ``chance``, ``majority``, ``near_chance``);
-- ``models``: one row per evaluated model: ``model`` (the name in ``rows``), ``label`` (its row in the main
-  table; several models may share one, e.g. one tailored adapter per task), ``kind`` (dense, pruned, lora),
-  ``share`` (share of decoder parameters removed, 0 for dense) and ``recipe`` (generic, tailored, or "").
-
-::
-
-    table, notes = main_table(rows, models, prompt="task_specific", k=5)
     fig = plot_accuracy_vs_k(rows, ["arc_easy", "sst2"], prompt="task_specific")
     fig = plot_prompts(rows, k=5)
     fig = plot_accuracy_vs_share(rows, models, prompt="task_specific", k=5)
-
-Which number a task reports follows LLM-Pruner's table, which Tailored-LLaMA copies: ``acc_norm`` for
-HellaSwag, ARC-Challenge and OpenBookQA, ``acc`` for the others (LLaMA-7B's 72.99 on HellaSwag and 67.45 on
-ARC-Easy there are the harness's acc_norm and acc). SQuAD reports F1, XSum ROUGE-L.
+    fig = plot_tailored_vs_generic(tailored_vs_generic(rows, models, k=5))
 """
 
 from __future__ import annotations
@@ -27,136 +15,19 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tailored.analysis import (
+    PAPER_TASKS,
+    accuracy_tasks,
+    main_runs,
+    model_scores,
+    scores,
+    table_metric,
+)
 from tailored.figures import plt
 
-PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
-                "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "sst2": "acc", "squad": "f1",
-                "xsum": "rougeL", "wikitext": "perplexity"}
-KIND_METRIC = {"classification": "acc", "multiple_choice": "acc", "extractive_qa": "f1",
-               "summarization": "rougeL", "text": "perplexity"}
-GENERATION_COLUMNS = {("squad", "exact_match"): "squad EM", ("squad", "f1"): "squad F1",
-                      ("xsum", "rouge1"): "xsum R-1", ("xsum", "rouge2"): "xsum R-2", ("xsum", "rougeL"): "xsum R-L"}
 PROMPT_LABELS = {"harness": "harness (lm-eval default)", "general": "general instruction",
                  "task_specific": "task-specific"}
 RECIPE_MARKERS = {"": "o", "generic": "s", "tailored": "*"}
-
-
-def models_frame(entries) -> pd.DataFrame:
-    """The ``models`` frame of a list of ``tailored.evaluate.RunModel``, with each one's table ``label``.
-
-    LoRA models are labelled by checkpoint and recipe ("block_20 + tailored LoRA"), so that the adapters of one
-    recipe on one checkpoint (one per task) fill one table row; data-sweep runs add their ``n``.
-    """
-    out = []
-    for m in entries:
-        label = m.name
-        if m.kind == "lora":
-            label = f"{m.base} + {m.recipe} LoRA" + (f", n={m.n}" if m.n is not None else "")
-        out.append({"model": m.name, "label": label, "kind": m.kind, "share": m.share, "base": m.base,
-                    "recipe": m.recipe, "tasks": ", ".join(m.tasks) or "all", "prompt": m.prompt, "n": m.n})
-    return pd.DataFrame(out)
-
-
-def _main_runs(models: pd.DataFrame) -> pd.DataFrame:
-    """The models of the main table: all but the runs of a LoRA data sweep."""
-    return models[models["n"].isna()] if "n" in models.columns else models
-
-
-def table_metric(task: str, kind: str | None = None) -> str:
-    """The metric a task reports in the tables (see the module docstring); unknown tasks by their kind."""
-    return TABLE_METRIC.get(task) or KIND_METRIC.get(kind or "", "acc")
-
-
-def scores(rows: pd.DataFrame, prompt: str | None = "task_specific", k: int | None = None) -> pd.DataFrame:
-    """One row per (model, task): the task's table metric under ``prompt`` and ``k`` shots.
-
-    Perplexity rows (no prompt, no shots) are kept whatever ``prompt`` and ``k`` say.
-    """
-    keep = rows["metric"] == [table_metric(t, kd) for t, kd in zip(rows["task"], rows["kind"])]
-    text = rows["kind"] == "text"
-    if prompt is not None:
-        keep &= (rows["prompt"] == prompt) | text
-    if k is not None:
-        keep &= (rows["k"] == k) | text
-    return rows[keep].drop_duplicates(["model", "task", "prompt", "k"])
-
-
-def model_scores(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific",
-                 k: int = 0) -> pd.DataFrame:
-    """``scores`` under ``prompt``; a model never evaluated with ``prompt`` (a tailored adapter trained with
-    another prompt is evaluated with its own) contributes its rows under whatever prompt it was scored with."""
-    s = scores(rows, prompt, k)
-    other = rows[rows["model"].isin(set(models["model"]) - set(s["model"]))]
-    return pd.concat([s, scores(other, None, k)]) if len(other) else s
-
-
-def _accuracy_tasks(rows: pd.DataFrame) -> list[str]:
-    """Tasks scored by accuracy, in the order they were evaluated."""
-    acc = rows[rows["kind"].isin(["classification", "multiple_choice"])]
-    return list(dict.fromkeys(acc["task"]))
-
-
-def main_table(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
-               dense: str = "dense") -> tuple[pd.DataFrame, dict]:
-    """The paper's table: one row per model label, accuracy per task (in %), the average, recovery.
-
-    - ``avg``: mean accuracy over the paper's seven tasks that were evaluated (all accuracy tasks if none
-      were); a row that covers only some of them (a tailored adapter trained for two tasks) averages those.
-    - ``recovery %`` = 100 · avg / dense avg on the same tasks (the paper's measure: 95.68% at 20%).
-    - ``recovery vs chance %`` = 100 · (avg − chance) / (dense avg − chance), over the tasks where the dense
-      model is *not* within two standard errors of chance (there the dense model's accuracy is noise, and
-      the ratio would divide by it).
-    - then SST-2 and other accuracy tasks, SQuAD EM/F1, XSum ROUGE (in %) and perplexity where evaluated.
-
-    Returns ``(table, notes)``; ``notes`` has ``near_chance`` (tasks flagged for the dense model),
-    ``average_over`` (tasks in ``avg``) and ``recovery_vs_chance_over``.
-    """
-    models = _main_runs(models)
-    s = model_scores(rows, models, prompt, k)
-    s = s[s["model"].isin(models["model"])]
-    acc_tasks = _accuracy_tasks(s)
-    avg_tasks = [t for t in PAPER_TASKS if t in acc_tasks] or acc_tasks
-    dense_s = s[s["model"] == dense].set_index("task")
-    near = [t for t in acc_tasks if t in dense_s.index and bool(dense_s.loc[t, "near_chance"])]
-    signal = [t for t in avg_tasks if t not in near]
-    chance = s.dropna(subset=["chance"]).groupby("task")["chance"].first()
-    labels = list(dict.fromkeys(models["label"]))
-    out = []
-    for label in labels:
-        names = models.loc[models["label"] == label, "model"]
-        info = models[models["label"] == label].iloc[0]
-        mine = s[s["model"].isin(names)].drop_duplicates("task").set_index("task")
-        row: dict = {"model": label, "removed %": 100 * float(info.get("share", 0.0) or 0.0)}
-        for t in acc_tasks:
-            row[t] = 100 * mine.loc[t, "value"] if t in mine.index else np.nan
-        have = [t for t in avg_tasks if t in mine.index and t in dense_s.index]
-        row["avg"] = 100 * mine.loc[have, "value"].mean() if have else np.nan
-        dense_avg = dense_s.loc[have, "value"].mean() if have else 0.0
-        row["recovery %"] = row["avg"] / dense_avg if dense_avg > 0 else np.nan  # avg is in %, so this is too
-        sig = [t for t in signal if t in have]
-        row["recovery vs chance %"] = np.nan
-        if sig:
-            gain = mine.loc[sig, "value"].mean() - chance[sig].mean()
-            dense_gain = dense_s.loc[sig, "value"].mean() - chance[sig].mean()
-            row["recovery vs chance %"] = 100 * gain / dense_gain if dense_gain > 0 else np.nan
-        mine_rows = rows[rows["model"].isin(names)]
-        for (task, metric), col in GENERATION_COLUMNS.items():
-            if task in set(rows["task"]):
-                hit = mine_rows[(mine_rows["task"] == task) & (mine_rows["metric"] == metric) & (mine_rows["k"] == k)]
-                hit = hit.sort_values("prompt", key=lambda p: p != prompt)  # the table's prompt first
-                row[col] = 100 * hit["value"].iloc[0] if len(hit) else np.nan
-        if (rows["metric"] == "perplexity").any():
-            ppl = mine_rows[mine_rows["metric"] == "perplexity"]
-            row["perplexity"] = ppl["value"].iloc[0] if len(ppl) else np.nan
-        out.append(row)
-    table = pd.DataFrame(out)
-    ordered = ["model", "removed %"] + avg_tasks + ["avg", "recovery %", "recovery vs chance %"]
-    table = table[ordered + [c for c in table.columns if c not in ordered]]
-    table = table.rename(columns={t: f"{t} †" for t in near})
-    notes = {"near_chance": near, "average_over": avg_tasks, "recovery_vs_chance_over": signal,
-             "prompt": prompt, "k": k, "metrics": {t: table_metric(t) for t in acc_tasks}}
-    return table.round(2), notes
 
 
 def plot_accuracy_vs_k(rows: pd.DataFrame, tasks: Sequence[str], prompt: str = "task_specific",
@@ -245,10 +116,10 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
     tailored), each the average of the tasks it was evaluated on, so the gap they close is visible. The thick
     average is over the paper's seven tasks where evaluated, as in ``main_table``.
     """
-    models = _main_runs(models)
+    models = main_runs(models)
     s = model_scores(rows, models, prompt, k).merge(models[["model", "share", "recipe", "kind"]].rename(
         columns={"kind": "model_kind"}), on="model")
-    acc_tasks = [t for t in (tasks or _accuracy_tasks(s))]
+    acc_tasks = [t for t in (tasks or accuracy_tasks(s))]
     s = s[s["task"].isin(acc_tasks)]
     plain = s[s["model_kind"] != "lora"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -278,72 +149,6 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
     return fig
 
 
-def accuracy_vs_n_frame(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
-                        dense: str = "dense") -> pd.DataFrame:
-    """What ``tailored.figures.lora.plot_accuracy_vs_n`` draws: the LoRA data-sweep runs against their ``n``.
-
-    One row per (task, run): ``task, method`` (the recipe), ``n, accuracy, ci_low, ci_high, chance``; the dense
-    model and the checkpoint the sweep tuned are added with ``n = 0`` (drawn as reference lines). Empty when
-    the run has no sweep.
-    """
-    sweep = models[models["n"].notna()] if "n" in models.columns else models.iloc[:0]
-    if sweep.empty:
-        return pd.DataFrame(columns=["task", "method", "n", "accuracy", "ci_low", "ci_high", "chance"])
-    s = model_scores(rows, models, prompt, k)
-    s = s[s["kind"].isin(["classification", "multiple_choice"])]
-    refs = [dense] + list(dict.fromkeys(sweep["base"]))
-    out = []
-    for _, m in sweep.iterrows():
-        for _, r in s[s["model"] == m["model"]].iterrows():
-            out.append({"task": r["task"], "method": m["recipe"] or "lora", "n": int(m["n"]), "accuracy": r["value"],
-                        "ci_low": r["ci_low"], "ci_high": r["ci_high"], "chance": r["chance"]})
-    tasks = list(dict.fromkeys(o["task"] for o in out))
-    for ref in refs:
-        for _, r in s[(s["model"] == ref) & s["task"].isin(tasks)].iterrows():
-            out.append({"task": r["task"], "method": ref, "n": 0, "accuracy": r["value"], "ci_low": r["ci_low"],
-                        "ci_high": r["ci_high"], "chance": r["chance"]})
-    return pd.DataFrame(out).sort_values(["task", "n"], kind="stable").reset_index(drop=True)
-
-
-def tailored_vs_generic(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
-                        validation: dict | None = None) -> pd.DataFrame:
-    """Did tailoring beat the generic recipe? One row per (checkpoint, task a tailored adapter was trained on).
-
-    Columns: ``checkpoint, task, metric, n, generic, tailored`` (scores), ``difference`` (tailored − generic)
-    with ``diff_low``/``diff_high``, a 95% interval from the two standard errors as if the samples were
-    independent (they are the same examples, so this is conservative), and ``verdict``: "tailored better" or
-    "generic better" when the interval excludes 0, else "not established". With ``validation`` (notebook 04's
-    ``runs`` metrics: ``{run name: {"validation": {task: loss}}}``), the held-out loss per answer token of both
-    adapters is added (``val_loss_generic``, ``val_loss_tailored``): a finer instrument than accuracy on a
-    few examples, measured on train-split examples that no adapter trained on.
-    """
-    lora = _main_runs(models[models["kind"] == "lora"])
-    s = scores(rows[rows["kind"] != "text"], prompt, k).set_index(["model", "task"])
-    out = []
-    for base, part in lora.groupby("base", sort=False):
-        generic = part.loc[part["recipe"] == "generic", "model"].tolist()
-        if not generic:
-            continue
-        g = generic[0]
-        for _, t in part[part["recipe"] == "tailored"].iterrows():
-            trained = t["tasks"].split(", ") if t["tasks"] != "all" else []
-            for task in trained:
-                if (g, task) not in s.index or (t["model"], task) not in s.index:
-                    continue
-                a, b = s.loc[(g, task)], s.loc[(t["model"], task)]
-                diff, half = (float(v) for v in _difference(a, b))
-                verdict = ("tailored better" if diff - half > 0 else "generic better" if diff + half < 0
-                           else "not established")
-                row = {"checkpoint": base, "task": task, "metric": a["metric"], "n": int(b["n"]),
-                       "generic": float(a["value"]), "tailored": float(b["value"]), "difference": diff,
-                       "diff_low": diff - half, "diff_high": diff + half, "verdict": verdict}
-                if validation:
-                    row["val_loss_generic"] = validation.get(g, {}).get("validation", {}).get(task, np.nan)
-                    row["val_loss_tailored"] = validation.get(t["model"], {}).get("validation", {}).get(task, np.nan)
-                out.append(row)
-    return pd.DataFrame(out)
-
-
 def plot_tailored_vs_generic(frame: pd.DataFrame):
     """Tailored minus generic accuracy per (checkpoint, task) with its 95% interval; right of 0: tailoring won."""
     n = len(frame)
@@ -365,72 +170,3 @@ def plot_tailored_vs_generic(frame: pd.DataFrame):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     return fig
-
-
-def _difference(a, b):
-    """``b − a`` of two scores (rows or frames with ``value`` and ``stderr``) and the half-width of its 95%
-    interval from the two standard errors as if the samples were independent (conservative for the same
-    examples)."""
-    return b["value"] - a["value"], 1.96 * np.hypot(a["stderr"], b["stderr"])
-
-
-def _diff_counts(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, int, int, int, int]:
-    """Per-task ``b − a`` (frames indexed by task with value/stderr): mean, #up, #down, #tasks, #established."""
-    both = a.index.intersection(b.index)
-    d, half = _difference(a.loc[both], b.loc[both])
-    return (float(d.mean()) if len(d) else np.nan, int((d > 0).sum()), int((d < 0).sum()), len(d),
-            int(((d - half > 0) | (d + half < 0)).sum()))
-
-
-def claims_table(rows: pd.DataFrame, models: pd.DataFrame, k: int, prompt: str = "task_specific",
-                 k_sweep: Sequence[int] = ()) -> pd.DataFrame:
-    """The study's four claims as this run measured them: one row per (claim, model), every number computed.
-
-    Accuracy tasks only (the task's table metric). ``change`` is in accuracy points: the mean over tasks of the
-    per-task difference the claim is about; ``up / down / tasks`` count the tasks that moved each way; and
-    ``established`` counts those whose difference has a (conservative, independent-samples) 95% interval
-    excluding 0. Claims: pruning keeps most accuracy (pruned vs dense: the mean difference, and the share of
-    the dense average kept over the paper's tasks); LoRA recovers more (tuned vs its pruned checkpoint, on the
-    tasks the adapter was evaluated on); task-specific prompts beat general ones (same model, shots and
-    examples); few-shot helps (largest k of the sweep vs 0 shots, task-specific prompt).
-    """
-    s = scores(rows[rows["kind"].isin(["classification", "multiple_choice"])], None, None)
-
-    def pick(model: str, p: str, kk: int, tasks=None) -> pd.DataFrame:
-        part = s[(s["model"] == model) & (s["prompt"] == p) & (s["k"] == kk)]
-        if tasks is not None:
-            part = part[part["task"].isin(tasks)]
-        return part.set_index("task")[["value", "stderr"]]
-
-    main = _main_runs(models)
-    dense = main.loc[main["kind"] == "dense", "model"].tolist()
-    out = []
-
-    def add(claim, model, a, b, extra=""):
-        mean, up, down, n, est = _diff_counts(a, b)
-        if n:
-            out.append({"claim": claim, "model": model, "change (points)": 100 * mean, "up": up, "down": down,
-                        "tasks": n, "established": est, "note": extra})
-
-    if dense:
-        paper = [t for t in PAPER_TASKS if t in set(s["task"])]
-        d = pick(dense[0], prompt, k, paper)
-        for _, m in main[main["kind"] == "pruned"].iterrows():
-            p = pick(m["model"], prompt, k, paper)
-            kept = p["value"].mean() / d["value"].mean() if len(p) and d["value"].mean() else np.nan
-            add("pruning keeps most accuracy", m["model"], d, p, f"keeps {100 * kept:.0f}% of the dense average")
-    for _, m in main[main["kind"] == "lora"].iterrows():
-        tuned = pick(m["model"], prompt, k)
-        add("LoRA recovers more", f"{m['base']} + {m['recipe']}", pick(m["base"], prompt, k, tuned.index), tuned)
-    for _, m in main[main["kind"] != "lora"].iterrows():
-        add("task-specific prompts beat general ones", m["model"], pick(m["model"], "general", k),
-            pick(m["model"], "task_specific", k))
-    if len(k_sweep) > 1:
-        lo, hi = min(k_sweep), max(k_sweep)
-        for _, m in main[main["kind"] != "lora"].iterrows():
-            add("few-shot helps", m["model"], pick(m["model"], prompt, lo), pick(m["model"], prompt, hi),
-                f"{hi} shots vs {lo}")
-    table = pd.DataFrame(out)
-    if len(table):
-        table["change (points)"] = table["change (points)"].round(1) + 0.0  # no "-0.0"
-    return table

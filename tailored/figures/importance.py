@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
+import torch
 from matplotlib.ticker import FuncFormatter
 
 from tailored.figures import plt
@@ -104,8 +106,6 @@ def estimator_correlation(importance: Importance, graph: Graph, kind: str = "mlp
     for i, a in enumerate(estimators):
         for b in estimators[i + 1:]:
             if pooled:
-                import torch
-
                 va = torch.cat([importance.score(a, g.name, reduction) for g in gs])
                 vb = torch.cat([importance.score(b, g.name, reduction) for g in gs])
                 r = spearman(va, vb)
@@ -119,8 +119,6 @@ def estimator_correlation(importance: Importance, graph: Graph, kind: str = "mlp
 def plot_estimator_correlation(importance: Importance, graph: Graph, kind: str = "mlp", reduction: str = "sum",
                                estimators: Sequence[str] | None = None, pooled: bool = False):
     """Annotated heatmap of ``estimator_correlation`` (−1 … 1)."""
-    import seaborn as sns
-
     corr = estimator_correlation(importance, graph, kind, reduction, estimators, pooled)
     n = len(corr)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 0.9 + 0.6 * n))

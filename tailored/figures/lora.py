@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
-import tailored.figures  # noqa: F401  (Agg backend and the shared style)
+from tailored.figures import plt
+from tailored.lora import read_train_metrics
 
 KIND_STYLE = {"generic": {"linestyle": "--"}, "tailored": {"linestyle": "-"}}
 
@@ -20,8 +19,6 @@ KIND_STYLE = {"generic": {"linestyle": "--"}, "tailored": {"linestyle": "-"}}
 def _curves(run) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(training curve, validation curve) of a TrainResult, a finished run's folder, or a list of (step, loss)."""
     if isinstance(run, (str, Path)):
-        from tailored.lora import read_train_metrics
-
         run = read_train_metrics(run)
     if hasattr(run, "losses"):
         return list(run.losses), list(getattr(run, "validation", ()))

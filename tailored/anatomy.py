@@ -1,0 +1,56 @@
+"""Model anatomy: where the decoder blocks are, how many parameters they hold, which dtype and device.
+
+A leaf module: it imports torch and nothing of ours, so every stage (graph, importance, prune, checkpoint,
+models) can stand on it without import cycles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``, ``"bf16"``… (or a ``torch.dtype``) as a ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; a CUDA device asked for without one is refused."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1', 'mps' or "
+                         "'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return dev
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters counted once each (a tied embedding and LM head count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder blocks: its longest ``nn.ModuleList`` (``model.model.layers`` for LLaMA)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder layers")
+    return max(lists, key=len)
+
+
+def decoder_parameters(model: torch.nn.Module) -> int:
+    """Parameters inside the decoder layers: the denominator of this study's pruning shares."""
+    return sum(p.numel() for p in decoder_layers(model).parameters())

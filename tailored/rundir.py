@@ -1,0 +1,289 @@
+"""The run directory: what each step of the study writes, and where the next step finds it.
+
+One module owns every on-disk contract between the notebooks, so no notebook holds a file schema, builds a
+path by hand or parses a name::
+
+    runs/<profile>/
+        graph.json                   01  the coupled groups (tailored.graph.Graph)
+        importance.safetensors       02  scores per unit (tailored.importance.Importance)
+        pruned/<mode>_<pct>/         03  one pruned checkpoint per target (tailored.checkpoint)
+        adapters/<checkpoint>/<run>/ 04  one LoRA adapter per run (tailored.lora)
+        adapters/index.json          04  every adapter: its checkpoint, recipe, tasks, prompt, data size
+        eval/<key>.json              05  one finished evaluation each, so an interrupted run resumes
+        retired/                     what a changed plan no longer makes, moved aside (never read again)
+        metrics/<step>.json          every step: the numbers its figures and tables show
+        manifest.json                the runner: parameters, versions, fingerprints, durations
+
+Notebook 04 plans its runs with ``lora_runs`` and lists them with ``write_adapter_index``; notebook 05 finds
+every model with ``run_models`` and its evaluations with ``evaluation_jobs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tailored import checkpoint, lora
+from tailored.artifacts import read_json, tree_sha256, write_json
+from tailored.evaluate import EvalJob, task_info
+from tailored.models import load
+from tailored.prune import Plan
+
+GRAPH = "graph.json"
+IMPORTANCE = "importance.safetensors"
+PRUNED = "pruned"
+ADAPTERS = "adapters"
+INDEX = "index.json"
+EVAL = "eval"
+RETIRED = "retired"
+RECIPES = ("generic", "tailored")
+TAILORED_MODES = ("multi", "per_task")
+GENERATED_KINDS = ("extractive_qa", "summarization")
+
+
+def graph_path(run_dir: str | Path) -> Path:
+    """``graph.json``: written by notebook 01, read by 02 and 03."""
+    return Path(run_dir) / GRAPH
+
+
+def importance_path(run_dir: str | Path) -> Path:
+    """``importance.safetensors``: written by notebook 02, read by 03."""
+    return Path(run_dir) / IMPORTANCE
+
+
+# ============================================================================================ pruned (03)
+def checkpoint_name(mode: str, target: float) -> str:
+    """The folder name of the checkpoint pruned ``mode``-wise to ``target``: ``block_20``, ``layer_35``."""
+    return f"{mode}_{round(100 * target)}"
+
+
+def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / PRUNED / name
+
+
+def checkpoints(run_dir: str | Path) -> dict[str, float]:
+    """The run's pruned checkpoints, ``{name: share of decoder parameters removed}``, least pruned first."""
+    found = {}
+    for folder in sorted((Path(run_dir) / PRUNED).glob("*")):
+        if checkpoint.is_checkpoint(folder):
+            record = checkpoint.read_record(folder).get("record", {})
+            found[folder.name] = Plan.from_dict(record["plan"]).share_decoder if "plan" in record else math.nan
+    return dict(sorted(found.items(), key=lambda kv: (kv[1], kv[0])))
+
+
+def retire_checkpoints(run_dir: str | Path, keep: Sequence[str]) -> list[str]:
+    """Move the checkpoints of ``pruned/`` that are not in ``keep`` to ``retired/pruned/`` (replacing older
+    retired copies of the same name), so that later steps never pick up what the current plan no longer makes
+    (e.g. ``block_50`` after ``targets`` changed from [0.2, 0.5] to [0.3]). Returns the names moved."""
+    moved = []
+    for name in checkpoints(run_dir):
+        if name not in keep:
+            dest = Path(run_dir) / RETIRED / PRUNED / name
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(checkpoint_dir(run_dir, name), dest)
+            moved.append(name)
+    return moved
+
+
+# ============================================================================================ adapters (04)
+@dataclass(frozen=True)
+class AdapterRun:
+    """One LoRA run of notebook 04, and its entry in ``adapters/index.json``.
+
+    ``base`` is the pruned checkpoint it tunes, ``recipe`` ``generic`` (instruction data) or ``tailored``
+    (the ``tasks``' own training data written with ``prompt``); ``n`` the training examples per task of a
+    data-sweep run (``None``: a main run); ``folder`` where its adapter lives, relative to the run directory.
+    """
+
+    name: str
+    base: str
+    recipe: str
+    tasks: tuple[str, ...] | None
+    prompt: str | None
+    n: int | None
+    folder: str
+    share_decoder: float
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "base": f"{PRUNED}/{self.base}", "adapter": self.folder, "recipe": self.recipe,
+                "tasks": list(self.tasks) if self.tasks is not None else None, "prompt": self.prompt, "n": self.n,
+                "share_decoder": self.share_decoder}
+
+    @classmethod
+    def from_json(cls, entry: Mapping) -> AdapterRun:
+        tasks = entry.get("tasks")
+        return cls(name=entry["name"], base=Path(entry["base"]).name, recipe=entry.get("recipe") or "",
+                   tasks=tuple(tasks) if tasks is not None else None, prompt=entry.get("prompt"),
+                   n=entry.get("n"), folder=entry["adapter"], share_decoder=entry.get("share_decoder", math.nan))
+
+
+def lora_runs(shares: Mapping[str, float], tailored_tasks: Sequence[str], tailored_mode: str = "multi",
+              n_train: int = 500, n_sweep: Sequence[int] = (), sweep_on: str = "",
+              prompt: str = "task_specific") -> list[AdapterRun]:
+    """Notebook 04's plan: a generic and a tailored recipe on every checkpoint, then the data sweep.
+
+    ``shares``: the checkpoints to tune, ``{name: share removed}``. ``tailored_mode="multi"`` trains one
+    adapter on all ``tailored_tasks``; ``"per_task"`` one adapter per task (the paper's way). The sweep trains
+    the tailored recipe on ``sweep_on`` (default: the most pruned checkpoint) with ``n`` examples per task for
+    each ``n`` of ``n_sweep``; a sweep point with ``n == n_train`` is the main run itself (the same folder).
+    """
+    if tailored_mode not in TAILORED_MODES:
+        raise ValueError(f"tailored_mode {tailored_mode!r} is not one of {TAILORED_MODES}")
+    if not shares:
+        raise ValueError("no pruned checkpoints to tune: run notebook 03 first (`tailored run --from 03`)")
+    groups = ({"tailored": tuple(tailored_tasks)} if tailored_mode == "multi"
+              else {f"tailored-{t}": (t,) for t in tailored_tasks})
+    sweep_on = sweep_on or max(shares, key=lambda name: shares[name])
+    if n_sweep and sweep_on not in shares:
+        raise ValueError(f"sweep_model {sweep_on!r} is not among the checkpoints tuned ({sorted(shares)})")
+
+    def run(base: str, label: str, tasks: tuple[str, ...] | None, n: int | None) -> AdapterRun:
+        folder = label if n is None or n != n_train else label.rsplit("-n", 1)[0]
+        recipe = "generic" if tasks is None else "tailored"
+        return AdapterRun(name=f"{base}+{label}", base=base, recipe=recipe, tasks=tasks,
+                          prompt=None if tasks is None else prompt, n=n, folder=f"{ADAPTERS}/{base}/{folder}",
+                          share_decoder=shares[base])
+
+    runs = []
+    for base in shares:
+        runs.append(run(base, "generic", None, None))
+        runs += [run(base, label, tasks, None) for label, tasks in groups.items()]
+    for n in n_sweep:
+        runs += [run(sweep_on, f"{label}-n{n}", tasks, n) for label, tasks in groups.items()]
+    return runs
+
+
+def adapter_dir(run_dir: str | Path, run: AdapterRun) -> Path:
+    return Path(run_dir) / run.folder
+
+
+def write_adapter_index(run_dir: str | Path, runs: Sequence[AdapterRun]) -> Path:
+    """``adapters/index.json``: the adapters notebook 05 evaluates, with what each was trained for."""
+    return write_json(Path(run_dir) / ADAPTERS / INDEX, [r.to_json() for r in runs])
+
+
+def read_adapter_index(run_dir: str | Path) -> list[AdapterRun]:
+    """The entries of ``adapters/index.json`` (empty when notebook 04 has not run)."""
+    path = Path(run_dir) / ADAPTERS / INDEX
+    return [AdapterRun.from_json(e) for e in read_json(path)] if path.exists() else []
+
+
+# ============================================================================================ models (05)
+@dataclass(frozen=True)
+class RunModel:
+    """One model of a run to evaluate: the dense model, a pruned checkpoint, or a pruned one + a LoRA adapter.
+
+    ``spec`` is what ``tailored.models.load`` takes (the dense spec, or a pruned checkpoint folder);
+    ``share`` is the share of decoder parameters removed (0 for dense). A ``lora`` model is its ``base``
+    checkpoint with the adapter in ``adapter`` merged in; ``recipe`` is ``generic`` or ``tailored``,
+    ``tasks`` the tasks it was trained for (empty: all), ``prompt`` the prompt it was trained with (empty:
+    none in particular) and ``n`` the training examples per task of a data-sweep run (None: a main run).
+    """
+
+    name: str
+    kind: str  # "dense" | "pruned" | "lora"
+    spec: str
+    share: float = 0.0
+    base: str = ""
+    adapter: str = ""
+    recipe: str = ""
+    tasks: tuple[str, ...] = ()
+    prompt: str = ""
+    n: int | None = None
+
+
+def run_models(run_dir: str | Path, dense: str) -> list[RunModel]:
+    """The models a run has produced, in the order a table lists them: dense, then by share removed.
+
+    Pruned checkpoints are the folders ``pruned/*/`` (notebook 03); LoRA models the entries of
+    ``adapters/index.json`` (notebook 04). A run with neither gives the dense model alone.
+    """
+    run_dir = Path(run_dir)
+    shares = checkpoints(run_dir)
+    out = [RunModel("dense", "dense", dense)]
+    out += [RunModel(name, "pruned", str(checkpoint_dir(run_dir, name)), share) for name, share in shares.items()]
+    for run in read_adapter_index(run_dir):
+        if run.base not in shares:
+            raise FileNotFoundError(f"{run_dir / ADAPTERS / INDEX}: adapter {run.name!r} was tuned from "
+                                    f"{run.base!r}, which is not a pruned checkpoint of this run ({sorted(shares)}); "
+                                    "rerun notebook 03 and 04 (`tailored run --from 03`)")
+        out.append(RunModel(run.name, "lora", str(checkpoint_dir(run_dir, run.base)), shares[run.base], base=run.base,
+                            adapter=str(run_dir / run.folder), recipe=run.recipe,
+                            tasks=() if run.recipe == "generic" else tuple(run.tasks or ()), prompt=run.prompt or "",
+                            n=run.n))
+    order = {m.name: i for i, m in enumerate(out)}
+    return sorted(out, key=lambda m: (m.share if m.kind != "dense" else -1.0, m.kind == "lora", m.n is not None,
+                                      order[m.name]))
+
+
+def load_run_model(entry: RunModel, device: str = "cpu", dtype: str = "float32", seed: int = 0):
+    """``(model, tokenizer)`` of a ``RunModel``; a LoRA adapter is loaded onto its base and merged in."""
+    model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed)
+    if entry.kind == "lora":
+        model = lora.merge(lora.load_adapter(model, entry.adapter))
+        model.eval()
+    return model, tokenizer
+
+
+def model_id(entry: RunModel, seed: int = 0) -> str:
+    """What identifies a model's weights: a hash of its checkpoint (and adapter) files, or its spec and seed
+    for a model made in code. Two evaluations of models with the same id score the same weights."""
+    parts = [f"{entry.spec}@seed{seed}" if not Path(entry.spec).exists() else tree_sha256(entry.spec)]
+    if entry.adapter:
+        parts.append(tree_sha256(entry.adapter))
+    return "+".join(p[:16] for p in parts)
+
+
+def evaluation_jobs(entry: RunModel, tasks: Sequence[str], prompts: Sequence[str], main_k: int,
+                    k_sweep: Sequence[int] = (), k_sweep_tasks: Sequence[str] = (),
+                    generation_prompts: Sequence[str] | None = None, perplexity: bool = True) -> list[EvalJob]:
+    """What notebook 05 evaluates on one model.
+
+    Dense and pruned models: every task with every prompt at ``main_k`` shots (``generation_prompts`` for
+    the generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt, and
+    perplexity. A LoRA model: ``main_k`` only, with the prompt it was trained with, on the tasks it was trained
+    for (all for a generic adapter), and perplexity unless it is a data-sweep run.
+    """
+    text_tasks = [t for t in tasks if task_info(t).kind == "text"]
+    scored = [t for t in tasks if t not in text_tasks]
+    if entry.kind == "lora":
+        jobs = [EvalJob(t, entry.prompt or "task_specific", main_k) for t in scored
+                if not entry.tasks or t in entry.tasks]
+        with_ppl = perplexity and entry.n is None
+    else:
+        def prompts_for(task: str) -> Sequence[str]:
+            return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
+
+        jobs = [EvalJob(t, p, main_k) for t in scored for p in prompts_for(t)]
+        jobs += [EvalJob(t, "task_specific", k) for t in k_sweep_tasks for k in k_sweep]
+        with_ppl = perplexity
+    jobs = list(dict.fromkeys(jobs))
+    if with_ppl:
+        jobs += [EvalJob(t, None, 0) for t in (text_tasks or ["wikitext"])]
+    return jobs
+
+
+class EvalStore:
+    """``eval/<key>.json``: one finished evaluation per file, keyed by ``tailored.evaluate.result_key``."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.folder = Path(run_dir) / EVAL
+
+    def get(self, key: str) -> dict | None:
+        path = self.folder / f"{key}.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:  # a damaged result is evaluated again
+            return None
+
+    def put(self, key: str, result: dict) -> None:
+        write_json(self.folder / f"{key}.json", result, indent=None)

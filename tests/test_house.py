@@ -1,0 +1,112 @@
+"""The package's house rules, checked by reading its source: imports point down, never in a circle.
+
+- every import of a ``tailored`` module sits at the top of its file (the CLI alone imports lazily, so that
+  ``tailored --help`` starts fast): a function-local import of our own module usually hides a cycle;
+- the module-level imports between ``tailored`` modules form no cycle;
+- only ``tailored.figures`` imports matplotlib (and seaborn).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tailored"
+LAZY_ALLOWED = {"tailored.cli"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imported(node: ast.AST, package: str) -> list[str]:
+    """The ``tailored`` modules an import statement loads (``from tailored import x`` may name a module)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "tailored"]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:  # relative import
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+        if base.split(".")[0] != "tailored":
+            return []
+        subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+        return subs or [base]
+    return []
+
+
+def _imports(name: str) -> tuple[set[str], list[tuple[int, str]], set[str]]:
+    """(module-level imports of ours, function-local imports of ours with line numbers, third-party roots)."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    top, local, third = set(), [], set()
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        ours = _imported(node, package)
+        roots = ({a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import)
+                 else {(node.module or "").split(".")[0]} if not node.level else set())
+        third |= roots - {"tailored"}
+        if node.col_offset == 0:
+            top.update(m for m in ours if m != name)
+        else:
+            local += [(node.lineno, m) for m in ours]
+    return top, local, third
+
+
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def test_no_function_local_imports_of_our_own_modules():
+    offenders = [f"{MODULES[n].relative_to(PACKAGE.parent)}:{line} imports {m}"
+                 for n, (_, local, _) in GRAPH.items() if n not in LAZY_ALLOWED for line, m in local]
+    assert not offenders, "move these imports to the top of their file:\n  " + "\n  ".join(offenders)
+
+
+def test_module_imports_form_no_cycle():
+    edges = {n: {m for m in top if m in MODULES} for n, (top, _, _) in GRAPH.items()}
+    # importing tailored.a.b runs tailored.a first: the package's __init__ is an edge too
+    for n in list(edges):
+        for m in list(edges[n]):
+            parent = m.rpartition(".")[0]
+            if parent in MODULES and parent != n and not n.startswith(parent + "."):
+                edges[n].add(parent)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(edges[n]):
+            if state.get(m) == 1:
+                cycle = path[path.index(m):] + [m]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if m not in state:
+                visit(m)
+        path.pop()
+        state[n] = 2
+
+    for n in sorted(edges):
+        if n not in state:
+            visit(n)
+
+
+def test_only_the_figures_package_imports_plotting_libraries():
+    plotting = {"matplotlib", "seaborn"}
+    offenders = [n for n, (_, _, third) in GRAPH.items()
+                 if third & plotting and not (n == "tailored.figures" or n.startswith("tailored.figures."))]
+    assert not offenders, f"plotting outside tailored.figures: {offenders}"
+
+
+def test_the_checker_finds_a_planted_local_import():
+    """The walker itself works: a function-local import is found where one is planted."""
+    src = "def f():\n    from tailored import graph\n    return graph\n"
+    tree = ast.parse(src)
+    found = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.col_offset > 0]
+    assert found and _imported(found[0], "tailored") == ["tailored.graph"]
