@@ -676,8 +676,9 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
         examples = _data().load_task(task, split="eval", limit=limit, seed=seed)
     elif limit is not None:
         examples = list(examples)[:limit]
-    if train_examples is None:
-        train_examples = _data().load_task(task, split="train")
+    if train_examples is None:  # a task without a train split is scored zero-shot only: load_task refuses k > 0
+        zero_shot_only = k == 0 and "train" not in _data().splits(task)
+        train_examples = [] if zero_shot_only else _data().load_task(task, split="train")
     budget = max_new_tokens or p.max_new_tokens
     max_tokens = max_tokens or getattr(model.config, "max_position_embeddings", None)
     longest = _longest_request(tokenizer, p, examples, budget)
@@ -747,8 +748,9 @@ def evaluate_many(models: Mapping[str, str | Path | tuple[torch.nn.Module, Any]]
             texts = data.text_corpus("perplexity")
             loaded[task] = (texts[:limit] if limit else texts, None)
         else:
+            zero_shot_only = max(ks, default=0) == 0 and "train" not in data.splits(task)  # else k > 0 is refused
             loaded[task] = (data.load_task(task, split="eval", limit=limit, seed=seed),
-                            data.load_task(task, split="train"))
+                            [] if zero_shot_only else data.load_task(task, split="train"))
     jobs = [(task, name, k) for task in tasks
             for name, k in ([(None, 0)] if task_info(task).kind == "text" else [(p, k) for p in prompts for k in ks])]
     rows: list[dict[str, Any]] = []
