@@ -203,12 +203,13 @@ def text_corpus(split: str = "calibration") -> list[str]:
 def prepare(
     names: Iterable[str] | None = None, force: bool = False, bigbench_sdist: str | os.PathLike | None = None
 ) -> dict[str, dict[str, int]]:
-    """Normalize the sources of ``names`` (default: the study's tasks, not the opt-in ones) into the cache.
+    """Normalize the sources of ``names`` into the cache; return their split counts.
 
-    Returns their split counts. A task already cached is kept unless ``force``. ``bigbench_sdist`` is the path of the bigbench
-    1.0.0 sdist tarball (or its folder) for xsum and instructions, when the ``bigbench`` package is
-    not installed; it defaults to ``$TAILORED_BIGBENCH_SDIST``. The instruction data is checked against
-    the evaluation splits of every scored task, so preparing it builds those too.
+    ``names`` defaults to the study's tasks (the opt-in ones build on first use). A task already cached
+    is kept unless ``force``. ``bigbench_sdist`` is the path of the bigbench 1.0.0 sdist tarball (or its
+    folder) for xsum and instructions, when the ``bigbench`` package is not installed; it defaults to
+    ``$TAILORED_BIGBENCH_SDIST``. The instruction data is checked against the evaluation splits of every
+    scored task of the study, so preparing it builds those too.
     """
     from tqdm.auto import tqdm
 

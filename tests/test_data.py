@@ -1,4 +1,5 @@
-"""Tests of tailored.data: the registry, the normalized cache, seeded subsets, split hygiene, missing sources.
+"""Tests of tailored.data: the registry (tasks.yaml), the normalized cache, seeded subsets, split hygiene,
+missing sources, the common format.
 
 Most tests read the default cache (built on first use from the installed data packages, about a minute
 once); the ones that build or break sources use a temporary TAILORED_HOME. Tasks whose source is not
