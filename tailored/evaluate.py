@@ -190,8 +190,9 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
         examples = data.load_task(task, split="eval", limit=limit, seed=seed)
     elif limit is not None:
         examples = list(examples)[:limit]
-    if train_examples is None:
-        train_examples = data.load_task(task, split="train")
+    if train_examples is None:  # a task without a train split is scored zero-shot only: load_task refuses k > 0
+        zero_shot_only = k == 0 and "train" not in data.splits(task)
+        train_examples = [] if zero_shot_only else data.load_task(task, split="train")
     budget = max_new_tokens or p.max_new_tokens
     max_tokens = max_tokens or getattr(model.config, "max_position_embeddings", None)
     longest = _longest_request(tokenizer, p, examples, budget)

