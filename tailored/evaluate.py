@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tailored import data
+from tailored import data, lora, rundir
 from tailored.metrics import (
     ACCURACY_METRICS,
     choice_predictions,
@@ -57,6 +57,7 @@ from tailored.scoring import (
 from tailored.tokens import encode, encode_request
 
 SCORED_KINDS = ("multiple_choice", "classification", "extractive_qa", "summarization")
+GENERATED_KINDS = ("extractive_qa", "summarization")
 
 
 # =========================================================================================== one task
@@ -348,3 +349,46 @@ def evaluate_many(models: Mapping[str, str | Path | tuple[torch.nn.Module, Any]]
             rows.extend(result_rows(result, name))
         del model
     return rows
+
+
+# =========================================================================================== a run's models
+def load_run_model(entry: rundir.RunModel, device: str = "cpu", dtype: str = "float32", seed: int = 0):
+    """``(model, tokenizer)`` of a ``RunModel``; a LoRA adapter is loaded onto its base and merged in."""
+    model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed)
+    if entry.kind == "lora":
+        model = lora.merge(lora.load_adapter(model, entry.adapter))
+        model.eval()
+    return model, tokenizer
+
+
+def evaluation_jobs(entry: rundir.RunModel, tasks: Sequence[str], prompts: Sequence[str], main_k: int,
+                    k_sweep: Sequence[int] = (), k_sweep_tasks: Sequence[str] = (),
+                    generation_prompts: Sequence[str] | None = None, perplexity: bool = True) -> list[EvalJob]:
+    """What notebook 05 evaluates on one model.
+
+    Dense and pruned models: every task with every prompt at ``main_k`` shots (``generation_prompts`` for
+    the generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt, and
+    perplexity (a task without a train split is scored zero-shot). A LoRA model: ``main_k`` only, with the prompt it was trained with, on the tasks it was trained
+    for (all for a generic adapter), and perplexity unless it is a data-sweep run.
+    """
+    text_tasks = [t for t in tasks if task_info(t).kind == "text"]
+    scored = [t for t in tasks if t not in text_tasks]
+
+    def shots(task: str, k: int) -> int:  # a task without a train split is scored zero-shot only
+        return k if "train" in data.splits(task) else 0
+
+    if entry.kind == "lora":
+        jobs = [EvalJob(t, entry.prompt or "task_specific", shots(t, main_k)) for t in scored
+                if not entry.tasks or t in entry.tasks]
+        with_ppl = perplexity and entry.n is None
+    else:
+        def prompts_for(task: str) -> Sequence[str]:
+            return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
+
+        jobs = [EvalJob(t, p, shots(t, main_k)) for t in scored for p in prompts_for(t)]
+        jobs += [EvalJob(t, "task_specific", shots(t, k)) for t in k_sweep_tasks for k in k_sweep]
+        with_ppl = perplexity
+    jobs = list(dict.fromkeys(jobs))
+    if with_ppl:
+        jobs += [EvalJob(t, None, 0) for t in (text_tasks or ["wikitext"])]
+    return jobs

@@ -15,7 +15,9 @@ path by hand or parses a name::
         manifest.json                the runner: parameters, versions, fingerprints, durations
 
 Notebook 04 plans its runs with ``lora_runs`` and lists them with ``write_adapter_index``; notebook 05 finds
-every model with ``run_models`` and its evaluations with ``evaluation_jobs``.
+every model with ``run_models`` (``tailored.evaluate.evaluation_jobs`` says what to score on each) and keeps
+each finished evaluation in an ``EvalStore``. This module sits low in the package (it imports ``artifacts``
+and ``checkpoint`` only), so every notebook can use it without depending on the later stages' code.
 """
 
 from __future__ import annotations
@@ -28,11 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tailored import checkpoint, data, lora
-from tailored.artifacts import read_json, tree_sha256, write_json
-from tailored.evaluate import EvalJob, task_info
-from tailored.models import load
-from tailored.prune import Plan
+from tailored import checkpoint
+from tailored.artifacts import read_json, stat_fingerprint, write_json
 
 GRAPH = "graph.json"
 IMPORTANCE = "importance.safetensors"
@@ -43,7 +42,6 @@ EVAL = "eval"
 RETIRED = "retired"
 RECIPES = ("generic", "tailored")
 TAILORED_MODES = ("multi", "per_task")
-GENERATED_KINDS = ("extractive_qa", "summarization")
 
 
 def graph_path(run_dir: str | Path) -> Path:
@@ -72,7 +70,7 @@ def checkpoints(run_dir: str | Path) -> dict[str, float]:
     for folder in sorted((Path(run_dir) / PRUNED).glob("*")):
         if checkpoint.is_checkpoint(folder):
             record = checkpoint.read_record(folder).get("record", {})
-            found[folder.name] = Plan.from_dict(record["plan"]).share_decoder if "plan" in record else math.nan
+            found[folder.name] = record.get("plan", {}).get("share_decoder", math.nan)
     return dict(sorted(found.items(), key=lambda kv: (kv[1], kv[0])))
 
 
@@ -223,55 +221,14 @@ def run_models(run_dir: str | Path, dense: str) -> list[RunModel]:
                                       order[m.name]))
 
 
-def load_run_model(entry: RunModel, device: str = "cpu", dtype: str = "float32", seed: int = 0):
-    """``(model, tokenizer)`` of a ``RunModel``; a LoRA adapter is loaded onto its base and merged in."""
-    model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed)
-    if entry.kind == "lora":
-        model = lora.merge(lora.load_adapter(model, entry.adapter))
-        model.eval()
-    return model, tokenizer
-
-
 def model_id(entry: RunModel, seed: int = 0) -> str:
-    """What identifies a model's weights: a hash of its checkpoint (and adapter) files, or its spec and seed
-    for a model made in code. Two evaluations of models with the same id score the same weights."""
-    parts = [f"{entry.spec}@seed{seed}" if not Path(entry.spec).exists() else tree_sha256(entry.spec)]
+    """What identifies a model's weights: the names, sizes and times of its checkpoint (and adapter) files, or
+    its spec and seed for a model made in code or a named one. A rewritten checkpoint gets a new id, so its
+    evaluations are never reused."""
+    parts = [f"{entry.spec}@seed{seed}" if not Path(entry.spec).exists() else stat_fingerprint(entry.spec)]
     if entry.adapter:
-        parts.append(tree_sha256(entry.adapter))
+        parts.append(stat_fingerprint(entry.adapter))
     return "+".join(p[:16] for p in parts)
-
-
-def evaluation_jobs(entry: RunModel, tasks: Sequence[str], prompts: Sequence[str], main_k: int,
-                    k_sweep: Sequence[int] = (), k_sweep_tasks: Sequence[str] = (),
-                    generation_prompts: Sequence[str] | None = None, perplexity: bool = True) -> list[EvalJob]:
-    """What notebook 05 evaluates on one model.
-
-    Dense and pruned models: every task with every prompt at ``main_k`` shots (``generation_prompts`` for
-    the generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt, and
-    perplexity (a task without a train split is scored zero-shot). A LoRA model: ``main_k`` only, with the prompt it was trained with, on the tasks it was trained
-    for (all for a generic adapter), and perplexity unless it is a data-sweep run.
-    """
-    text_tasks = [t for t in tasks if task_info(t).kind == "text"]
-    scored = [t for t in tasks if t not in text_tasks]
-
-    def shots(task: str, k: int) -> int:  # a task without a train split is scored zero-shot only
-        return k if "train" in data.splits(task) else 0
-
-    if entry.kind == "lora":
-        jobs = [EvalJob(t, entry.prompt or "task_specific", shots(t, main_k)) for t in scored
-                if not entry.tasks or t in entry.tasks]
-        with_ppl = perplexity and entry.n is None
-    else:
-        def prompts_for(task: str) -> Sequence[str]:
-            return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
-
-        jobs = [EvalJob(t, p, shots(t, main_k)) for t in scored for p in prompts_for(t)]
-        jobs += [EvalJob(t, "task_specific", shots(t, k)) for t in k_sweep_tasks for k in k_sweep]
-        with_ppl = perplexity
-    jobs = list(dict.fromkeys(jobs))
-    if with_ppl:
-        jobs += [EvalJob(t, None, 0) for t in (text_tasks or ["wikitext"])]
-    return jobs
 
 
 class EvalStore:

@@ -6,9 +6,10 @@ The runner does three things a bare ``papermill`` call does not:
    ``parameters`` cell: an unknown or misspelled key, a value of the wrong type, or a model path that
    does not exist stops the run before any notebook starts, with a message naming the key and the valid ones.
 2. **Skips what has not changed.** A step's fingerprint hashes its notebook, its resolved parameters, the
-   source of the ``tailored`` package and the fingerprints of the steps before it. A step whose fingerprint
+   package modules the notebook imports (and theirs: ``tailored.sources``), the registry entries and prompts
+   of the tasks its parameters name, and the fingerprints of the steps before it. A step whose fingerprint
    equals the one recorded after its last successful run is skipped (``force=True`` reruns it). Changing an
-   evaluation knob therefore reruns notebook 05 only; changing a pruning knob reruns 03, 04 and 05.
+   evaluation knob or a prompt therefore reruns notebook 05 only; changing a pruning knob reruns 03, 04 and 05.
 3. **Keeps a manifest.** ``runs/<profile>/manifest.json`` records parameters, library versions, input hashes
    and durations of every step, so a result can be traced back to what produced it.
 
@@ -19,6 +20,7 @@ is kept as ``<step>.failed.ipynb`` for inspection, and the last good ``<step>.ip
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,13 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from tailored import paths
+from tailored import data, paths
 from tailored.artifacts import embed_tables, read_json, write_json
 from tailored.models import SMOLLM2, TINY_VARIANTS
+from tailored.prompts import prompt_table
+from tailored.sources import step_sources
 
 NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
 PARAMS_DIR = paths.REPO_ROOT / "params"
-PACKAGE_DIR = paths.REPO_ROOT / "tailored"
 KERNEL_NAME = "tailored"
 # Injected by the runner into every notebook; never set in a params file.
 INJECTED = ("profile", "run_dir", "figures_dir")
@@ -214,13 +217,33 @@ def _check_model(spec) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------- fingerprints
-def source_hash(package_dir: Path = PACKAGE_DIR) -> str:
+def source_hash(step: Step) -> str:
+    """Hash of the package source files the step's notebook runs (its imports and theirs)."""
     h = hashlib.sha256()
-    for f in sorted(package_dir.rglob("*")):
-        if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts:
-            h.update(str(f.relative_to(package_dir)).encode())
-            h.update(f.read_bytes())
+    for f in step_sources(step.path):
+        h.update(f.relative_to(paths.REPO_ROOT).as_posix().encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def step_tasks(params: dict) -> list[str]:
+    """The tasks a step reads: every task its parameters name, and the Wikipedia text (calibration, perplexity)."""
+    named = {"wikitext"}
+    for value in params.values():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str) and v in data.TASKS:
+                named.add(v)
+    return sorted(named)
+
+
+def data_hash(params: dict) -> str:
+    """Hash of what ``tasks.yaml`` and ``prompts.yaml`` say about the step's tasks: editing one task's prompt
+    changes the fingerprints of the steps that name that task, and no other."""
+    table = prompt_table()
+    entries = {t: {"task": dataclasses.asdict(data.TASKS[t]),
+                   "prompts": {n: dataclasses.asdict(p) for n, p in table.get(t, {}).items()}}
+               for t in step_tasks(params)}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def fingerprint(step: Step, params: dict, src: str, upstream: dict[str, str]) -> str:
@@ -228,6 +251,7 @@ def fingerprint(step: Step, params: dict, src: str, upstream: dict[str, str]) ->
     h.update(step.path.read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(src.encode())
+    h.update(data_hash(params).encode())
     h.update(json.dumps(upstream, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -275,13 +299,13 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
     manifest_path = run_dir / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
     manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
-    src = source_hash()
     kernel = kernel_name()
 
     for step in steps:
         upstream = {s.name: manifest["steps"].get(s.name, {}).get("fingerprint", "never run")
                     for s in steps_all if s.number < step.number}
         params = resolved[step.name]
+        src = source_hash(step)
         fp = fingerprint(step, params, src, upstream)
         out_nb = run_dir / f"{step.name}.ipynb"
         previous = manifest["steps"].get(step.name, {})

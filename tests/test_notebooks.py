@@ -35,3 +35,26 @@ def test_every_profile_fits_the_notebooks(profile, tmp_path):
         return
     resolved = runner.resolve_params(profile, steps, tmp_path, tmp_path)
     assert set(resolved) == {s.name for s in steps}
+
+
+def test_parameters_cells_equal_the_class_profile():
+    """One source of truth: a notebook opened in JupyterLab runs the class profile's settings."""
+    import yaml
+
+    profile = yaml.safe_load((runner.PARAMS_DIR / "class.yaml").read_text())
+    for step in NOTEBOOKS:
+        declared = runner.notebook_parameters(step.path)
+        wanted = {k: v for k, v in (profile.get("common") or {}).items() if k in declared}
+        wanted |= (profile.get("steps") or {}).get(step.name) or {}
+        defaults = {k: runner._default_value(declared[k]) for k in wanted}
+        drift = {k: (defaults[k], v) for k, v in wanted.items() if defaults[k] != v}
+        assert not drift, f"{step.name}: parameters cell vs params/class.yaml (cell, yaml): {drift}"
+
+
+def test_a_notebook_run_by_hand_writes_to_its_own_run_directory():
+    """Run from JupyterLab (no runner), a notebook writes into runs/lab, never into the committed figures/."""
+    for step in NOTEBOOKS:
+        declared = runner.notebook_parameters(step.path)
+        run_dir = runner._default_value(declared["run_dir"])
+        figures_dir = runner._default_value(declared["figures_dir"])
+        assert run_dir == "../runs/lab" and figures_dir.startswith(run_dir + "/"), step.name

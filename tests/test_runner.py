@@ -136,3 +136,31 @@ def test_only_a_run_writing_the_repository_figures_refreshes_the_readme(tmp_path
     assert runner.refresh_readme(tmp_path / "figures", readme) == ["t1"]
     assert "new" in readme.read_text()
     assert runner.refresh_readme(tmp_path / "figures", readme) == []  # already current: nothing to report
+
+
+def test_a_step_is_fingerprinted_by_the_modules_its_notebook_imports():
+    from tailored.sources import step_sources
+
+    steps = {s.name: s for s in runner.discover_steps()}
+    files = {name: {p.name for p in step_sources(s.path)} for name, s in steps.items()}
+    assert "graph.py" in files["01_trace_graph"] and "lora.py" not in files["01_trace_graph"]
+    assert "evaluate.py" not in files["03_prune"] and "lora.py" not in files["03_prune"]
+    assert {"lora.py", "evaluate.py", "rundir.py"} <= files["05_evaluate"]
+    # a change to a module a step does not import leaves its fingerprint alone
+    assert runner.source_hash(steps["01_trace_graph"]) == runner.source_hash(steps["01_trace_graph"])
+
+
+def test_editing_a_prompt_changes_only_the_steps_that_name_its_task(monkeypatch):
+    import dataclasses
+
+    from tailored import prompts
+
+    evaluation = {"tasks": ["sst2", "piqa"], "k_sweep_tasks": ["sst2"]}
+    pruning = {"targets": [0.2], "estimator": "param_first"}
+    before = runner.data_hash(evaluation), runner.data_hash(pruning)
+    table = {t: dict(p) for t, p in prompts.prompt_table().items()}
+    table["piqa"]["general"] = dataclasses.replace(table["piqa"]["general"], template="Q: {goal}\nA:")
+    monkeypatch.setattr(runner, "prompt_table", lambda: table)
+    assert runner.data_hash(evaluation) != before[0]  # 05 names piqa: it reruns
+    assert runner.data_hash(pruning) == before[1]  # 03 names no task but the text corpus: skipped
+    assert runner.step_tasks(evaluation) == ["piqa", "sst2", "wikitext"]
