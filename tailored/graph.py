@@ -22,6 +22,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tailored.artifacts import ArtifactError
+
 KINDS = ("attention", "qheads", "mlp", "hidden")
 
 
@@ -113,7 +115,11 @@ class Graph:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 01 (`tailored run --steps 01`) first")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or bytes, or not a graph's fields
+            raise ArtifactError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild it with notebook 01: "
+                                "`tailored run --steps 01 --force`") from None
 
 
 def _member_to_dict(m: Member) -> dict:
