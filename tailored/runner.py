@@ -32,6 +32,7 @@ import yaml
 
 from tailored import paths
 from tailored.artifacts import read_json, write_json
+from tailored.lock import run_lock
 
 NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
 PARAMS_DIR = paths.REPO_ROOT / "params"
@@ -274,45 +275,46 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
 
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
-    manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
-    src = source_hash()
-    kernel = kernel_name()
+    with run_lock(run_dir, log=log):  # one run per run directory: a second one is refused, naming this one
+        manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
+        manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
+        src = source_hash()
+        kernel = kernel_name()
 
-    for step in steps:
-        upstream = {s.name: manifest["steps"].get(s.name, {}).get("fingerprint", "never run")
-                    for s in steps_all if s.number < step.number}
-        params = resolved[step.name]
-        fp = fingerprint(step, params, src, upstream)
-        out_nb = run_dir / f"{step.name}.ipynb"
-        previous = manifest["steps"].get(step.name, {})
-        if not force and previous.get("fingerprint") == fp and previous.get("status") == "ok" and out_nb.exists():
-            log(f"[{step.name}] unchanged since its last successful run: skipped (use --force to rerun)")
-            continue
-        log(f"[{step.name}] running {step.path.name} -> {out_nb}")
-        partial = run_dir / f"{step.name}.running.ipynb"
-        started = time.time()
-        try:
-            papermill.execute_notebook(str(step.path), str(partial), parameters=params, kernel_name=kernel,
-                                       cwd=str(step.path.parent), progress_bar=progress, log_output=False)
-        except papermill.PapermillExecutionError as err:
-            failed = run_dir / f"{step.name}.failed.ipynb"
-            os.replace(partial, failed)
-            manifest["steps"][step.name] = {**previous, "status": "failed", "failed_at": _now(),
-                                            "error": f"{err.ename}: {err.evalue}"}
+        for step in steps:
+            upstream = {s.name: manifest["steps"].get(s.name, {}).get("fingerprint", "never run")
+                        for s in steps_all if s.number < step.number}
+            params = resolved[step.name]
+            fp = fingerprint(step, params, src, upstream)
+            out_nb = run_dir / f"{step.name}.ipynb"
+            previous = manifest["steps"].get(step.name, {})
+            if not force and previous.get("fingerprint") == fp and previous.get("status") == "ok" and out_nb.exists():
+                log(f"[{step.name}] unchanged since its last successful run: skipped (use --force to rerun)")
+                continue
+            log(f"[{step.name}] running {step.path.name} -> {out_nb}")
+            partial = run_dir / f"{step.name}.running.ipynb"
+            started = time.time()
+            try:
+                papermill.execute_notebook(str(step.path), str(partial), parameters=params, kernel_name=kernel,
+                                           cwd=str(step.path.parent), progress_bar=progress, log_output=False)
+            except papermill.PapermillExecutionError as err:
+                failed = run_dir / f"{step.name}.failed.ipynb"
+                os.replace(partial, failed)
+                manifest["steps"][step.name] = {**previous, "status": "failed", "failed_at": _now(),
+                                                "error": f"{err.ename}: {err.evalue}"}
+                write_json(manifest_path, manifest)
+                raise StepFailed(f"{step.path.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+                                 f"{err.ename}: {err.evalue}\n  the executed notebook is kept at {failed}") from None
+            os.replace(partial, out_nb)
+            manifest["steps"][step.name] = {"status": "ok", "fingerprint": fp, "params": params, "upstream": upstream,
+                                            "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
+                                            "source_sha256": src, "finished": _now(),
+                                            "duration_s": round(time.time() - started, 2), "output": out_nb.name}
             write_json(manifest_path, manifest)
-            raise StepFailed(f"{step.path.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
-                             f"{err.ename}: {err.evalue}\n  the executed notebook is kept at {failed}") from None
-        os.replace(partial, out_nb)
-        manifest["steps"][step.name] = {"status": "ok", "fingerprint": fp, "params": params, "upstream": upstream,
-                                        "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
-                                        "source_sha256": src, "finished": _now(),
-                                        "duration_s": round(time.time() - started, 2), "output": out_nb.name}
-        write_json(manifest_path, manifest)
-        log(f"[{step.name}] done in {time.time() - started:.1f} s")
-        refreshed = refresh_readme(figures_dir)
-        if refreshed:
-            log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
+            log(f"[{step.name}] done in {time.time() - started:.1f} s")
+            refreshed = refresh_readme(figures_dir)
+            if refreshed:
+                log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
     return manifest
 
 
