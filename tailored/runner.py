@@ -159,7 +159,7 @@ def load_params_file(profile: str, params_dir: Path = PARAMS_DIR) -> dict:
     for name, values in (data.get("steps") or {}).items():
         if values is not None and not isinstance(values, dict):
             raise ParamsError(f"{path}: 'steps.{name}' is {kind(values)}, but must be a mapping of parameter: value")
-    if not data.get("common") and not any((data.get("steps") or {}).values()):
+    if not data.get("common") and not data.get("steps"):
         raise ParamsError(f"{path} sets no parameters (no 'common' or 'steps' entries): a run would silently use "
                           "the notebooks' defaults; write them down, or run --profile class")
     return data
