@@ -1,6 +1,7 @@
 """Nothing wrong goes through silently (issue 12): each case is refused, named, or rebuilt.
 
-Tiny models and temporary folders throughout; the two runner runs use the smoke profile's notebook 01.
+Tiny models and temporary folders throughout; the runner runs a one-cell study, and the CLI is refused
+on the smoke profile before any notebook starts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import nbformat
 import pytest
 import torch
 
@@ -201,17 +203,32 @@ def test_lock_from_another_machine_is_refused_saying_which_file_to_delete(tmp_pa
 
 
 def test_runner_refuses_a_locked_run_directory_and_takes_over_a_stale_one(tmp_path):
-    run_dir = tmp_path / "smoke"
-    run_dir.mkdir()
+    # a one-cell study (the runner's wiring is under test, not a notebook): starts a kernel once, in seconds
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir()
+    params.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell('profile = ""\nrun_dir = ""\nfigures_dir = ""\nvalue = 1\n')
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("assert value == 2")]
+    nbformat.write(nb, str(nbs / "01_only.ipynb"))
+    (params / "t.yaml").write_text("common:\n  value: 2\n")
+
+    def run(log=lambda *_: None):
+        return runner.run(profile="t", run_root=tmp_path / "runs", notebooks_dir=nbs, params_dir=params,
+                          progress=False, log=log)
+
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
     (run_dir / LOCK_FILE).write_text(lock_of(os.getppid()))  # a live process holds it
     with pytest.raises(RunLocked, match=f"pid {os.getppid()}"):
-        runner.run(profile="smoke", only="01", run_root=tmp_path, progress=False, log=lambda *_: None)
+        run()
     assert not (run_dir / "manifest.json").exists()  # refused before anything was written
 
     (run_dir / LOCK_FILE).write_text(lock_of(dead_pid()))
     said = []
-    manifest = runner.run(profile="smoke", only="01", run_root=tmp_path, progress=False, log=said.append)
-    assert manifest["steps"]["01_trace_graph"]["status"] == "ok"
+    assert run(log=said.append)["steps"]["01_only"]["status"] == "ok"
     assert any("stale lock" in line for line in said) and not (run_dir / LOCK_FILE).exists()
 
 
