@@ -16,6 +16,10 @@ from typing import Any
 from tailored.paths import atomic_write_text
 
 
+class ArtifactError(ValueError):
+    """An artifact of the run directory is damaged: the message names the file and the step that rebuilds it."""
+
+
 def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become None (JSON has no NaN), tuples become lists, paths strings."""
     if isinstance(obj, float):
@@ -42,7 +46,11 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the step that writes it first (`tailored run`)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is damaged (not valid JSON: {e}); delete it and rerun the step that writes it "
+                            "(`tailored run`)") from None
 
 
 def metrics_path(run_dir: str | Path, step: str) -> Path:

@@ -66,6 +66,7 @@ def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapp
         "model_type": getattr(model.config, "model_type", type(model).__name__),
         "num_layers": len(layers),
         "hidden_size": model.get_input_embeddings().weight.shape[1],
+        "config": _architecture(model.config),  # as saved in config.json, to notice a later edit of it
         "tied": tied,  # alias -> the tensor it shares (stored once)
         "parameters": sum(t.numel() for n, t in tensors.items() if n not in persistent),
         "layers": [_layer_summary(i, layer) for i, layer in enumerate(layers)],
@@ -156,7 +157,8 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
     Weights are read with safetensors only (never ``torch.load``). Raises ``FileNotFoundError`` when
     ``dir`` is not a pruned checkpoint (saying which files are missing) and ``ValueError`` naming the file
-    and tensor when a file is corrupted or its shapes disagree with ``pruning.json``.
+    and tensor when a file is corrupted or its shapes disagree with ``pruning.json``, and naming the key when
+    ``config.json`` disagrees with the stored tensors (``_check_config``).
     """
     dir = Path(dir)
     if not dir.is_dir():
@@ -187,6 +189,7 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
 
     # 2. the dense architecture, without memory, then the recorded shapes
     config = AutoConfig.from_pretrained(dir)
+    _check_config(config, stored, meta, dir)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
@@ -226,6 +229,68 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_config(config, stored: Mapping[str, tuple[int, ...]], meta: Mapping, dir: Path) -> None:
+    """Does ``config.json`` describe the stored tensors? ``ValueError`` naming the file and the disagreement.
+
+    First, the architecture numbers must be those ``save_pruned`` recorded in ``pruning.json`` (checkpoints
+    saved before it recorded them skip this). Then the tensors: the config keeps the dense widths and pruning
+    only removes heads and channels, so vocabulary = embedding rows; layers = the layers stored; hidden size
+    >= embedding width; every layer's q/k/v rows a whole number of heads of the config's ``head_dim`` (the
+    rotary embedding and the attention reshape read it), no more heads than the config has, query heads a
+    multiple of kv heads; ``head_dim`` the one recorded per layer in ``pruning.json``.
+    """
+    where = dir / CONFIG
+
+    def bad(msg: str):
+        raise ValueError(f"{where}: {msg}: config.json does not describe this checkpoint (edited, or from "
+                         "another model); restore it, or save the checkpoint again")
+
+    saved = meta.get("config") or {}
+    now = _architecture(config)
+    changed = [f"{k} {now.get(k)} (saved as {v})" for k, v in saved.items() if now.get(k) != v]
+    if changed:
+        bad(f"says {', '.join(changed)}")
+    embed = next((shape for name, shape in stored.items() if name.endswith("embed_tokens.weight")), None)
+    if embed is not None:
+        vocab, width = embed
+        if getattr(config, "vocab_size", vocab) != vocab:
+            bad(f"vocab_size is {config.vocab_size} but the embedding has {vocab} rows")
+        if config.hidden_size < width:  # larger is possible: pruning hidden channels keeps the dense config
+            bad(f"hidden_size is {config.hidden_size} but the embedding is {width} wide")
+    layers = {int(m.group(1)) for name in stored if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
+    if layers and config.num_hidden_layers != len(layers):
+        bad(f"num_hidden_layers is {config.num_hidden_layers} but {len(layers)} layers are stored")
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    recorded = {s.get("head_dim") for s in meta.get("layers", ()) if s.get("head_dim") is not None}
+    if recorded and recorded != {head_dim}:
+        bad(f"head_dim is {head_dim} (hidden_size {config.hidden_size}, {heads} heads) but pruning.json records "
+            f"{sorted(recorded)}")
+    rows: dict[int, dict[str, int]] = {}  # layer -> {"q": rows of q_proj, "k": ..., "v": ...}
+    for name, shape in stored.items():
+        if m := re.search(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$", name):
+            rows.setdefault(int(m.group(1)), {})[m.group(2)] = shape[0]
+    for i, r in sorted(rows.items()):
+        for p, n in r.items():
+            if n % head_dim:
+                bad(f"head_dim is {head_dim} but layer {i}'s {p}_proj has {n} rows, not a whole number of heads")
+        n_q, n_kv = r.get("q", 0) // head_dim, r.get("k", 0) // head_dim
+        if n_q > heads or n_kv > kv_heads:
+            bad(f"num_attention_heads / num_key_value_heads are {heads} / {kv_heads} but layer {i} stores "
+                f"{n_q} query and {n_kv} key-value heads of {head_dim}")
+        if n_kv == 0 or n_q % n_kv:
+            bad(f"layer {i} stores {n_q} query heads and {n_kv} key-value heads: not a multiple")
+
+
+def _architecture(config) -> dict:
+    """The numbers of a config that shape the model's tensors and its attention (what ``_check_config`` reads)."""
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
 
 
 def _rebuild_computed_buffers(model: torch.nn.Module, config, device: torch.device) -> None:

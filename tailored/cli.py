@@ -1,7 +1,8 @@
 """The ``tailored`` command: ``prepare``, ``data``, ``run``, ``lab``, ``bench``.
 
-Errors the user can fix (a missing package, a misspelled parameter, a failing notebook) are printed as one
-clear message with exit status 1 or 2, not as a stack trace.
+Errors the user can fix (a missing package, a misspelled parameter or broken params file, a failing
+notebook, a run directory another run holds, a damaged artifact) are printed as one clear message with exit
+status 1 or 2 (2: the params), not as a stack trace.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from tailored.artifacts import ArtifactError
+from tailored.lock import RunLocked
 
 
 def _cmd_prepare(args) -> None:
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from tailored.models import ModelNotAvailable
     from tailored.runner import ParamsError, StepFailed
 
-    known = (ParamsError, StepFailed, ModelNotAvailable, FileNotFoundError)
+    known = (ParamsError, StepFailed, ModelNotAvailable, FileNotFoundError, RunLocked, ArtifactError)
     try:
         from tailored.data import DataNotAvailable
 
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except known as err:
         print(f"tailored {args.command}: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParamsError) else 1
+    except KeyboardInterrupt:
+        print(f"tailored {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters
-from tailored.artifacts import write_json
+from tailored.artifacts import ArtifactError, write_json
 
 KINDS = ("attention", "qheads", "mlp", "hidden")
 
@@ -127,7 +127,11 @@ class Graph:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 01 (`tailored run --steps 01`) first")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or bytes, or not a graph's fields
+            raise ArtifactError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild it with notebook 01: "
+                                "`tailored run --steps 01 --force`") from None
 
 
 def _member_to_dict(m: Member) -> dict:

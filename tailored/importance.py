@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
+from tailored.artifacts import ArtifactError
 from tailored.graph import KINDS, Graph, GroupSet
 from tailored.paths import atomic_write_bytes
 
@@ -202,12 +203,12 @@ class Importance(Mapping):
 
     def save(self, path: str | Path) -> Path:
         """Write ``importance.safetensors`` atomically: keys ``"{estimator}/{reduction}/{groupset}"``,
-        the settings as JSON in the metadata."""
+        the settings as JSON in the metadata. The same scores give the same bytes (``_sorted_metadata``)."""
         tensors = {"/".join(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in self.scores.items()}
         meta = {"format": FORMAT, "settings": json.dumps(self.settings, sort_keys=True, default=str),
                 "keys": json.dumps(list(tensors))}  # safetensors sorts its keys; this keeps our order
         path = Path(path)
-        atomic_write_bytes(path, save(tensors, metadata=meta))
+        atomic_write_bytes(path, _sorted_metadata(save(tensors, metadata=meta)))
         return path
 
     @classmethod
@@ -215,16 +216,36 @@ class Importance(Mapping):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an importance file (format {meta.get('format')!r}, "
-                                 f"expected {FORMAT!r})")
-            scores = {}
-            for key in json.loads(meta.get("keys", "null")) or fh.keys():
-                est, red, gs = key.split("/", 2)
-                scores[(est, red, gs)] = fh.get_tensor(key)
-        return cls(scores=scores, settings=json.loads(meta.get("settings", "{}")))
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not an importance file (format {meta.get('format')!r}, "
+                                     f"expected {FORMAT!r})")
+                scores = {}
+                for key in json.loads(meta.get("keys", "null")) or fh.keys():
+                    est, red, gs = key.split("/", 2)
+                    scores[(est, red, gs)] = fh.get_tensor(key)
+            return cls(scores=scores, settings=json.loads(meta.get("settings", "{}")))
+        except Exception as e:  # safetensors raises its own SafetensorError for a truncated or garbled file
+            raise ArtifactError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild it with notebook 02: "
+                                "`tailored run --steps 02 --force`") from None
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The safetensors file ``blob`` with its metadata keys in sorted order: byte-stable from run to run.
+
+    safetensors writes the metadata from a Rust hash map, in an order that changes from process to process.
+    The header is ``<8-byte length><JSON, space-padded>``; rewriting the JSON with the keys sorted keeps its
+    length, so the tensor data after it stays where it is.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8: 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen (same content), but never write a broken file
+        return blob
+    return blob[:8] + text.ljust(n) + blob[8 + n:]
 
 
 # ------------------------------------------------------------------------------------------- slicing

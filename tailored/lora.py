@@ -38,8 +38,10 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ from tqdm.auto import tqdm
 
 from tailored.artifacts import read_json, write_json
 from tailored.data import load_task
+from tailored.lock import pid_alive
 from tailored.prompts import get_prompt
 
 # training tokenizes exactly as evaluation scores: the same contract, so the two can never drift apart
@@ -64,6 +67,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SELECTIONS = ("last", "validation")
 METRICS_FILE = "train_metrics.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The divergence rule (see ``divergence``): the smoothing window of the blow-up test, how many steps pinned
+# at ln(vocab) make a collapse, and how close (nats) counts as "at" it.
+SMOOTHING_STEPS = 5
+COLLAPSE_STEPS = 3
+UNIFORM_TOLERANCE = 1e-3
 
 # A generic instruction template (Alpaca-like sections); the answer is the text after "### Response:\n".
 GENERIC_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -460,6 +468,13 @@ def load_adapter(model, adapter_dir: str | Path):
     if not (adapter_dir / "adapter_config.json").exists():
         hint = " (the run has not finished; its checkpoint-<step> folders hold adapters)" if adapter_dir.is_dir() else ""
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a saved LoRA adapter{hint}")
+    if not (adapter_dir / "adapter_model.safetensors").exists():  # PEFT would fall back to a pickle
+        pickled = [p.name for p in adapter_dir.glob("adapter_model.*")]
+        if pickled:
+            raise ValueError(f"{adapter_dir} holds {', '.join(pickled)}, a pickle, which can run code when loaded: "
+                             "tailored loads adapters from adapter_model.safetensors only. Train the adapter again, "
+                             "or convert it once where you trust it (load it with PEFT, save_pretrained it)")
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_model.safetensors: the adapter's weights are missing")
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model.eval()
     return peft_model
@@ -577,6 +592,56 @@ def _check_same_run(saved: dict, settings: LoraSettings, fingerprint: str, where
                          "rerun with the same examples to continue it, or use another out_dir")
 
 
+# =========================================================================================== divergence
+class TrainingDiverged(FloatingPointError):
+    """LoRA training blew up or collapsed (see ``divergence``); the adapter was not installed."""
+
+
+def divergence(losses: Sequence[float], vocab_size: int, validation: float | None = None) -> str | None:
+    """Why a LoRA run has diverged, or None: the rule ``train_lora`` applies after every step.
+
+    ``losses`` are the training losses of steps 1..t (per answer token, nats), ``validation`` the validation
+    loss measured at a checkpoint. With
+
+        L1 = the loss of step 1: the model as given (LoRA's B is zero until the first update)
+        S  = the mean of the last 5 step losses (of all of them before step 5)
+        U  = ln(vocab_size): the loss of a model that gives every token the same probability
+
+    the run has diverged when
+
+    1. the last loss (or the validation loss) is NaN or infinite;
+    2. it blew up: S > max(2·L1, L1 + 1), the smoothed loss more than doubled *and* rose by over a nat;
+    3. it collapsed to uniform: the last 3 losses all lie within 0.001 of U, while L1 was more than 0.1
+       away from U (an adapter that makes every logit equal; ``lr: 1000`` does this, to 1e-6);
+    4. its validation loss lies within 0.001 of U, while L1 was more than 0.1 below U.
+
+    Healthy runs stay clear: batches differ by tens of percent, so a 5-step mean does not double, and a
+    real loss never sits at U to a thousandth. A random model (the smoke profile's) starts at U, so rules
+    3 and 4 leave it alone; it still fails rules 1 and 2 when it blows up.
+    """
+    if not losses:
+        return None
+    last, first, uniform = losses[-1], losses[0], math.log(vocab_size)
+    if not math.isfinite(last):
+        return f"the training loss is {last}"
+    smoothed = sum(losses[-SMOOTHING_STEPS:]) / len(losses[-SMOOTHING_STEPS:])
+    if smoothed > max(2 * first, first + 1):
+        return (f"the training loss blew up: {smoothed:.3g} (mean of the last {len(losses[-SMOOTHING_STEPS:])} "
+                f"steps) against {first:.3g} at step 1")
+    pinned = losses[-COLLAPSE_STEPS:]
+    if (abs(first - uniform) > 0.1 and len(pinned) == COLLAPSE_STEPS
+            and all(abs(v - uniform) < UNIFORM_TOLERANCE for v in pinned)):
+        return (f"the model collapsed to a uniform guess: the last {COLLAPSE_STEPS} losses are ln({vocab_size}) = "
+                f"{uniform:.4f}, every token equally likely (step 1: {first:.3g})")
+    if validation is not None:
+        if not math.isfinite(validation):
+            return f"the validation loss is {validation}"
+        if first < uniform - 0.1 and abs(validation - uniform) < UNIFORM_TOLERANCE:
+            return (f"the model collapsed to a uniform guess: the validation loss is ln({vocab_size}) = "
+                    f"{uniform:.4f}, every token equally likely (step 1: {first:.3g})")
+    return None
+
+
 # ============================================================================================ training
 @torch.no_grad()
 def validation_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 8,
@@ -622,9 +687,11 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     finished one it loads the adapter and returns at once.
 
     ``stop_after`` leaves after that many steps, as an interruption would, keeping the schedule of the full
-    run (for tests and for splitting a long run over sessions). A non-finite loss raises
-    ``FloatingPointError`` naming the step. ``model`` is wrapped in place (``get_peft_model``); the trained
-    ``PeftModel`` is ``result.model``.
+    run (for tests and for splitting a long run over sessions). A diverged run (a NaN loss, a blow-up or a
+    collapse to a uniform guess: ``divergence``) raises ``TrainingDiverged`` naming the step, the loss and
+    the learning rate; its adapter is never installed and its checkpoints are removed. Leftovers of a killed
+    run in ``out_dir`` are removed first (``_clean_leftovers``). ``model`` is wrapped in place
+    (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
     """
     settings = settings or LoraSettings()
     out_dir = Path(out_dir)
@@ -647,6 +714,8 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     peft_model = add_lora(model, settings)
     params = [p for _, p in _trainable(peft_model)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
+    _clean_leftovers(out_dir)
 
     # ---- finished before? load and return; unfinished? continue from the last checkpoint
     if (out_dir / METRICS_FILE).exists():
@@ -667,10 +736,22 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     resumed_from = state["step"]
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    def diverged(step: int, problem: str) -> TrainingDiverged:
+        for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"]:  # nothing to resume a blown-up run from
+            shutil.rmtree(old, ignore_errors=True)
+        return TrainingDiverged(
+            f"LoRA training diverged at step {step} of {total} (lr {lr_at(step, total, warmup, settings.lr):.3g}): "
+            f"{problem}. No adapter was installed in {out_dir}, and its checkpoints were removed. Lower the "
+            f"learning rate (settings.lr={settings.lr:g}; the paper: 1e-4) or train in fp32 (precision='fp32'), "
+            "then rerun")
+
     def save_and_validate(step: int, t0: float) -> None:
         if val_encoded:
             v = validation_loss(peft_model, val_encoded, pad_id, settings.micro_batch_size or settings.batch_size,
                                 autocast)
+            problem = divergence([x for _, x in state["losses"]], vocab, validation=v)
+            if problem:
+                raise diverged(step, problem)
             state["validation"].append([step, v])
             if state["best"] is None or v < state["best"][1]:
                 state["best"] = [step, v]
@@ -689,10 +770,9 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             lr = lr_at(step, total, warmup, settings.lr)
             rows = [encoded[i] for i in _batch_indices(step, len(encoded), settings.batch_size, settings.seed, perms)]
             loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"LoRA training loss is {loss} at step {step} of {total} (lr {lr:.3g}): lower the "
-                    f"learning rate (settings.lr={settings.lr:g}) or train in fp32 (precision='fp32')")
+            problem = divergence([x for _, x in state["losses"]] + [loss], vocab)
+            if problem:
+                raise diverged(step, problem)
             state["step"], state["tokens"] = step, state["tokens"] + sum(len(e) for e in rows)
             state["train_s"] += time.perf_counter() - t_step
             state["losses"].append([step, loss])
@@ -759,6 +839,33 @@ def _load_adapter_weights(peft_model, adapter_dir: Path) -> None:
     from peft import set_peft_model_state_dict  # peft is imported lazily: 5 s, and only training needs it
 
     set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+
+
+def _clean_leftovers(out_dir: Path) -> None:
+    """Remove what a killed run left in ``out_dir``, with a warning naming it.
+
+    A kill during a save leaves its temporary folder or file (``.checkpoint-7.tmp-<pid>``,
+    ``.adapter_model.safetensors.tmp-<pid>``, ``.best.old-<pid>``): removed once the process that wrote it is
+    gone. A kill after a run finished but before it cleaned up leaves ``checkpoint-<step>`` and ``best``
+    beside the installed adapter: removed when ``train_metrics.json`` (written last) says the run is done.
+    """
+    if not out_dir.is_dir():
+        return
+    gone = []
+    for p in out_dir.iterdir():
+        m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", p.name)
+        if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
+            gone.append(p)
+    if (out_dir / METRICS_FILE).exists():
+        gone += [p for p in [*out_dir.glob("checkpoint-*"), out_dir / "best"] if p.is_dir()]
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if gone:
+        warnings.warn(f"{out_dir}: removed what an interrupted run left behind: "
+                      f"{', '.join(sorted(p.name for p in gone))}", stacklevel=3)
 
 
 def _install_adapter(src: Path, out_dir: Path) -> None:

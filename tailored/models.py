@@ -159,7 +159,7 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": torch_dtype, "use_safetensors": True}  # never a pickle (pytorch_model.bin runs code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
 
@@ -180,6 +180,12 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
                                    attn_implementation=attn_implementation)
             if not (source / "config.json").exists():
                 raise ModelNotAvailable(f"{source} is a folder but holds no config.json: not an HF model directory")
+            pickles = sorted(p.name for p in source.glob("*.bin"))
+            if pickles and not any(source.glob("*.safetensors")):
+                raise ModelNotAvailable(
+                    f"{source} holds only pickled weights ({', '.join(pickles[:3])}): tailored loads safetensors only, "
+                    "since a pickle can run code when loaded. Convert the model once, where you trust it: "
+                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)` writes model.safetensors")
         elif "/" in spec and not Path(spec).exists():
             source = spec  # a hub id, for users online
         else:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +35,7 @@ import yaml
 
 from tailored import data, paths
 from tailored.artifacts import embed_tables, read_json, write_json
+from tailored.lock import run_lock
 from tailored.models import SMOLLM2, TINY_VARIANTS
 from tailored.prompts import prompt_table
 from tailored.sources import step_sources
@@ -103,15 +105,67 @@ def notebook_parameters(path: Path) -> dict[str, dict]:
     return params
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` and ``1.5e3`` as floats (YAML 1.2) instead of as strings.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, so ``lr: 1e-3`` would arrive
+    in the notebook as the string "1e-3". Everything else reads as ``yaml.safe_load`` reads it.
+    """
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it names params/<profile>.yaml and runs/<profile>/
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """One line: file, line and column, and what PyYAML found there."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    hint = " (YAML indents with spaces, never tabs)" if "\\t" in problem or "tab" in problem else ""
+    return f"{where}: {problem}{hint}"
+
+
 def load_params_file(profile: str, params_dir: Path = PARAMS_DIR) -> dict:
+    """``params/<profile>.yaml`` as a mapping; ``ParamsError`` with the file, line and key at fault.
+
+    Refused: a profile name other than letters, digits, ``_`` and ``-`` (it becomes a path), YAML that
+    does not parse, a list or scalar where a mapping belongs (the top level, ``common``, ``steps``,
+    ``steps.<notebook>``), and a file that sets no parameters (it would silently run the notebooks'
+    defaults). Floats may be written ``1e-3`` (see ``_YamlLoader``).
+    """
+    if not isinstance(profile, str) or not PROFILE_NAME.fullmatch(profile):
+        raise ParamsError(f"profile name {profile!r}: use letters, digits, '_' and '-' only "
+                          "(it names params/<profile>.yaml and runs/<profile>/)")
     path = params_dir / f"{profile}.yaml"
     if not path.exists():
         have = sorted(p.stem for p in params_dir.glob("*.yaml"))
         raise ParamsError(f"no params file for profile {profile!r} ({path}); profiles are {', '.join(have)}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.load(path.read_text(), Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        raise ParamsError(_yaml_error(path, err)) from None
+
+    def kind(value) -> str:
+        return "a list" if isinstance(value, list) else f"the {type(value).__name__} {value!r}"
+
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: the file is {kind(data)}, but must be a mapping with 'common' and 'steps'")
+    data = data or {}
     unknown = set(data) - {"common", "steps", "description"}
     if unknown:
-        raise ParamsError(f"{path.name}: unknown top-level keys {sorted(unknown)}; use 'common', 'steps', 'description'")
+        raise ParamsError(f"{path.name}: unknown top-level keys {sorted(map(str, unknown))}; use 'common', 'steps', 'description'")
+    for key, what in (("common", "parameter: value for every notebook"), ("steps", "notebook: {parameter: value}")):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ParamsError(f"{path}: '{key}' is {kind(data[key])}, but must be a mapping of {what}")
+    for name, values in (data.get("steps") or {}).items():
+        if values is not None and not isinstance(values, dict):
+            raise ParamsError(f"{path}: 'steps.{name}' is {kind(values)}, but must be a mapping of parameter: value")
+    if not data.get("common") and not data.get("steps"):
+        raise ParamsError(f"{path} sets no parameters (no 'common' or 'steps' entries): a run would silently use "
+                          "the notebooks' defaults; write them down, or run --profile class")
     return data
 
 
@@ -297,45 +351,46 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
 
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
-    manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
-    kernel = kernel_name()
+    with run_lock(run_dir, log=log):  # one run per run directory: a second one is refused, naming this one
+        manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
+        manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
+        kernel = kernel_name()
 
-    for step in steps:
-        upstream = {s.name: manifest["steps"].get(s.name, {}).get("fingerprint", "never run")
-                    for s in steps_all if s.number < step.number}
-        params = resolved[step.name]
-        src = source_hash(step)
-        fp = fingerprint(step, params, src, upstream)
-        out_nb = run_dir / f"{step.name}.ipynb"
-        previous = manifest["steps"].get(step.name, {})
-        if not force and previous.get("fingerprint") == fp and previous.get("status") == "ok" and out_nb.exists():
-            log(f"[{step.name}] unchanged since its last successful run: skipped (use --force to rerun)")
-            continue
-        log(f"[{step.name}] running {step.path.name} -> {out_nb}")
-        partial = run_dir / f"{step.name}.running.ipynb"
-        started = time.time()
-        try:
-            papermill.execute_notebook(str(step.path), str(partial), parameters=params, kernel_name=kernel,
-                                       cwd=str(step.path.parent), progress_bar=progress, log_output=False)
-        except papermill.PapermillExecutionError as err:
-            failed = run_dir / f"{step.name}.failed.ipynb"
-            os.replace(partial, failed)
-            manifest["steps"][step.name] = {**previous, "status": "failed", "failed_at": _now(),
-                                            "error": f"{err.ename}: {err.evalue}"}
+        for step in steps:
+            upstream = {s.name: manifest["steps"].get(s.name, {}).get("fingerprint", "never run")
+                        for s in steps_all if s.number < step.number}
+            params = resolved[step.name]
+            src = source_hash(step)
+            fp = fingerprint(step, params, src, upstream)
+            out_nb = run_dir / f"{step.name}.ipynb"
+            previous = manifest["steps"].get(step.name, {})
+            if not force and previous.get("fingerprint") == fp and previous.get("status") == "ok" and out_nb.exists():
+                log(f"[{step.name}] unchanged since its last successful run: skipped (use --force to rerun)")
+                continue
+            log(f"[{step.name}] running {step.path.name} -> {out_nb}")
+            partial = run_dir / f"{step.name}.running.ipynb"
+            started = time.time()
+            try:
+                papermill.execute_notebook(str(step.path), str(partial), parameters=params, kernel_name=kernel,
+                                           cwd=str(step.path.parent), progress_bar=progress, log_output=False)
+            except papermill.PapermillExecutionError as err:
+                failed = run_dir / f"{step.name}.failed.ipynb"
+                os.replace(partial, failed)
+                manifest["steps"][step.name] = {**previous, "status": "failed", "failed_at": _now(),
+                                                "error": f"{err.ename}: {err.evalue}"}
+                write_json(manifest_path, manifest)
+                raise StepFailed(f"{step.path.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+                                 f"{err.ename}: {err.evalue}\n  the executed notebook is kept at {failed}") from None
+            os.replace(partial, out_nb)
+            manifest["steps"][step.name] = {"status": "ok", "fingerprint": fp, "params": params, "upstream": upstream,
+                                            "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
+                                            "source_sha256": src, "finished": _now(),
+                                            "duration_s": round(time.time() - started, 2), "output": out_nb.name}
             write_json(manifest_path, manifest)
-            raise StepFailed(f"{step.path.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
-                             f"{err.ename}: {err.evalue}\n  the executed notebook is kept at {failed}") from None
-        os.replace(partial, out_nb)
-        manifest["steps"][step.name] = {"status": "ok", "fingerprint": fp, "params": params, "upstream": upstream,
-                                        "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
-                                        "source_sha256": src, "finished": _now(),
-                                        "duration_s": round(time.time() - started, 2), "output": out_nb.name}
-        write_json(manifest_path, manifest)
-        log(f"[{step.name}] done in {time.time() - started:.1f} s")
-        refreshed = refresh_readme(figures_dir)
-        if refreshed:
-            log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
+            log(f"[{step.name}] done in {time.time() - started:.1f} s")
+            refreshed = refresh_readme(figures_dir)
+            if refreshed:
+                log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
     return manifest
 
 

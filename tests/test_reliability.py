@@ -1,0 +1,278 @@
+"""Nothing wrong goes through silently (issue 12): each case is refused, named, or rebuilt.
+
+Tiny models and temporary folders throughout; the runner runs a one-cell study, and the CLI is refused
+on the smoke profile before any notebook starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import torch
+
+from tailored import checkpoint, cli, lora, models, runner
+from tailored.artifacts import ArtifactError, read_json
+from tailored.graph import Graph
+from tailored.importance import Importance
+from tailored.lock import LOCK_FILE, RunLocked, read_lock, run_lock
+from tailored.lora import LoraSettings, TrainExample, TrainingDiverged
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+FRUIT = ("apple", "pear", "plum", "fig")
+EXAMPLES = [TrainExample(f"Is {w} a fruit?\nAnswer:", " yes" if w in FRUIT else " no", f"toy/{w}")
+            for w in FRUIT + ("car", "rock", "bus", "shoe")]
+QUICK = dict(lr=1e-2, batch_size=4, max_seq_len=64, warmup_ratio=0.0, save_every=100)
+U = math.log(257)  # the tiny model's vocabulary: 256 bytes + <|endoftext|>
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (as a killed run's is)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+# ============================================================================================== LoRA
+@pytest.mark.parametrize("losses, validation, needle", [
+    ([3.0, 3.5, 2.8, 2.5, 2.0], None, None),  # healthy
+    ([4.3, 5.0, 4.8, 4.75, 4.2, 4.3], None, None),  # noisy rise early on (seen on the class profile)
+    ([U + 0.011, U + 0.01, U + 5e-4, U + 3e-4, U + 1e-4], None, None),  # a random model starts at U: left alone
+    ([3.0, float("nan")], None, "loss is nan"),
+    ([2.8, 20.96], None, "blew up"),  # SmolLM2 at lr 1000, step 2
+    ([6.8, 6.68, U, U, U], None, "collapsed to a uniform guess"),  # tiny (init 0.2) at lr 1000
+    ([3.0, 2.9], U + 1e-5, "validation loss is ln"),
+    ([3.0, 2.9], 4.0, None),
+    ([3.0, 2.9], float("inf"), "validation loss is inf"),
+])
+def test_divergence_rule_on_known_loss_curves(losses, validation, needle):
+    problem = lora.divergence(losses, 257, validation=validation)
+    assert (problem is None) if needle is None else (needle in problem), problem
+
+
+def test_lr_1000_raises_training_diverged_and_installs_no_adapter(tmp_path):
+    # initializer_range 0.2: the model starts away from a uniform guess (a std-0.02 random model starts at it)
+    model, tok = models.build_tiny("tiny", seed=0, initializer_range=0.2)
+    settings = LoraSettings(max_steps=6, **{**QUICK, "lr": 1000.0, "save_every": 2})
+    out = tmp_path / "blown"
+    with pytest.raises(TrainingDiverged, match=r"at step 5 of 6 \(lr 250\): the model collapsed to a uniform"):
+        lora.train_lora(model, tok, EXAMPLES, settings, out, progress=False)
+    assert not any((out / name).exists() for name in (*lora.ADAPTER_FILES, lora.METRICS_FILE, "best"))
+    assert not list(out.glob("checkpoint-*"))  # checkpoint-2 and -4 were saved, then removed: nothing to resume
+    assert issubclass(TrainingDiverged, FloatingPointError)
+
+
+def test_load_adapter_refuses_a_pickled_adapter(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"a pickle would run code here")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin, a pickle.*safetensors only"):
+        lora.load_adapter(models.load("tiny")[0], tmp_path)
+
+
+def test_rerun_removes_what_a_killed_run_left_behind(tmp_path):
+    settings = LoraSettings(max_steps=2, **{**QUICK, "save_every": 1})
+    out = tmp_path / "run"
+    lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False, stop_after=1)
+    pid = dead_pid()  # killed while saving step 2: its temporary folder and file stay
+    (out / f".checkpoint-2.tmp-{pid}").mkdir()
+    (out / f".adapter_model.safetensors.tmp-{pid}").write_bytes(b"half")
+    with pytest.warns(UserWarning, match=r"interrupted run.*\.adapter_model\.safetensors\.tmp-.*\.checkpoint-2\.tmp-"):
+        result = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
+    assert result.resumed_from == 1 and result.steps == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted([*lora.ADAPTER_FILES, lora.METRICS_FILE])
+
+    # killed after finishing, before cleaning up: checkpoints beside the installed adapter
+    (out / "checkpoint-2").mkdir()
+    (out / "best").mkdir()
+    with pytest.warns(UserWarning, match=r"best, checkpoint-2"):
+        again = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
+    assert again.losses == result.losses and not (out / "checkpoint-2").exists() and not (out / "best").exists()
+
+
+# ====================================================================================== models, checkpoints
+def test_model_folder_holding_only_pickled_weights_is_refused(tmp_path):
+    model, tok = models.build_tiny("tiny")
+    model.save_pretrained(tmp_path / "good")
+    tok.save_pretrained(tmp_path / "good")
+    models.load(str(tmp_path / "good"))  # safetensors: loads
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    model.config.save_pretrained(bad)
+    (bad / "pytorch_model.bin").write_bytes(b"a pickle would run code here")
+    with pytest.raises(models.ModelNotAvailable, match=r"only pickled weights \(pytorch_model\.bin\).*safetensors only"):
+        models.load(str(bad))
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    model, tok = models.load("tiny")
+    return checkpoint.save_pruned(model, tok, tmp_path_factory.mktemp("ckpt") / "pruned", {"method": "none"})
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "saved-before-recording"])
+@pytest.mark.parametrize("key, value, needle", [
+    ("hidden_size", 32, "hidden_size"),
+    ("num_attention_heads", 2, "num_attention_heads"),
+    ("num_hidden_layers", 3, "num_hidden_layers"),
+    ("vocab_size", 300, "vocab_size"),
+    ("head_dim", 32, "head_dim"),
+])
+def test_config_that_disagrees_with_the_tensors_is_refused(pruned_dir, tmp_path, key, value, needle, recorded):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pruned_dir, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config[key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    if not recorded:  # a checkpoint from before save_pruned recorded the config: the tensors alone decide
+        meta = json.loads((ckpt / "pruning.json").read_text())
+        del meta["config"]
+        (ckpt / "pruning.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"config\.json: .*{needle}"):
+        checkpoint.load_pruned(ckpt)
+
+
+# ============================================================================================ artifacts
+def test_importance_file_is_byte_stable(tmp_path):
+    imp = Importance(scores={("param_first", "sum", "layers.0.mlp"): torch.arange(4.0),
+                             ("l2", "mean", "hidden"): torch.ones(3)}, settings={"n": 2, "model": "tiny"})
+    # safetensors writes its metadata from a Rust hash map seeded anew for every map: five saves, five orders
+    blobs = {imp.save(tmp_path / f"{i}.safetensors").read_bytes() for i in range(5)}
+    assert len(blobs) == 1
+    assert Importance.load(tmp_path / "0.safetensors") == imp
+
+
+def test_damaged_artifacts_name_the_file_and_the_step_that_rebuilds_it(tmp_path):
+    imp = Importance(scores={("l1", "sum", "hidden"): torch.ones(3)})
+    blob = imp.save(tmp_path / "importance.safetensors").read_bytes()
+    (tmp_path / "importance.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a full disk
+    with pytest.raises(ArtifactError, match=r"importance\.safetensors is damaged .*`tailored run --steps 02 --force`"):
+        Importance.load(tmp_path / "importance.safetensors")
+
+    (tmp_path / "graph.json").write_text('{"groups": [{"name": "hidden", ')
+    with pytest.raises(ArtifactError, match=r"graph\.json is damaged .*`tailored run --steps 01 --force`"):
+        Graph.load(tmp_path / "graph.json")
+    (tmp_path / "graph.json").write_text("[1, 2]")  # valid JSON, not a graph
+    with pytest.raises(ArtifactError, match=r"graph\.json is damaged"):
+        Graph.load(tmp_path / "graph.json")
+
+    (tmp_path / "manifest.json").write_bytes(b'{"steps": {\xff')
+    with pytest.raises(ArtifactError, match=r"manifest\.json is damaged"):
+        read_json(tmp_path / "manifest.json")
+
+
+# ================================================================================================ lock
+def lock_of(pid: int, host: str | None = None) -> str:
+    return json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "2024-10-25T10:00:00+00:00",
+                       "command": "tailored run --profile smoke"})
+
+
+def test_second_run_on_a_directory_is_refused_naming_the_holder(tmp_path):
+    with run_lock(tmp_path, command="tailored run --profile smoke") as path:
+        assert read_lock(path)["pid"] == os.getpid()
+        with pytest.raises(RunLocked, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, "
+                                            r"started .*`tailored run --profile smoke`"):
+            with run_lock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()  # released
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
+    pid = dead_pid()
+    (tmp_path / LOCK_FILE).write_text(lock_of(pid))
+    said = []
+    with run_lock(tmp_path, log=said.append) as path:
+        assert read_lock(path)["pid"] == os.getpid()
+    assert len(said) == 1 and "stale lock" in said[0] and f"pid {pid}" in said[0]
+
+
+def test_lock_from_another_machine_is_refused_saying_which_file_to_delete(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(lock_of(1, host="elsewhere"))
+    with pytest.raises(RunLocked, match=rf"another machine.*delete {tmp_path / LOCK_FILE}"):
+        with run_lock(tmp_path):
+            pass
+
+
+def test_runner_refuses_a_locked_run_directory_and_takes_over_a_stale_one(tmp_path):
+    # a one-cell study (the runner's wiring is under test, not a notebook): starts a kernel once, in seconds
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir()
+    params.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell('profile = ""\nrun_dir = ""\nfigures_dir = ""\nvalue = 1\n')
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("assert value == 2")]
+    nbformat.write(nb, str(nbs / "01_only.ipynb"))
+    (params / "t.yaml").write_text("common:\n  value: 2\n")
+
+    def run(log=lambda *_: None):
+        return runner.run(profile="t", run_root=tmp_path / "runs", notebooks_dir=nbs, params_dir=params,
+                          progress=False, log=log)
+
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / LOCK_FILE).write_text(lock_of(os.getppid()))  # a live process holds it
+    with pytest.raises(RunLocked, match=f"pid {os.getppid()}"):
+        run()
+    assert not (run_dir / "manifest.json").exists()  # refused before anything was written
+
+    (run_dir / LOCK_FILE).write_text(lock_of(dead_pid()))
+    said = []
+    assert run(log=said.append)["steps"]["01_only"]["status"] == "ok"
+    assert any("stale lock" in line for line in said) and not (run_dir / LOCK_FILE).exists()
+
+
+# ============================================================================================== params
+@pytest.mark.parametrize("text, needle", [
+    ("common:\n  model: tiny\n    seed: 1\n", r"p\.yaml, line 3, column 9: mapping values are not allowed"),
+    ("common:\n\tmodel: tiny\n", r"p\.yaml, line 2, column 1: .*never tabs"),
+    ("- common\n- steps\n", r"the file is a list, but must be a mapping"),
+    ("common: 3\n", r"'common' is the int 3, but must be a mapping"),
+    ("common: {model: tiny}\nsteps: [01_trace_graph]\n", r"'steps' is a list"),
+    ("common: {model: tiny}\nsteps:\n  01_trace_graph: [1]\n", r"'steps\.01_trace_graph' is a list"),
+    ("", r"p\.yaml sets no parameters"),
+    ("description: only words\n", r"p\.yaml sets no parameters"),
+])
+def test_params_file_errors_name_the_file_line_and_key(tmp_path, text, needle):
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(runner.ParamsError, match=needle) as err:
+        runner.load_params_file("p", tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_profile_name_cannot_leave_the_runs_folder(tmp_path):
+    (tmp_path / "x.yaml").write_text("common: {model: tiny}\n")
+    with pytest.raises(runner.ParamsError, match="letters, digits"):
+        runner.load_params_file("../x", tmp_path / "sub")
+
+
+def test_exponent_floats_are_floats(tmp_path):
+    (tmp_path / "p.yaml").write_text("common:\n  lr: 1e-3\n  big: 1.5e3\n  kept: '1e-3'\n  n: 1_000\n")
+    assert runner.load_params_file("p", tmp_path)["common"] == {"lr": 0.001, "big": 1500.0, "kept": "1e-3", "n": 1000}
+
+
+def test_cli_prints_one_line_and_no_traceback_for_user_errors(tmp_path, capsys):
+    def one_line(code: int, argv: list[str], needle: str) -> None:
+        assert cli.main(argv) == code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and needle in err, err
+
+    one_line(2, ["run", "--profile", "../../etc"], "letters, digits")
+    run_dir = tmp_path / "smoke"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).write_text(lock_of(os.getppid()))
+    base = ["run", "--profile", "smoke", "--steps", "01", "--run-root", str(tmp_path), "--quiet"]
+    one_line(1, base, f"in use by another run (pid {os.getppid()}")
+    (run_dir / LOCK_FILE).unlink()
+    (run_dir / "manifest.json").write_text('{"steps": ')
+    one_line(1, base, f"{run_dir / 'manifest.json'} is damaged")
