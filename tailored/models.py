@@ -199,3 +199,18 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def model_layers(spec: str) -> int | None:
+    """How many decoder layers the model ``spec`` has, read from its config without loading any weight;
+    ``None`` when that needs a download or a conversion first (a hub id, SmolLM2 before ``tailored prepare``)."""
+    if spec in TINY_VARIANTS:
+        return tiny_config(spec).num_hidden_layers
+    folder = smollm2_cache_dir() if spec == SMOLLM2 else Path(spec).expanduser()
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return int(json.loads(config.read_text())["num_hidden_layers"])
+    except (ValueError, KeyError, TypeError):
+        return None

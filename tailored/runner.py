@@ -19,7 +19,6 @@ is kept as ``<step>.failed.ipynb`` for inspection, and the last good ``<step>.ip
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
@@ -37,18 +36,14 @@ from tailored import data, paths
 from tailored.artifacts import embed_tables, read_json, write_json
 from tailored.lock import run_lock
 from tailored.models import SMOLLM2, TINY_VARIANTS
+from tailored.params import INJECTED, Declared, ParamsError, declared
+from tailored.params import check as check_params
 from tailored.prompts import prompt_table
 from tailored.sources import step_sources
 
 NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
 PARAMS_DIR = paths.REPO_ROOT / "params"
 KERNEL_NAME = "tailored"
-# Injected by the runner into every notebook; never set in a params file.
-INJECTED = ("profile", "run_dir", "figures_dir")
-
-
-class ParamsError(ValueError):
-    """The params file does not fit the notebooks; raised before anything runs."""
 
 
 class StepFailed(RuntimeError):
@@ -95,13 +90,11 @@ def select_steps(steps: list[Step], only: str | None = None, start: str | None =
 
 
 # ------------------------------------------------------------------------------------------ parameters
-def notebook_parameters(path: Path) -> dict[str, dict]:
-    """The names, defaults and types declared in a notebook's ``parameters`` cell."""
-    import papermill
-
-    params = papermill.inspect_notebook(str(path))
+def notebook_parameters(path: Path) -> dict[str, Declared]:
+    """The names, defaults, help and rules declared in a notebook's ``parameters`` cell."""
+    params = declared(path)
     if not params:
-        raise ParamsError(f"{path.name} has no cell tagged 'parameters'")
+        raise ParamsError(f"{path.name} has no parameters in its cell tagged 'parameters'")
     return params
 
 
@@ -169,14 +162,6 @@ def load_params_file(profile: str, params_dir: Path = PARAMS_DIR) -> dict:
     return data
 
 
-def _default_value(info: dict):
-    """The notebook default as a Python value (papermill reports it as source text)."""
-    try:
-        return ast.literal_eval(info.get("default", "None"))
-    except (ValueError, SyntaxError):
-        return None
-
-
 def _type_ok(value, default) -> bool:
     """Is ``value`` acceptable where the notebook's default is ``default``? (None accepts anything.)"""
     if value is None or default is None:
@@ -195,24 +180,27 @@ def params_notebooks_dir(steps: list[Step]) -> Path:
 
 
 def resolve_params(profile: str, steps: list[Step], run_dir: Path, figures_dir: Path,
-                   params_dir: Path = PARAMS_DIR) -> dict[str, dict]:
+                   params_dir: Path = PARAMS_DIR, overrides: dict | None = None) -> dict[str, dict]:
     """Validate the profile's params against every notebook and return the parameters of each step.
 
     ``common`` keys go to every notebook that declares them (and must be declared by at least one);
-    ``steps.<name>`` keys must be declared by that step's notebook. Types must match the defaults'.
+    ``steps.<name>`` keys must be declared by that step's notebook; ``overrides`` (``--model``) go to every
+    notebook that declares them. Types must match the defaults', and every value must obey the rule of its
+    line in the notebook's parameters cell (``tailored.params``), for every notebook of the profile, not only
+    the selected ones: ``--steps 03`` still refuses an estimator that notebook 02 does not compute.
     """
     data = load_params_file(profile, params_dir)
     common = data.get("common") or {}
     per_step = data.get("steps") or {}
     # Inspect every notebook, not only the selected ones: a common key is valid if any step declares it.
-    declared = {s.name: notebook_parameters(s.path) for s in discover_steps(params_notebooks_dir(steps))}
-    all_steps = set(declared)
+    decls = {s.name: notebook_parameters(s.path) for s in discover_steps(params_notebooks_dir(steps))}
+    all_steps = set(decls)
 
     errors = []
     for key in INJECTED:
         if key in common:
             errors.append(f"common.{key}: set by the runner, remove it from {profile}.yaml")
-    all_declared = set().union(*(d.keys() for d in declared.values())) if declared else set()
+    all_declared = set().union(*(d.keys() for d in decls.values())) if decls else set()
     for key in common:
         if key not in all_declared and key not in INJECTED:
             errors.append(f"common.{key}: no notebook declares it; valid keys: {', '.join(sorted(all_declared - set(INJECTED)))}")
@@ -221,33 +209,35 @@ def resolve_params(profile: str, steps: list[Step], run_dir: Path, figures_dir: 
             errors.append(f"steps.{name}: no such notebook; steps are {', '.join(sorted(all_steps))}")
             continue
         for key in values or {}:
-            if key not in declared[name]:
-                valid = sorted(set(declared[name]) - set(INJECTED))
+            if key not in decls[name]:
+                valid = sorted(set(decls[name]) - set(INJECTED))
                 errors.append(f"steps.{name}.{key}: not a parameter of {name}; valid keys: {', '.join(valid)}")
 
-    resolved = {}
-    for step in steps:
-        decl = declared[step.name]
+    chosen: dict[str, dict] = {}
+    for name, decl in decls.items():
         values = {k: v for k, v in common.items() if k in decl}
-        values.update(per_step.get(step.name) or {})
+        values.update({k: v for k, v in (per_step.get(name) or {}).items() if k in decl})
+        values.update({k: v for k, v in (overrides or {}).items() if k in decl})
         for key, value in values.items():
-            if key not in decl:
-                continue
-            default = _default_value(decl[key])
-            if not _type_ok(value, default):
-                errors.append(f"{step.name}.{key}: {value!r} is a {type(value).__name__}, "
-                              f"but the notebook's default {default!r} is a {type(default).__name__}")
-        values.update(profile=profile, run_dir=str(run_dir), figures_dir=str(figures_dir))
-        resolved[step.name] = {k: v for k, v in values.items() if k in decl}
-    if "model" in common or any("model" in (v or {}) for v in per_step.values()):
-        for name, values in resolved.items():
+            if not _type_ok(value, decl[key].default):
+                errors.append(f"{name}.{key}: {value!r} is a {type(value).__name__}, "
+                              f"but the notebook's default {decl[key].default!r} is a {type(decl[key].default).__name__}")
+        chosen[name] = values
+    if "model" in common or any("model" in (v or {}) for v in [*per_step.values(), overrides or {}]):
+        for name, values in chosen.items():
             if "model" in values:
                 problem = _check_model(values["model"])
                 if problem:
                     errors.append(f"{name}.model: {problem}")
+    if not errors:  # values: the defaults, then the profile, each checked against its rule
+        full = {name: {k: d.default for k, d in decls[name].items()} | chosen[name] for name in decls}
+        for name in decls:
+            errors += check_params(name, full[name], decls[name], profile_values=full)
     if errors:
         raise ParamsError(f"params/{profile}.yaml does not fit the notebooks:\n  " + "\n  ".join(dict.fromkeys(errors)))
-    return resolved
+    return {step.name: chosen[step.name] | {k: v for k, v in (("profile", profile), ("run_dir", str(run_dir)),
+                                                             ("figures_dir", str(figures_dir)))
+                                            if k in decls[step.name]} for step in steps}
 
 
 def _check_model(spec) -> str | None:
@@ -340,14 +330,7 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
     steps = select_steps(steps_all, only, start)
     run_dir = paths.run_dir(profile, run_root).resolve()
     figures_dir = (paths.REPO_ROOT / "figures") if profile == "class" and run_root is None else run_dir / "figures"
-    resolved = resolve_params(profile, steps, run_dir, figures_dir, params_dir)
-    if overrides:
-        for name, values in resolved.items():
-            declared = notebook_parameters(next(s.path for s in steps if s.name == name))
-            values.update({k: v for k, v in overrides.items() if k in declared})
-            problem = _check_model(values["model"]) if "model" in values else None
-            if problem:
-                raise ParamsError(f"{name}.model: {problem}")
+    resolved = resolve_params(profile, steps, run_dir, figures_dir, params_dir, overrides)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"

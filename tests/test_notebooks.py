@@ -46,7 +46,7 @@ def test_parameters_cells_equal_the_class_profile():
         declared = runner.notebook_parameters(step.path)
         wanted = {k: v for k, v in (profile.get("common") or {}).items() if k in declared}
         wanted |= (profile.get("steps") or {}).get(step.name) or {}
-        defaults = {k: runner._default_value(declared[k]) for k in wanted}
+        defaults = {k: declared[k].default for k in wanted}
         drift = {k: (defaults[k], v) for k, v in wanted.items() if defaults[k] != v}
         assert not drift, f"{step.name}: parameters cell vs params/class.yaml (cell, yaml): {drift}"
 
@@ -55,6 +55,5 @@ def test_a_notebook_run_by_hand_writes_to_its_own_run_directory():
     """Run from JupyterLab (no runner), a notebook writes into runs/lab, never into the committed figures/."""
     for step in NOTEBOOKS:
         declared = runner.notebook_parameters(step.path)
-        run_dir = runner._default_value(declared["run_dir"])
-        figures_dir = runner._default_value(declared["figures_dir"])
+        run_dir, figures_dir = declared["run_dir"].default, declared["figures_dir"].default
         assert run_dir == "../runs/lab" and figures_dir.startswith(run_dir + "/"), step.name
