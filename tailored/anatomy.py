@@ -6,6 +6,8 @@ models) can stand on it without import cycles.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -54,3 +56,20 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def decoder_parameters(model: torch.nn.Module) -> int:
     """Parameters inside the decoder layers: the denominator of this study's pruning shares."""
     return sum(p.numel() for p in decoder_layers(model).parameters())
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A fingerprint of a model's weights: every tensor's name, shape, dtype, sum and sum of squares (float64),
+    and an evenly strided sample of its values. Two models made differently (another pruning plan, another
+    estimator) differ in it; reading it costs one pass over the weights, not a hash of every byte."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if flat.numel() and (flat.is_floating_point() or flat.dtype in (torch.int64, torch.int32)):
+            x = flat.double()
+            picked = x[:: max(1, x.numel() // sample)]
+            h.update(torch.stack([x.sum(), x.square().sum()]).cpu().numpy().tobytes())
+            h.update(picked.cpu().numpy().tobytes())
+    return h.hexdigest()[:24]

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tailored.anatomy import weights_fingerprint
 from tailored.artifacts import read_json, write_json
 from tailored.data import load_task
 from tailored.lock import pid_alive
@@ -579,17 +580,33 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
     return read_json(ckpt / "trainer_state.json")
 
 
-def _check_same_run(saved: dict, settings: LoraSettings, fingerprint: str, where: Path) -> None:
-    """A rerun continues a run only with the same settings (save_every aside) and the same data."""
+def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -> str | None:
+    """Why a run saved in ``out_dir`` is not the one asked for now (``None``: it is, continue or reuse it).
+
+    A run is the same when its settings (``save_every`` aside), its training examples and its base model's
+    weights are: a checkpoint re-pruned with another estimator is another base, even under the same name.
+    """
     now = settings.to_dict()
     diff = sorted(k for k in now if k != "save_every" and saved["settings"].get(k) != now[k])
     if diff:
-        raise ValueError(f"{where} holds a LoRA run with other settings ({', '.join(diff)}: "
-                         f"{ {k: saved['settings'].get(k) for k in diff} } there, { {k: now[k] for k in diff} } now); "
-                         "rerun with the same settings to continue it, or use another out_dir")
+        return (f"other settings ({', '.join(diff)}: {({k: saved['settings'].get(k) for k in diff})} there, "
+                f"{({k: now[k] for k in diff})} now)")
     if saved["data_fingerprint"] != fingerprint:
-        raise ValueError(f"{where} holds a LoRA run trained on other examples; "
-                         "rerun with the same examples to continue it, or use another out_dir")
+        return "other training examples"
+    if saved.get("base_fingerprint", base) != base:
+        return "another base model (the pruned checkpoint's weights changed since)"
+    return None
+
+
+def _set_aside(out_dir: Path, reason: str) -> Path:
+    """Move a stale run to ``<out_dir>.replaced`` (replacing an older one there), saying so: it is kept for a
+    look, never read again, and ``out_dir`` trains afresh."""
+    aside = out_dir.with_name(out_dir.name + ".replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(out_dir, aside)
+    warnings.warn(f"{out_dir} held a LoRA run made from {reason}: it is kept at {aside}, and the run is trained "
+                  "afresh", stacklevel=3)
+    return aside
 
 
 # =========================================================================================== divergence
@@ -684,7 +701,9 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     Every ``save_every`` steps a resumable checkpoint is written (and the validation loss measured, if
     ``validation`` is given); at the end ``out_dir`` holds the adapter (PEFT format: ``load_adapter``) and
     ``train_metrics.json``. A rerun with an unfinished ``out_dir`` continues from its last checkpoint; with a
-    finished one it loads the adapter and returns at once.
+    finished one it loads the adapter and returns at once. Either only if the saved run was made with the same
+    settings, the same examples and the same base weights (``weights_fingerprint``); otherwise the old run is
+    moved to ``<out_dir>.replaced``, with a warning, and the run trains afresh.
 
     ``stop_after`` leaves after that many steps, as an interruption would, keeping the schedule of the full
     run (for tests and for splitting a long run over sessions). A diverged run (a NaN loss, a blow-up or a
@@ -711,25 +730,33 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     warmup = round(settings.warmup_ratio * total)
     autocast = settings.autocast_dtype(next(model.parameters()).device)
 
+    base = weights_fingerprint(model)  # what the adapter is made for: reused only on these very weights
     peft_model = add_lora(model, settings)
     params = [p for _, p in _trainable(peft_model)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
     _clean_leftovers(out_dir)
 
-    # ---- finished before? load and return; unfinished? continue from the last checkpoint
+    # ---- finished before? load and return; unfinished? continue from the last checkpoint; made from
+    # anything else (settings, examples, base weights)? set it aside and train afresh
     if (out_dir / METRICS_FILE).exists():
         done = read_json(out_dir / METRICS_FILE)
-        _check_same_run(done, settings, fingerprint, out_dir)
-        _load_adapter_weights(peft_model, out_dir)
-        peft_model.eval()
-        return dataclasses.replace(TrainResult.from_dict(done, model=peft_model), adapter_dir=out_dir)
+        reason = _changed(done, settings, fingerprint, base)
+        if reason is None:
+            _load_adapter_weights(peft_model, out_dir)
+            peft_model.eval()
+            return dataclasses.replace(TrainResult.from_dict(done, model=peft_model), adapter_dir=out_dir)
+        _set_aside(out_dir, reason)
     state = {"step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0, "losses": [], "validation": [],
-             "best": None, "settings": settings.to_dict(), "data_fingerprint": fingerprint, "total_steps": total}
+             "best": None, "settings": settings.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base,
+             "total_steps": total}
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
-        saved = read_json(ckpt / "trainer_state.json")
-        _check_same_run(saved, settings, fingerprint, ckpt)
+        reason = _changed(read_json(ckpt / "trainer_state.json"), settings, fingerprint, base)
+        if reason is not None:
+            _set_aside(out_dir, reason)
+            ckpt = None
+    if ckpt is not None:
         state = _load_checkpoint(ckpt, peft_model, optimizer)
     else:
         torch.manual_seed(settings.seed)  # dropout masks from here on are a function of the seed
@@ -800,7 +827,7 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
         selected_step=selected, resumed_from=resumed_from, n_examples=len(examples),
         trainable_params=sum(p.numel() for p in params), settings=settings, model=peft_model)
     if finished:
-        write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": fingerprint})
+        write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base})
         for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"]:
             shutil.rmtree(old, ignore_errors=True)
     peft_model.eval()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailored import checkpoint
-from tailored.artifacts import read_json, stat_fingerprint, write_json
+from tailored.artifacts import metrics_path, read_json, stat_fingerprint, write_json
 
 GRAPH = "graph.json"
 IMPORTANCE = "importance.safetensors"
@@ -42,6 +42,18 @@ EVAL = "eval"
 RETIRED = "retired"
 RECIPES = ("generic", "tailored")
 TAILORED_MODES = ("multi", "per_task")
+
+
+# What each step writes, for the runner: a step is skipped only while these are as it left them.
+STEP_OUTPUTS = {"01_trace_graph": (GRAPH,), "02_importance": (IMPORTANCE,), "03_prune": (PRUNED,),
+                "04_lora_tune": (ADAPTERS,), "05_evaluate": ()}
+
+
+def step_outputs(run_dir: str | Path, step: str) -> list[Path]:
+    """The artifacts a step of the study writes (and its ``metrics/<step>.json``); empty for another notebook."""
+    if step not in STEP_OUTPUTS:
+        return []
+    return [Path(run_dir) / name for name in STEP_OUTPUTS[step]] + [metrics_path(run_dir, step)]
 
 
 def graph_path(run_dir: str | Path) -> Path:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from tailored import data, paths
-from tailored.artifacts import embed_tables, read_json, write_json
+from tailored import data, paths, rundir
+from tailored.artifacts import ArtifactError, embed_tables, read_json, stat_fingerprint, write_json
 from tailored.lock import run_lock
 from tailored.models import SMOLLM2, TINY_VARIANTS
 from tailored.params import INJECTED, Declared, ParamsError, declared
@@ -336,20 +336,30 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
     manifest_path = run_dir / "manifest.json"
     with run_lock(run_dir, log=log):  # one run per run directory: a second one is refused, naming this one
         manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("steps", {}), dict):
+            raise ArtifactError(f"{manifest_path} is damaged (not a mapping with 'steps'): delete it, and every "
+                                "step reruns (`tailored run --force` does the same)")
+        manifest.setdefault("steps", {})
         manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
         kernel = kernel_name()
 
         for step in steps:
-            upstream = {s.name: manifest["steps"].get(s.name, {}).get("fingerprint", "never run")
+            # what came before: each earlier step's fingerprint and the state of what it wrote
+            upstream = {s.name: [manifest["steps"].get(s.name, {}).get("fingerprint", "never run"),
+                                 manifest["steps"].get(s.name, {}).get("outputs", {})]
                         for s in steps_all if s.number < step.number}
             params = resolved[step.name]
             src = source_hash(step)
             fp = fingerprint(step, params, src, upstream)
             out_nb = run_dir / f"{step.name}.ipynb"
             previous = manifest["steps"].get(step.name, {})
-            if not force and previous.get("fingerprint") == fp and previous.get("status") == "ok" and out_nb.exists():
+            stale = _stale_outputs(run_dir, previous.get("outputs", {}))
+            if (not force and previous.get("fingerprint") == fp and previous.get("status") == "ok"
+                    and out_nb.exists() and not stale):
                 log(f"[{step.name}] unchanged since its last successful run: skipped (use --force to rerun)")
                 continue
+            if stale and previous.get("fingerprint") == fp:
+                log(f"[{step.name}] {stale[0]} changed or is missing since the step wrote it: rerunning")
             log(f"[{step.name}] running {step.path.name} -> {out_nb}")
             partial = run_dir / f"{step.name}.running.ipynb"
             started = time.time()
@@ -368,13 +378,26 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
             manifest["steps"][step.name] = {"status": "ok", "fingerprint": fp, "params": params, "upstream": upstream,
                                             "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
                                             "source_sha256": src, "finished": _now(),
-                                            "duration_s": round(time.time() - started, 2), "output": out_nb.name}
+                                            "duration_s": round(time.time() - started, 2), "output": out_nb.name,
+                                            "outputs": _outputs_state(run_dir, step.name)}
             write_json(manifest_path, manifest)
             log(f"[{step.name}] done in {time.time() - started:.1f} s")
             refreshed = refresh_readme(figures_dir)
             if refreshed:
                 log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
     return manifest
+
+
+def _outputs_state(run_dir: Path, step: str) -> dict[str, str]:
+    """``{artifact: fingerprint}`` of what a step wrote (``tailored.rundir.step_outputs``), recorded in the manifest."""
+    return {p.relative_to(run_dir).as_posix(): stat_fingerprint(p) for p in rundir.step_outputs(run_dir, step)
+            if p.exists()}
+
+
+def _stale_outputs(run_dir: Path, recorded: dict[str, str]) -> list[str]:
+    """The recorded artifacts that are gone or no longer as the step left them."""
+    return [name for name, fp in recorded.items()
+            if not (run_dir / name).exists() or stat_fingerprint(run_dir / name) != fp]
 
 
 def refresh_readme(figures_dir: Path, readme: Path = paths.REPO_ROOT / "README.md") -> list[str]:

@@ -15,6 +15,8 @@ Run ``python -m tailored.speed --help`` (or ``tailored bench``) for the benchmar
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -308,6 +310,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+IDLE_LOAD = 0.25  # 1-minute load average per CPU under which the machine counts as idle
+
+
+def machine_load() -> dict:
+    """The machine's load right now: 1- and 5-minute load averages and the CPUs, for recording beside timings."""
+    load1, load5, _ = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    return {"load1": round(load1, 2), "load5": round(load5, 2), "cpus": cpus, "idle": load1 / cpus < IDLE_LOAD}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tailored bench", description="dense vs pruned speed, side by side")
     parser.add_argument("models", nargs="+", help="model specs: smollm2-135m, tiny, a pruned checkpoint dir, an HF dir")
@@ -321,15 +333,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eager", action="store_true", help="skip HF generate (slow) as the reference")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--allow-busy", action="store_true",
+                        help="time even when the machine is busy (the output says so); refused otherwise")
     args = parser.parse_args(argv)
+    before = machine_load()
+    if args.device == "cpu" and not before["idle"] and not args.allow_busy:
+        print(f"tailored bench: the machine is busy (load {before['load1']} on {before['cpus']} CPUs): CPU timings "
+              "now would say more about the other jobs than about pruning. Wait for it to be idle, or pass "
+              "--allow-busy to time anyway (the output is then marked busy).", file=sys.stderr)
+        return 1
     models = {spec: load(spec, device=args.device, dtype=args.dtype)[0] for spec in args.models}
     rows = compare(models, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                    batches=tuple(int(b) for b in args.batches.split(",")), prefill_len=args.prefill_len,
                    repeats=args.repeats, eager=not args.no_eager, compile=args.compile)
+    after = machine_load()
+    busy = args.device == "cpu" and not (before["idle"] and after["idle"])
     print(format_table(rows))
+    print(f"load average {before['load1']} before, {after['load1']} after, {before['cpus']} CPUs"
+          + ("  (BUSY: not a clean measurement)" if busy else ""))
     if args.json:
         write_json(args.json, {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "rows": rows})
+                               "threads": torch.get_num_threads(), "load_before": before, "load_after": after,
+                               "busy": busy, "rows": rows})
     return 0
 
 

@@ -114,3 +114,14 @@ def test_05_evaluate_wrote_metrics_for_every_model_task_prompt(smoke_run):
     assert {"dense", *pruned} <= set(table)
     assert {f"{p} + {recipe} LoRA" for p in pruned for recipe in ("generic", "tailored")} <= set(table)
     assert m["notes"]["prompt"] == "task_specific" and m["notes"]["k"] == s["main_k"]
+
+
+def test_a_same_seed_rerun_writes_byte_identical_figures_and_tables(smoke_run, tmp_path):
+    """What is committed (figures/) must not change when nothing changed: no timings, no timestamps."""
+    run_dir, _ = smoke_run
+    runner.run(profile="smoke", run_root=tmp_path, progress=False, log=lambda *_: None)
+    first, second = run_dir / "figures", tmp_path / "smoke" / "figures"
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    differ = [str(n) for n in names if (first / n).read_bytes() != (second / n).read_bytes()]
+    assert not differ, f"figures that differ between two same-seed runs: {differ}"

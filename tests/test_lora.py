@@ -158,9 +158,26 @@ def test_interrupted_run_resumes_from_its_saved_step(tmp_path):
     # a finished run is not trained again: the rerun loads its adapter
     again = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "run", progress=False)
     assert again.losses == resumed.losses
-    with pytest.raises(ValueError, match="other settings"):
-        lora.train_lora(*tiny(), EXAMPLES, LoraSettings(**{**settings.to_dict(), "lr": 1e-3}), tmp_path / "run",
-                        progress=False)
+    # another setting: the old adapter is kept aside, the run trains afresh (the run does not stop)
+    with pytest.warns(UserWarning, match=r"other settings \(lr"):
+        other = lora.train_lora(*tiny(), EXAMPLES, LoraSettings(**{**settings.to_dict(), "lr": 1e-3}),
+                                tmp_path / "run", progress=False)
+    assert other.resumed_from == 0 and other.steps == 4 and other.losses != resumed.losses
+    assert adapter_weights(tmp_path / "run.replaced").keys() == a.keys()
+    torch.testing.assert_close(adapter_weights(tmp_path / "run.replaced")[next(iter(a))], a[next(iter(a))])
+
+
+def test_an_adapter_is_reused_only_on_the_weights_it_was_trained_on(tmp_path):
+    settings = LoraSettings(max_steps=2, dropout=0.0, **{**QUICK, "save_every": 2})
+    first = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "a", progress=False)
+    again = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "a", progress=False)
+    assert again.losses == first.losses and not (tmp_path / "a.replaced").exists()  # same base: reused
+    model, tok = tiny()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # "re-pruned": the same shapes, other weights
+    with pytest.warns(UserWarning, match="another base model"):
+        retrained = lora.train_lora(model, tok, EXAMPLES, settings, tmp_path / "a", progress=False)
+    assert retrained.losses != first.losses and (tmp_path / "a.replaced" / lora.METRICS_FILE).exists()
 
 
 def test_validation_chooses_the_adapter_with_the_lowest_validation_loss(tmp_path):

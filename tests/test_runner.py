@@ -164,3 +164,29 @@ def test_editing_a_prompt_changes_only_the_steps_that_name_its_task(monkeypatch)
     assert runner.data_hash(evaluation) != before[0]  # 05 names piqa: it reruns
     assert runner.data_hash(pruning) == before[1]  # 03 names no task but the text corpus: skipped
     assert runner.step_tasks(evaluation) == ["piqa", "sst2", "wikitext"]
+
+
+def test_a_step_whose_output_was_deleted_or_changed_reruns(tmp_path):
+    """Artifacts are fingerprinted when a step finishes; a skip needs them as the step left them."""
+    from tailored import rundir
+
+    root = tmp_path / "runs"
+    runner.run(profile="smoke", only="01", run_root=root, progress=False, log=lambda *_: None)
+    run_dir = root / "smoke"
+    graph = rundir.graph_path(run_dir)
+    logs = []
+    runner.run(profile="smoke", only="01", run_root=root, progress=False, log=logs.append)
+    assert any("skipped" in line for line in logs)
+    graph.unlink()
+    logs.clear()
+    runner.run(profile="smoke", only="01", run_root=root, progress=False, log=logs.append)
+    assert graph.exists() and any("graph.json changed or is missing" in line for line in logs)
+
+
+def test_a_manifest_that_is_not_a_mapping_is_named(tmp_path):
+    from tailored.artifacts import ArtifactError
+
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="manifest.json is damaged"):
+        runner.run(profile="smoke", only="01", run_root=tmp_path / "runs", progress=False, log=lambda *_: None)
