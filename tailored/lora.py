@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tailored.artifacts import read_json, write_json
 from tailored.evaluate import encode as _encode_text
 from tailored.evaluate import leading_special_ids
+from tailored.models import set_checkpointing
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,6 +78,10 @@ class LoraSettings:
     budget takes (known in advance: the data order is fixed by ``seed``).
 
     ``precision="auto"`` trains under bf16 autocast on a CUDA device that supports it, else in fp32.
+    ``gradient_checkpointing`` recomputes each decoder layer in the backward pass instead of keeping its
+    activations: about one more forward pass per step, for the memory of one layer's activations instead of
+    all of them (the paper profile's 16 × 256 micro-batches at LLaMA-7B). It changes memory and time, not the
+    result, so a run may be continued with it switched.
     """
 
     rank: int = 8
@@ -96,6 +101,7 @@ class LoraSettings:
     seed: int = 0
     save_every: int = 50  # steps between saved (resumable) checkpoints; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: less memory
 
     def __post_init__(self):
         # Accept a list from YAML for the target modules, but keep the dataclass hashable.
@@ -139,6 +145,8 @@ class LoraSettings:
             bad(f"seed {self.seed!r} must be an integer >= 0")
         if self.select not in SELECTIONS:
             bad(f"select {self.select!r} is not one of {SELECTIONS}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            bad(f"gradient_checkpointing {self.gradient_checkpointing!r} must be True or False")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -572,9 +580,15 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
 
 
 def _check_same_run(saved: dict, settings: LoraSettings, fingerprint: str, where: Path) -> None:
-    """A rerun continues a run only with the same settings (save_every aside) and the same data."""
+    """A rerun continues a run only with the same settings (save_every aside) and the same data.
+
+    Settings that change memory and time but not the result (``save_every``, ``gradient_checkpointing``)
+    may differ; so may a setting the saved run predates, when it has its default value now.
+    """
     now = settings.to_dict()
-    diff = sorted(k for k in now if k != "save_every" and saved["settings"].get(k) != now[k])
+    free = {"save_every", "gradient_checkpointing"}
+    defaults = LoraSettings.__dataclass_fields__
+    diff = sorted(k for k in now if k not in free and saved["settings"].get(k, defaults[k].default) != now[k])
     if diff:
         raise ValueError(f"{where} holds a LoRA run with other settings ({', '.join(diff)}: "
                          f"{ {k: saved['settings'].get(k) for k in diff} } there, { {k: now[k] for k in diff} } now); "
@@ -640,6 +654,8 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     autocast = settings.autocast_dtype(next(model.parameters()).device)
 
     peft_model = add_lora(model, settings)
+    if settings.gradient_checkpointing:
+        set_checkpointing(peft_model, True)
     params = [p for _, p in _trainable(peft_model)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 

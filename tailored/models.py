@@ -8,6 +8,9 @@
   safetensors directory in the cache; online users may give the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``.
 - ``"tiny"`` and its variants (the smoke profile and the unit tests): a random LLaMA built in code, with a
   byte-level tokenizer built in code, so the tests need no download at all.
+- ``"random:<shape>"`` (scale checks, ``benchmarks/paper_scale.py``): a LLaMA of a real shape such as
+  ``random:llama-7b`` with random weights, built on the meta device and allocated once, in the requested
+  dtype on the requested device; its tokenizer is the byte-level one made in code.
 - a local directory holding an HF checkpoint, or a hub id (for users online).
 """
 
@@ -34,6 +37,27 @@ TINY_VARIANTS: dict[str, dict] = {
     "tiny-mha": {"arch": "llama", "num_attention_heads": 4, "num_key_value_heads": 4},
     "tiny-tied": {"arch": "llama", "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
     "tiny-qwen2": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},  # q/k/v biases
+}
+
+RANDOM_PREFIX = "random:"
+# Real LLaMA-family shapes for ``random:<name>``: time and memory of a step depend on shapes, not on weights.
+RANDOM_SHAPES: dict[str, dict] = {
+    # LLaMA-7B (Touvron et al. 2023): the paper's model and LLM-Pruner's
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False, rope_theta=10000.0),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, rope_theta=10000.0),
+    # LLaMA-3-8B: grouped-query attention 32/8, a 14336-wide MLP and a 128256-token vocabulary
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, rope_theta=500000.0),
+    # LLaMA-3.2-1B's shape (without its long-context rope scaling): GQA 32/8, tied embeddings, the LLaMA-3
+    # vocabulary; small enough for the CPU test of the paper profile
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, rope_theta=500000.0),
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -64,6 +88,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
+BYTE_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+
+
 def byte_tokenizer():
     """A byte-level tokenizer made in code: 256 byte symbols + ``<|endoftext|>`` (also used as padding).
 
@@ -114,6 +141,71 @@ def build_tiny(variant: str = "tiny", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------- random
+def is_random_spec(spec) -> bool:
+    return isinstance(spec, str) and spec.startswith(RANDOM_PREFIX)
+
+
+def random_config(spec: str, vocab_size: int | None = None):
+    """The ``LlamaConfig`` of ``random:<name>``; special-token ids are the byte tokenizer's ``<|endoftext|>``."""
+    from transformers import LlamaConfig
+
+    name = spec[len(RANDOM_PREFIX):] if is_random_spec(spec) else spec
+    if name not in RANDOM_SHAPES:
+        raise ModelNotAvailable(f"unknown random shape {spec!r}; choose one of "
+                                f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}")
+    shape = dict(RANDOM_SHAPES[name])
+    theta = shape.pop("rope_theta")
+    special = BYTE_VOCAB - 1  # <|endoftext|>, id 256: BOS, EOS and padding
+    config = LlamaConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                         bos_token_id=special, eos_token_id=special, pad_token_id=special)
+    config.name_or_path = RANDOM_PREFIX + name
+    return config
+
+
+@torch.no_grad()
+def build_random(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                 seed: int = 0, attn_implementation: str | None = None):
+    """A LLaMA of a real shape with random weights, and the byte tokenizer: ``(model, tokenizer)``.
+
+    The model is built on the meta device (no memory), then every parameter is allocated once, directly in
+    ``dtype`` on ``device`` — never a full fp32 copy on the CPU first, so a 7B model in bf16 takes its 13 GB
+    on the GPU and almost nothing on the host — and initialised as LLaMA is: weights ~ N(0, 0.02), norm
+    scales 1. The rotary frequencies are computed for real (they are not parameters). Deterministic in
+    ``seed`` on a given device, so every notebook of a run rebuilds the same weights.
+
+    Tokenizer: the byte-level one made in code (``byte_tokenizer``): it ships with the code (no download),
+    its 257 ids fit every vocabulary, and it spells text out byte by byte, so prompts are about four times
+    as many tokens as with LLaMA's own tokenizer: LoRA rows reach ``max_seq_len`` and few-shot prefixes the
+    model's context, which makes the memory measured an upper bound of what real text needs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = resolve_dtype(dtype)
+    config = random_config(spec)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    rotary = {name: type(mod) for name, mod in model.named_modules()
+              if mod._buffers and not mod._parameters and not any(True for _ in mod.children())}
+    model.to_empty(device=dev)  # one allocation per parameter, in dtype, on dev (values undefined so far)
+    model.tie_weights()  # to_empty gives a tied head its own tensor; share the embedding again
+    for name, cls in rotary.items():  # computed buffers (rotary inv_freq): rebuild for real, in fp32
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, cls(config=config).to(dev))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    std = config.initializer_range
+    for name, p in model.named_parameters():  # each tensor once (a tied head is the embedding)
+        if p.dim() == 1:
+            p.fill_(0.0 if name.endswith("bias") else 1.0)  # RMSNorm scales
+        else:
+            p.normal_(0.0, std, generator=gen)
+    model.eval()
+    return model, byte_tokenizer()
 
 
 # ----------------------------------------------------------------------------------------------- SmolLM2
@@ -183,7 +275,10 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
 
-    if spec in TINY_VARIANTS:
+    if is_random_spec(spec):
+        model, tokenizer = build_random(spec, device=dev, dtype=torch_dtype, seed=seed,
+                                        attn_implementation=attn_implementation)
+    elif spec in TINY_VARIANTS:
         model, tokenizer = build_tiny(spec, seed=seed)
         if attn_implementation:
             model.set_attn_implementation(attn_implementation)
@@ -206,8 +301,8 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
             source = spec  # a hub id, for users online
         else:
             raise ModelNotAvailable(
-                f"model {spec!r} is neither {SMOLLM2!r}, a tiny variant {sorted(TINY_VARIANTS)}, "
-                "a local HF directory, nor a hub id (owner/name)"
+                f"model {spec!r} is neither {SMOLLM2!r}, a tiny variant {sorted(TINY_VARIANTS)}, a random shape "
+                f"({', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}), a local HF directory, nor a hub id (owner/name)"
             )
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(dev)
@@ -215,6 +310,24 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------- memory
+def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
+    """Turn activation (gradient) checkpointing of the decoder layers on or off.
+
+    A checkpointed layer keeps only its input for the backward pass and recomputes the rest there: about one
+    more forward pass of time for activation memory of one layer instead of all of them. transformers 5.x
+    renamed the switch (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``);
+    either is used. Non-reentrant checkpointing, so frozen inputs need no ``requires_grad`` trick.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enable:
+        switch = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        switch({"use_reentrant": False})
+    else:
+        switch = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        switch()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

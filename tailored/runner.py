@@ -193,7 +193,7 @@ def resolve_params(profile: str, steps: list[Step], run_dir: Path, figures_dir: 
 
 
 def _check_model(spec) -> str | None:
-    from tailored.models import SMOLLM2, TINY_VARIANTS
+    from tailored.models import RANDOM_PREFIX, RANDOM_SHAPES, SMOLLM2, TINY_VARIANTS
 
     if spec in (None, ""):
         return ("no model given: this profile needs a model, e.g. `tailored run --profile paper --model /path/to/llama-7b` "
@@ -202,6 +202,10 @@ def _check_model(spec) -> str | None:
         return f"{spec!r} is not a string"
     if spec == SMOLLM2 or spec in TINY_VARIANTS:
         return None
+    if spec.startswith(RANDOM_PREFIX):  # a real shape with random weights, for scale checks
+        if spec[len(RANDOM_PREFIX):] in RANDOM_SHAPES:
+            return None
+        return f"{spec!r} is not a random shape; choose one of {', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}"
     p = Path(spec).expanduser()
     if spec.startswith(("/", ".", "~")) or p.exists():
         if not p.is_dir():
@@ -211,7 +215,8 @@ def _check_model(spec) -> str | None:
         return None
     if "/" in spec:
         return None  # a hub id, for users online
-    return f"{spec!r} is not {SMOLLM2!r}, a tiny variant ({', '.join(TINY_VARIANTS)}), a directory, or a hub id"
+    return (f"{spec!r} is not {SMOLLM2!r}, a tiny variant ({', '.join(TINY_VARIANTS)}), a random shape "
+            f"({', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}), a directory, or a hub id")
 
 
 # ----------------------------------------------------------------------------------------- fingerprints
