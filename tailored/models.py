@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -148,15 +149,18 @@ def is_random_spec(spec) -> bool:
     return isinstance(spec, str) and spec.startswith(RANDOM_PREFIX)
 
 
-def random_config(spec: str, vocab_size: int | None = None):
-    """The ``LlamaConfig`` of ``random:<name>``; special-token ids are the byte tokenizer's ``<|endoftext|>``."""
+def random_config(spec: str, **overrides):
+    """The ``LlamaConfig`` of ``random:<name>`` (``overrides`` replace its fields, e.g. for a small test).
+
+    Special-token ids are the byte tokenizer's ``<|endoftext|>``.
+    """
     from transformers import LlamaConfig
 
     name = spec[len(RANDOM_PREFIX):] if is_random_spec(spec) else spec
     if name not in RANDOM_SHAPES:
         raise ModelNotAvailable(f"unknown random shape {spec!r}; choose one of "
                                 f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}")
-    shape = dict(RANDOM_SHAPES[name])
+    shape = {**RANDOM_SHAPES[name], **overrides}
     theta = shape.pop("rope_theta")
     special = BYTE_VOCAB - 1  # <|endoftext|>, id 256: BOS, EOS and padding
     config = LlamaConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": theta},
@@ -167,7 +171,7 @@ def random_config(spec: str, vocab_size: int | None = None):
 
 @torch.no_grad()
 def build_random(spec: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                 seed: int = 0, attn_implementation: str | None = None):
+                 seed: int = 0, attn_implementation: str | None = None, **overrides):
     """A LLaMA of a real shape with random weights, and the byte tokenizer: ``(model, tokenizer)``.
 
     The model is built on the meta device (no memory), then every parameter is allocated once, directly in
@@ -185,7 +189,7 @@ def build_random(spec: str, device: str | torch.device = "cpu", dtype: str | tor
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = resolve_dtype(dtype)
-    config = random_config(spec)
+    config = random_config(spec, **overrides)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
@@ -197,15 +201,45 @@ def build_random(spec: str, device: str | torch.device = "cpu", dtype: str | tor
     for name, cls in rotary.items():  # computed buffers (rotary inv_freq): rebuild for real, in fp32
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, cls(config=config).to(dev))
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    std = config.initializer_range
+    fill = _GaussianFill(seed, config.initializer_range, dev)
     for name, p in model.named_parameters():  # each tensor once (a tied head is the embedding)
         if p.dim() == 1:
             p.fill_(0.0 if name.endswith("bias") else 1.0)  # RMSNorm scales
         else:
-            p.normal_(0.0, std, generator=gen)
+            fill(p)
     model.eval()
     return model, byte_tokenizer()
+
+
+class _GaussianFill:
+    """Fill tensors with N(0, std²) values, fast on any device and the same on every device for a seed.
+
+    Drawing a billion Gaussian numbers one by one takes about 20 s on one CPU core (a 1B model, once per
+    notebook). So one block G of 2²⁰ draws is made once, and every chunk of 2²⁰ weights is
+    ``cos θ · roll(G, −a) + sin θ · roll(G, −b)`` with a, b, θ drawn per chunk: each weight is still
+    N(0, std²), no two rows are alike, and filling costs a few memory passes.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, seed: int, std: float, device: torch.device):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.block = (torch.randn(self.BLOCK, generator=self.gen) * std).to(device)
+
+    def __call__(self, p: torch.Tensor) -> None:
+        flat, g, size = p.view(-1), self.block, self.BLOCK
+        for start in range(0, flat.numel(), size):
+            dst = flat[start:start + size]  # (n,) written in place: no temporary the size of the chunk
+            a, b = torch.randint(0, size, (2,), generator=self.gen).tolist()
+            theta = float(torch.rand((), generator=self.gen)) * 2 * math.pi
+            for shift, weight, first in ((a, math.cos(theta), True), (b, math.sin(theta), False)):
+                # roll(G, -shift)[:n], read as the two pieces G[shift:] and G[:shift]
+                head = min(size - shift, dst.numel())
+                for part, src in ((dst[:head], g[shift:shift + head]), (dst[head:], g[:dst.numel() - head])):
+                    if first:
+                        torch.mul(src, weight, out=part)
+                    else:
+                        part.add_(src, alpha=weight)
 
 
 # ----------------------------------------------------------------------------------------------- SmolLM2
