@@ -103,7 +103,8 @@ def sample_data(home: Path, examples: int, words: int, source: Path | None = Non
         meta = json.loads((task_dir / "meta.json").read_text())
         out = home / "data" / task_dir.name
         out.mkdir(parents=True, exist_ok=True)
-        sizes["full"][task_dir.name] = dict(meta["splits"])
+        # a sample of a sample (the GPU bundle) still knows the full sizes
+        sizes["full"][task_dir.name] = dict(meta.get("notes", {}).get("full_splits") or meta["splits"])
         for split in meta["splits"]:
             lines = (task_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
             if task_dir.name == "wikitext":  # every article (calibration needs enough of them), each cut short
@@ -116,7 +117,8 @@ def sample_data(home: Path, examples: int, words: int, source: Path | None = Non
                 keep = lines[:examples]
             (out / f"{split}.jsonl").write_text("\n".join(keep) + "\n", encoding="utf-8")
             meta["splits"][split] = len(keep)
-        meta.setdefault("notes", {})["sampled_by"] = "benchmarks/paper_scale.py"
+        meta.setdefault("notes", {}).update(sampled_by="benchmarks/paper_scale.py",
+                                            full_splits=sizes["full"][task_dir.name])
         (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         sizes["sample"][task_dir.name] = dict(meta["splits"])
     return sizes
@@ -234,7 +236,8 @@ def estimate(step: str, measured_s: float, main_s: float, small: dict, full: dic
 
 # ------------------------------------------------------------------------------------------------ main
 def run(model: str, device: str, dtype: str, limits: str, examples: int, words: int, threads: int,
-        keep: Path | None) -> dict:
+        keep: Path | None, report=lambda result: None) -> dict:
+    """Run the five steps; ``report(result)`` is called after each one (a killed run keeps what it measured)."""
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="paper_scale-"))
     work.mkdir(parents=True, exist_ok=True)
     home, params_dir, run_root = work / "home", work / "params", work / "runs"
@@ -277,6 +280,8 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
                    "files_written": len(changed),
                    "full_estimate": est}
             rows.append(row)
+            report({"model": model, "device": device, "dtype": dtype, "limits": limits, "ok": False,
+                    "steps": rows, "total_s": sum(r["wall_s"] for r in rows), "partial": True})
             log(f"{step.name}: {wall:.1f} s, GPU peak {_fmt(row['peak_gpu_GiB'])} GiB, host peak "
                 f"{_fmt(row['peak_host_GiB'])} GiB, wrote {row['written_MiB']:.1f} MiB")
     finally:
@@ -324,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the kernels (CPU: 1)")
     parser.add_argument("--keep", help="keep the run directory here (default: a temporary one, removed)")
     parser.add_argument("--out", default="paper_scale.json")
+    parser.add_argument("--sample-data", metavar="HOME", help="only write the data sample to HOME/data and stop "
+                        "(a small TAILORED_HOME to take to a machine without the prepared data)")
     args = parser.parse_args(argv)
+    if args.sample_data:
+        sizes = sample_data(Path(args.sample_data), args.examples or 64, args.words or 400)
+        log(f"data sample of {len(sizes['sample'])} tasks in {args.sample_data}/data")
+        return 0
 
     import torch
 
@@ -337,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads if args.threads is not None else (0 if gpu else 1)
     command = "python benchmarks/paper_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log(f"{args.model} on {device} in {dtype}, {limits} limits")
-    result = run(args.model, device, dtype, limits, examples, words, threads, Path(args.keep) if args.keep else None)
-    result.update(command=command, torch=torch.__version__, python=platform.python_version(),
-                  machine=(torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()),
-                  cpus=os.cpu_count(), load_average=os.getloadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    where = dict(command=command, torch=torch.__version__, python=platform.python_version(),
+                 machine=(torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()),
+                 cpus=os.cpu_count())
+    result = run(args.model, device, dtype, limits, examples, words, threads, Path(args.keep) if args.keep else None,
+                 report=lambda partial: write_json(args.out, {**partial, **where}))
+    result.update(where, load_average=os.getloadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(args.out, result)
     print(table(result))
     print(f"-> {args.out}")

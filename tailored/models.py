@@ -295,11 +295,16 @@ def convert_smollm2(force: bool = False) -> Path:
 
 # ---------------------------------------------------------------------------------------------- load
 def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "float32", seed: int = 0,
-         attn_implementation: str | None = None):
+         attn_implementation: str | None = None, device_map: str | dict | None = None):
     """Return ``(model, tokenizer)`` for a spec (see module docstring), in eval mode on ``device``.
 
     A directory written by ``tailored.checkpoint.save_pruned`` is loaded with ``load_pruned`` so that pruned
     models can be named anywhere a model can.
+
+    ``device_map`` (a model directory or hub id that does not fit one device): ``"auto"`` or a dict
+    ``{module name: device}``, passed to ``from_pretrained``, which places the layers with accelerate and
+    dispatches the forward pass across them (``"disk"`` entries are read from ``offload`` next to the
+    model's own folder); ``device`` is then ignored. Inputs go to the device of the embedding.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -309,6 +314,9 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
 
+    if device_map is not None and (is_random_spec(spec) or spec in TINY_VARIANTS):
+        raise ValueError(f"device_map is for model directories; {spec!r} is built in code on one device "
+                         "(save it with save_pretrained to spread it over devices)")
     if is_random_spec(spec):
         model, tokenizer = build_random(spec, device=dev, dtype=torch_dtype, seed=seed,
                                         attn_implementation=attn_implementation)
@@ -339,7 +347,12 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
                 f"({', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}), a local HF directory, nor a hub id (owner/name)"
             )
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(dev)
+        if device_map is not None:  # accelerate's dispatch: layers on several devices, hooks move activations
+            offload = Path(source).with_name(Path(source).name + ".offload") if Path(str(source)).is_dir() else None
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs, device_map=device_map,
+                                                         offload_folder=offload and str(offload))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(dev)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
