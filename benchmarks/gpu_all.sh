@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the issue "The paper profile, proven at 7B scale", as ONE prepared command:
-#   1. benchmarks/paper_scale.py on random:llama-7b (the five notebooks, bf16, one GPU, "targets" limits)
-#   2. benchmarks/gpu_check.py (importance memory like-for-like, dense vs 50% speed, LoRA 16 x 256)
+#   1. benchmarks/gpu_check.py (importance memory like-for-like, dense vs 50% speed, LoRA 16 x 256)
+#   2. benchmarks/paper_scale.py on random:llama-7b (the five notebooks, bf16, one GPU, "targets" limits)
 # Both write JSON and a log into benchmarks/results/ (and into $OUT when the device tool runs this).
 #
 # Two halves:
@@ -54,13 +54,13 @@ echo "gpu: $GPU; python: $("$PY" -V); $("$PY" -c 'import torch, transformers, pe
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 status=0
-# 1. the five notebooks at LLaMA-7B shape (writes its JSON after every step: a timeout keeps what was measured)
-timeout 420 "$PY" benchmarks/paper_scale.py --model random:llama-7b \
-    --out "$RES/paper_scale_llama-7b_$GPU.json" 2>&1 | grep -v "Kernel is running over TCP" \
-    | tee "$RES/paper_scale_llama-7b_$GPU.log" || status=1
-# 2. the isolated checks
+# 1. the isolated checks first (about 2 minutes; written at the end, so they get a sure slot)
 timeout 170 "$PY" benchmarks/gpu_check.py --out "$RES/gpu_check_$GPU.json" 2>&1 \
     | tee "$RES/gpu_check_$GPU.log" || status=1
+# 2. the five notebooks at LLaMA-7B shape (JSON rewritten after every step: a timeout keeps what was measured)
+timeout 400 "$PY" benchmarks/paper_scale.py --model random:llama-7b \
+    --out "$RES/paper_scale_llama-7b_$GPU.json" 2>&1 | grep --line-buffered -v "Kernel is running over TCP" \
+    | tee "$RES/paper_scale_llama-7b_$GPU.log" || status=1
 
 if [ -n "${OUT:-}" ]; then
     cp "$RES"/paper_scale_llama-7b_"$GPU".* "$RES"/gpu_check_"$GPU".* "$OUT"/ 2>/dev/null || true

@@ -185,15 +185,17 @@ def cell_seconds(notebook: Path, needle: str) -> tuple[float, float]:
 def items(step: str, run: dict[str, dict], splits: dict[str, dict]) -> float | None:
     """How many items the step's main cell works on, for one run's parameters (all steps: ``run``).
 
-    02: calibration tokens; 03: perplexity-curve points × words of text; 04: trained token slots (runs ×
+    01: one trace; 02: calibration tokens; 03: points of the perplexity curve; 04: trained token slots (runs ×
     steps × rows × max_seq_len); 05: scored examples (models × prompts and shot counts × examples per task).
     ``splits``: task -> split sizes of the data the run reads.
     """
     p = run[step]
+    if step == "01_trace_graph":  # the same work at any setting: one trace of the whole model
+        return 1
     if step == "02_importance":
         return p["n_samples"] * p["seq_len"]
-    if step == "03_prune":
-        return len(p["curve_estimators"]) * len(p["curve_shares"]) * p["ppl_words"]
+    if step == "03_prune":  # each point: a pruned copy and its perplexity (on ppl_words of text)
+        return len(p["curve_estimators"]) * len(p["curve_shares"])
     checkpoints = len(run["04_lora_tune"]["pruned"]) or len(run["03_prune"]["targets"])
     lora = run["04_lora_tune"]
     groups = len(lora["tailored_tasks"]) if lora["tailored_mode"] == "per_task" else 1
@@ -222,6 +224,24 @@ def items(step: str, run: dict[str, dict], splits: dict[str, dict]) -> float | N
         adapters += sweeps * sum(n(t, lim) for t in tuned)
         return (1 + len(run["03_prune"]["targets"])) * plain + adapters
     return None
+
+
+def conditions(step: str, p: dict, metrics: dict) -> str:
+    """What the step's memory was measured under, in words (the targets are stated for these)."""
+    if step == "02_importance":
+        return (f"{p['n_samples']} x {p['seq_len']} tokens, passes of {p['micro_batch']}, checkpointing "
+                f"{'on' if p['gradient_checkpointing'] else 'off'}, {len(p['estimators'])} estimators")
+    if step == "03_prune":
+        return f"targets {p['targets']}, curve {len(p['curve_estimators'])} x {len(p['curve_shares'])}"
+    if step == "04_lora_tune":
+        return (f"{len(metrics.get('runs', {}))} runs x {p['max_steps']} steps of {p['batch_size']} x "
+                f"{p['max_seq_len']} (micro {p['micro_batch_size'] or p['batch_size']}), checkpointing "
+                f"{'on' if p['gradient_checkpointing'] else 'off'}")
+    if step == "05_evaluate":
+        used = {r["task"]: r["k_used"] for r in metrics.get("results", []) if r.get("kind") != "text"}
+        fitted = ", ".join(f"{t} {k}" for t, k in used.items())  # shots that fit the context, per task
+        return f"batch {p['batch_size']}, k = {p['main_k']} (shots that fit: {fitted})"
+    return ""
 
 
 def estimate(step: str, measured_s: float, main_s: float, small: dict, full: dict, small_splits: dict,
@@ -275,6 +295,7 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
             main_s, cells_s = cell_seconds(run_dir / f"{step.name}.ipynb", MAIN_CELL[step.name])
             est = estimate(step.name, wall, main_s, small_all, full, sizes["sample"], sizes["full"])
             row = {"step": step.name, "wall_s": wall, "cells_s": cells_s, "main_cell_s": main_s,
+                   "conditions": conditions(step.name, small_all[step.name], metrics),
                    "peak_gpu_GiB": res.get("peak_gpu_GiB"), "gpu_reserved_GiB": res.get("gpu_reserved_GiB"),
                    "peak_host_GiB": res.get("peak_host_GiB"), "written_MiB": written / 2**20,
                    "files_written": len(changed),
@@ -303,18 +324,18 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| step | wall s | peak GPU GiB | peak host GiB | written MiB | full settings (estimate) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| step | wall s | peak GPU GiB | peak host GiB | written MiB | full settings (estimate) | measured under |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
         if "error" in r:
-            lines.append(f"| {r['step']} | {r['wall_s']:.1f} | FAILED: {r['error'].splitlines()[0]} | | | |")
+            lines.append(f"| {r['step']} | {r['wall_s']:.1f} | FAILED: {r['error'].splitlines()[0]} | | | | |")
             continue
         est = r["full_estimate"]
         full = (f"{est['full_s'] / 60:.1f} min ({est['items_full']:.3g} items at {est['s_per_item']:.3g} s)"
                 if est else "–")
         lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_GiB'])} | {_fmt(r['peak_host_GiB'])} | "
-                     f"{r['written_MiB']:.1f} | {full} |")
-    lines.append(f"| total | {result['total_s']:.1f} | | | | |")
+                     f"{r['written_MiB']:.1f} | {full} | {r.get('conditions', '')} |")
+    lines.append(f"| total | {result['total_s']:.1f} | | | | | |")
     return "\n".join(lines)
 
 

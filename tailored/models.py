@@ -176,9 +176,9 @@ def build_random(spec: str, device: str | torch.device = "cpu", dtype: str | tor
 
     The model is built on the meta device (no memory), then every parameter is allocated once, directly in
     ``dtype`` on ``device`` — never a full fp32 copy on the CPU first, so a 7B model in bf16 takes its 13 GB
-    on the GPU and almost nothing on the host — and initialised as LLaMA is: weights ~ N(0, 0.02), norm
-    scales 1. The rotary frequencies are computed for real (they are not parameters). Deterministic in
-    ``seed`` on a given device, so every notebook of a run rebuilds the same weights.
+    on the GPU and almost nothing on the host — and initialised as LLaMA is: weights ~ N(0, 0.02²)
+    (``_GaussianFill``), norm scales 1. The rotary frequencies are computed for real (they are not
+    parameters). Deterministic in ``seed``, so every notebook of a run rebuilds the same weights.
 
     Tokenizer: the byte-level one made in code (``byte_tokenizer``): it ships with the code (no download),
     its 257 ids fit every vocabulary, and it spells text out byte by byte, so prompts are about four times
@@ -303,8 +303,8 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
 
     ``device_map`` (a model directory or hub id that does not fit one device): ``"auto"`` or a dict
     ``{module name: device}``, passed to ``from_pretrained``, which places the layers with accelerate and
-    dispatches the forward pass across them (``"disk"`` entries are read from ``offload`` next to the
-    model's own folder); ``device`` is then ignored. Inputs go to the device of the embedding.
+    dispatches the forward pass across them (``"disk"`` entries are kept in ``<model dir>.offload``);
+    ``device`` is then ignored. Inputs go to the device of the embedding.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -348,9 +348,9 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
             )
         tokenizer = AutoTokenizer.from_pretrained(source)
         if device_map is not None:  # accelerate's dispatch: layers on several devices, hooks move activations
-            offload = Path(source).with_name(Path(source).name + ".offload") if Path(str(source)).is_dir() else None
+            offload = f"{source}.offload" if Path(str(source)).is_dir() else None  # for "disk" entries
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs, device_map=device_map,
-                                                         offload_folder=offload and str(offload))
+                                                         offload_folder=offload)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(dev)
     if tokenizer.pad_token is None:
