@@ -19,7 +19,7 @@ PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "bundle" ]; then
     set -e
-    PYTHONPATH=$ROOT "$PY" benchmarks/paper_scale.py --sample-data .gpu/home --examples 64 --words 400
+    PYTHONPATH=$ROOT "$PY" benchmarks/paper_scale.py --sample-data .gpu/home --examples 128 --words 400
     rm -rf .gpu/wheels && mkdir -p .gpu/wheels
     # the GPU image (Python 3.12, CUDA torch) lacks these; --no-deps: each one is named
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -125,13 +125,15 @@ def sample_data(home: Path, examples: int, words: int, source: Path | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- params
-def write_params(params_dir: Path, model: str, device: str, dtype: str, limits: str) -> dict:
-    """``params_dir/paper_scale.yaml``: params/paper.yaml with the model, device, dtype and the limits."""
+def write_params(params_dir: Path, model: str, device: str, dtype: str, limits: str,
+                 settings: dict[str, dict] | None = None) -> dict:
+    """``params_dir/paper_scale.yaml``: params/paper.yaml with the model, device, dtype, the limits and
+    ``settings`` (``{step: {key: value}}``, from ``--set``) laid over it; returns paper.yaml as read."""
     paper = yaml.safe_load((runner.PARAMS_DIR / "paper.yaml").read_text())
     data = copy.deepcopy(paper)
     data["description"] = f"paper profile at scale ({limits} limits), written by benchmarks/paper_scale.py"
     data["common"].update(model=model, device=device, dtype=dtype)
-    for step, values in LIMITS[limits].items():
+    for step, values in [*LIMITS[limits].items(), *(settings or {}).items()]:
         data.setdefault("steps", {}).setdefault(step, {}).update(values)
     params_dir.mkdir(parents=True, exist_ok=True)
     (params_dir / f"{PROFILE}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -256,14 +258,14 @@ def estimate(step: str, measured_s: float, main_s: float, small: dict, full: dic
 
 # ------------------------------------------------------------------------------------------------ main
 def run(model: str, device: str, dtype: str, limits: str, examples: int, words: int, threads: int,
-        keep: Path | None, report=lambda result: None) -> dict:
+        keep: Path | None, report=lambda result: None, settings: dict[str, dict] | None = None) -> dict:
     """Run the five steps; ``report(result)`` is called after each one (a killed run keeps what it measured)."""
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="paper_scale-"))
     work.mkdir(parents=True, exist_ok=True)
     home, params_dir, run_root = work / "home", work / "params", work / "runs"
     shutil.rmtree(run_root, ignore_errors=True)
     sizes = sample_data(home, examples, words)
-    paper = write_params(params_dir, model, device, dtype, limits)
+    paper = write_params(params_dir, model, device, dtype, limits, settings)
     full = full_params(paper, model)
     env_before = {k: os.environ.get(k) for k in ("TAILORED_HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ["TAILORED_HOME"] = str(home)  # the kernels inherit it: they read the sampled data
@@ -314,9 +316,26 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return {"model": model, "device": device, "dtype": dtype, "limits": limits, "limits_params": LIMITS[limits],
+            "settings": settings or {},
             "examples_per_split": examples, "words_per_article": words, "threads": threads or None,
             "ok": len(rows) == len(steps) and not any("error" in r for r in rows),
             "steps": rows, "total_s": sum(r["wall_s"] for r in rows)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.0f} days"
 
 
 def _fmt(x, spec: str = ".2f") -> str:
@@ -331,8 +350,7 @@ def table(result: dict) -> str:
             lines.append(f"| {r['step']} | {r['wall_s']:.1f} | FAILED: {r['error'].splitlines()[0]} | | | | |")
             continue
         est = r["full_estimate"]
-        full = (f"{est['full_s'] / 60:.1f} min ({est['items_full']:.3g} items at {est['s_per_item']:.3g} s)"
-                if est else "–")
+        full = f"{_duration(est['full_s'])} ({est['items_full']:.3g} items at {est['s_per_item']:.3g} s)" if est else "–"
         lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_GiB'])} | {_fmt(r['peak_host_GiB'])} | "
                      f"{r['written_MiB']:.1f} | {full} | {r.get('conditions', '')} |")
     lines.append(f"| total | {result['total_s']:.1f} | | | | | |")
@@ -345,16 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda when there is one, else cpu")
     parser.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU (bf16 is slower there)")
     parser.add_argument("--limits", choices=sorted(LIMITS), default=None, help="targets on a GPU, ci on a CPU")
-    parser.add_argument("--examples", type=int, default=None, help="examples kept per data split (64 / 8)")
+    parser.add_argument("--examples", type=int, default=None, help="examples kept per data split (128 / 8)")
     parser.add_argument("--words", type=int, default=None, help="words kept per Wikipedia article (400 / 30)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the kernels (CPU: 1)")
     parser.add_argument("--keep", help="keep the run directory here (default: a temporary one, removed)")
+    parser.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE",
+                        help="one more notebook parameter, e.g. 03_prune.layer_range=[0,4] (YAML value)")
     parser.add_argument("--out", default="paper_scale.json")
     parser.add_argument("--sample-data", metavar="HOME", help="only write the data sample to HOME/data and stop "
                         "(a small TAILORED_HOME to take to a machine without the prepared data)")
     args = parser.parse_args(argv)
     if args.sample_data:
-        sizes = sample_data(Path(args.sample_data), args.examples or 64, args.words or 400)
+        sizes = sample_data(Path(args.sample_data), args.examples or 128, args.words or 400)
         log(f"data sample of {len(sizes['sample'])} tasks in {args.sample_data}/data")
         return 0
 
@@ -364,16 +384,21 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.startswith("cuda")
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     limits = args.limits or ("targets" if gpu else "ci")
-    examples = args.examples or (64 if limits == "targets" else 8)
+    examples = args.examples or (128 if limits == "targets" else 8)
     words = args.words or (400 if limits == "targets" else 30)
     threads = args.threads if args.threads is not None else (0 if gpu else 1)
     command = "python benchmarks/paper_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log(f"{args.model} on {device} in {dtype}, {limits} limits")
     where = dict(command=command, torch=torch.__version__, python=platform.python_version(),
-                 machine=(torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()),
+                 machine=torch.cuda.get_device_name() if gpu else cpu_name(),
                  cpus=os.cpu_count())
+    settings: dict[str, dict] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        step, _, name = key.partition(".")
+        settings.setdefault(step, {})[name] = yaml.safe_load(value)
     result = run(args.model, device, dtype, limits, examples, words, threads, Path(args.keep) if args.keep else None,
-                 report=lambda partial: write_json(args.out, {**partial, **where}))
+                 report=lambda partial: write_json(args.out, {**partial, **where}), settings=settings)
     result.update(where, load_average=os.getloadavg(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(args.out, result)
     print(table(result))
