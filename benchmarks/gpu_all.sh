@@ -55,10 +55,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 status=0
 # 1. the isolated checks first (about 2 minutes; written at the end, so they get a sure slot)
-timeout 170 "$PY" benchmarks/gpu_check.py --out "$RES/gpu_check_$GPU.json" 2>&1 \
+timeout 160 "$PY" benchmarks/gpu_check.py --out "$RES/gpu_check_$GPU.json" 2>&1 \
     | tee "$RES/gpu_check_$GPU.log" || status=1
 # 2. the five notebooks at LLaMA-7B shape (JSON rewritten after every step: a timeout keeps what was measured)
-timeout 400 "$PY" benchmarks/paper_scale.py --model random:llama-7b \
+timeout 410 "$PY" benchmarks/paper_scale.py --model random:llama-7b \
     --out "$RES/paper_scale_llama-7b_$GPU.json" 2>&1 | grep --line-buffered -v "Kernel is running over TCP" \
     | tee "$RES/paper_scale_llama-7b_$GPU.log" || status=1
 

@@ -52,12 +52,12 @@ PROFILE = "paper_scale"
 LIMITS: dict[str, dict[str, dict]] = {
     "targets": {
         "02_importance": {"n_samples": 10, "seq_len": 128, "check_mlp_units": 8},
-        "03_prune": {"curve_estimators": ["param_first"], "curve_shares": [0.2, 0.5], "ppl_words": 300},
+        "03_prune": {"curve_estimators": ["param_first"], "curve_shares": [0.5], "ppl_words": 200},
         "04_lora_tune": {"pruned": ["block_20"], "tailored_tasks": ["boolq"], "length_tasks": ["boolq"],
                          "n_train": 48, "n_generic": 48, "n_validation": 16, "n_sweep": [48],
                          "batch_size": 16, "micro_batch_size": 16, "max_steps": 3, "save_every": 3,
                          "max_seq_len": 256},
-        "05_evaluate": {"tasks": ["boolq", "arc_easy", "squad"], "prompts": ["task_specific"], "main_k": 25,
+        "05_evaluate": {"tasks": ["arc_easy", "boolq"], "prompts": ["task_specific"], "main_k": 25,
                         "k_sweep": [25], "k_sweep_tasks": ["boolq"], "limit": 16, "generation_limit": 4,
                         "generation_new_tokens": 16, "generation_prompts": ["task_specific"], "ppl_docs": 1,
                         "batch_size": 16},
