@@ -15,10 +15,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # on the GPU image, the python3 that holds CUDA torch
 
 if [ "${1:-}" = "bundle" ]; then
     set -e
+    [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python  # here: the project's venv
     PYTHONPATH=$ROOT "$PY" benchmarks/paper_scale.py --sample-data .gpu/home --examples 128 --words 400
     rm -rf .gpu/wheels && mkdir -p .gpu/wheels
     # the GPU image (Python 3.12, CUDA torch) lacks these; --no-deps: each one is named
@@ -33,6 +34,8 @@ if [ "${1:-}" = "bundle" ]; then
         stack-data==0.6.3 asttokens==3.0.0 executing==2.2.0 pure-eval==0.2.3 matplotlib-inline==0.1.7 \
         nest-asyncio==1.6.0 pyzmq==27.0.0 tornado==6.5.1 python-dateutil==2.9.0.post0 \
         regex==2026.11.19 transformers==5.24.0 peft==0.21.2
+    # (checked: these wheels, with the cp311 builds of debugpy, pyzmq, rpds-py and tornado, ran a papermill
+    # notebook on the python3 kernel in a bare Python that had only the GPU image's common packages)
     du -sh .gpu/home .gpu/wheels
     echo "bundle ready: run 'bash benchmarks/gpu_all.sh' on the GPU machine with .gpu carried along"
     exit 0
