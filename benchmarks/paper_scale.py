@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from tailored import paths, runner  # noqa: E402
 from tailored.artifacts import read_metrics, write_json  # noqa: E402
+from tailored.data import TASKS  # noqa: E402
 
 PROFILE = "paper_scale"
 
@@ -206,8 +207,6 @@ def items(step: str, run: dict[str, dict], splits: dict[str, dict]) -> float | N
         runs = checkpoints * (1 + groups) + sweeps * groups
         return runs * p["max_steps"] * p["batch_size"] * p["max_seq_len"]
     if step == "05_evaluate":
-        from tailored.data import TASKS
-
         def n(task: str, limit) -> int:
             generated = TASKS[task].kind in ("extractive_qa", "summarization")
             size = splits.get(task, {}).get(TASKS[task].eval_split, 0)
