@@ -1,17 +1,26 @@
 """GPU check at LLaMA-7B shape with random weights: one command, a few minutes, figures printed and saved.
 
-    python benchmarks/gpu_check.py --out gpu_check.json            # on a GPU machine (bf16)
-    python benchmarks/gpu_check.py --shape small --device cpu      # a dry run of the same code on a CPU
+    python benchmarks/gpu_check.py --out gpu_check.json               # on a GPU machine (bf16)
+    python benchmarks/gpu_check.py --model tiny --device cpu          # a dry run of the same code on a CPU
 
 It measures, in one process and side by side:
-1. speed of the dense 7B shape against the same shape with half of its decoder parameters removed
-   (block-wise, layers 4–30 as in LLM-Pruner, random scores — speed depends on shapes, not on which units go):
-   prefill of 512 tokens, decode tokens/s at batch 1 and 16 with HF eager ``generate`` and with
-   ``FastDecoder`` (CUDA-graph decode step), and the dense decode's share of the memory-bandwidth floor;
-2. peak GPU memory of the importance step (first-order Taylor, 10 × 128 tokens, gradient checkpointing)
-   against a plain forward + backward that keeps every gradient;
-3. one LoRA step (rank 8, all seven projections) on the pruned shape: seconds and peak memory.
-Nothing here needs weights or data from outside: the model is random, the tokens are random ids.
+1. peak memory of the importance step (first-order Taylor, 10 × 128 tokens in one pass) against a plain
+   forward + backward that keeps every gradient, both measured the same way: eval mode (no dropout), with
+   and without gradient checkpointing of the decoder layers (``compute_importance(checkpointing=…)``, the
+   plain pass flagged the same way), each peak taken *above the weights resident before it*; it prints
+   the ratio the target is stated in (importance / plain, ≤ 0.75) and the absolute peak of notebook 02
+   (weights + the step's own peak, ≤ 16 GiB);
+2. speed of the dense shape against the same shape with half of its decoder parameters removed (block-wise,
+   layers 4–30 as in LLM-Pruner, random scores — speed depends on shapes, not on which units go): prefill
+   of 512 tokens; decode tokens/s at batch 1 and 16 (128-token prompts) with HF eager ``generate`` and with
+   ``FastDecoder`` (CUDA-graph decode step), *decode steps alone* — the prompt's prefill (2048 tokens at
+   batch 16) is timed separately and reported as ``prompt_prefill_ms_bs<b>`` — and the dense decode's share
+   of the memory-bandwidth floor;
+3. LoRA steps (rank 8, all seven projections, 16 × 256 tokens, answer-only loss on the last quarter, bf16
+   autocast, gradient checkpointing, as notebook 04 at the paper's settings) on the pruned shape: seconds,
+   weights and peak memory.
+Nothing here needs weights or data from outside: the model is random (``random:llama-7b``), the tokens are
+random ids.
 """
 
 from __future__ import annotations
@@ -21,31 +30,47 @@ import copy
 import gc
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=1000),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from tailored.anatomy import decoder_layers, set_checkpointing  # noqa: E402
+from tailored.graph import trace  # noqa: E402
+from tailored.importance import compute_importance  # noqa: E402
+from tailored.lora import IGNORE, LoraSettings, add_lora, completion_loss  # noqa: E402
+from tailored.models import load  # noqa: E402
+from tailored.prune import apply, plan_pruning  # noqa: E402
+from tailored.speed import compare  # noqa: E402
+
+GIB = 2**30
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def peak_reset(device) -> None:
-    gc.collect()
+def sync(device) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
 
 
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+def resident(device) -> float | None:
+    """GiB allocated now (the weights and whatever else is alive), and the peak counter reset to it."""
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / GIB
+
+
+def own_peak(device, base: float | None) -> float | None:
+    """The peak since ``resident`` above what was resident then: the step's own memory."""
+    return None if base is None else torch.cuda.max_memory_allocated() / GIB - base
 
 
 def bandwidth_gbs(device) -> float | None:
@@ -63,47 +88,115 @@ def bandwidth_gbs(device) -> float | None:
     return 2 * 10 * x.numel() / (time.perf_counter() - t) / 1e9
 
 
-def main() -> int:
+def plain_forward_backward(model, ids: torch.Tensor, checkpointing: bool) -> None:
+    """One forward + backward over ``ids`` keeping every gradient, in eval mode like ``compute_importance``."""
+    model.eval()
+    if checkpointing:
+        set_checkpointing(model, True)
+        for layer in decoder_layers(model):
+            layer.training = True  # as compute_importance does: checkpoint the layers, no dropout
+    try:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    finally:
+        if checkpointing:
+            set_checkpointing(model, False)
+        model.eval()
+
+
+def importance_memory(dense, graph, vocab: int, device, result: dict) -> None:
+    ids = torch.randint(0, vocab, (10, 128), generator=torch.Generator().manual_seed(0)).to(device)
+    result["weights_dense_GiB"] = resident(device)
+    rows = {}
+    for ckpt in (False, True):
+        base = resident(device)
+        t = time.perf_counter()
+        plain_forward_backward(dense, ids, ckpt)
+        sync(device)
+        plain_s, plain = time.perf_counter() - t, own_peak(device, base)
+        dense.zero_grad(set_to_none=True)
+        base = resident(device)
+        t = time.perf_counter()
+        compute_importance(dense, graph, ids, estimators=("param_first",), micro_batch=len(ids), progress=False,
+                           checkpointing=ckpt)
+        sync(device)
+        imp_s, imp = time.perf_counter() - t, own_peak(device, base)
+        row = {"plain_own_peak_GiB": plain, "importance_own_peak_GiB": imp, "plain_s": plain_s, "importance_s": imp_s,
+               "ratio": imp / plain if plain else None,
+               "notebook_02_peak_GiB": None if imp is None else result["weights_dense_GiB"] + imp}
+        rows["checkpointed" if ckpt else "not_checkpointed"] = row
+        log(f"importance, {'with' if ckpt else 'without'} checkpointing: own peak {row['importance_own_peak_GiB']} "
+            f"GiB vs plain fwd+bwd {row['plain_own_peak_GiB']} GiB (ratio {row['ratio']}, target <= 0.75); "
+            f"weights + step = {row['notebook_02_peak_GiB']} GiB (target <= 16); {imp_s:.1f} s vs {plain_s:.1f} s")
+    result["importance_memory"] = rows
+
+
+def lora_steps(pruned, vocab: int, device, result: dict, batch: int = 16, seq: int = 256) -> None:
+    settings = LoraSettings(batch_size=batch, micro_batch_size=batch, max_seq_len=seq, gradient_checkpointing=True,
+                            dropout=0.1, rank=8, alpha=16.0)
+    result["weights_pruned_GiB"] = resident(device)
+    peft = add_lora(pruned, settings)
+    set_checkpointing(peft, True)
+    peft.train()
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    labels = ids.clone()
+    labels[:, : seq * 3 // 4] = IGNORE  # answer-only loss on the last quarter, as completion_loss trains
+    rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    autocast = settings.autocast_dtype(device)
+    base = resident(device)
+    times = []
+    for _ in range(3):  # the first step warms up kernels; the median of the others
+        sync(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss, _ = completion_loss(peft, rows, reduction="mean")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    result["lora"] = {"batch": batch, "seq_len": seq, "gradient_checkpointing": True, "step_s": sorted(times[1:])[0],
+                      "tokens_per_s": batch * seq / sorted(times[1:])[0],
+                      "own_peak_GiB": own_peak(device, base),
+                      "notebook_04_peak_GiB": None if base is None else torch.cuda.max_memory_allocated() / GIB}
+    log(f"LoRA {batch} x {seq}: {result['lora']['step_s']:.3f} s per step "
+        f"({result['lora']['tokens_per_s']:.0f} tok/s), peak {result['lora']['notebook_04_peak_GiB']} GiB "
+        f"(weights {result['weights_pruned_GiB']} GiB; target <= 40)")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--model", default="random:llama-7b", help="random:<shape>, tiny, or a model directory")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--share", type=float, default=0.5, help="share of decoder parameters removed")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="gpu_check.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tailored.graph import trace
-    from tailored.importance import compute_importance
-    from tailored.models import resolve_dtype
-    from tailored.prune import apply, plan_pruning
-    from tailored.speed import compare
-
-    device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
+    device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "dtype": args.dtype, "shape": args.shape,
+              "torch": torch.__version__, "dtype": args.dtype, "model": args.model,
               "command": "python benchmarks/gpu_check.py " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                                        for k, v in vars(args).items())}
-    cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
     t = time.perf_counter()
-    with torch.device(device):
-        dense = LlamaForCausalLM(cfg).to(dtype).eval()
+    dense, _ = load(args.model, device=args.device, dtype=args.dtype)
+    vocab = dense.config.vocab_size
     log(f"dense {sum(p.numel() for p in dense.parameters()) / 1e9:.2f} B params built in {time.perf_counter() - t:.1f} s")
-
     t = time.perf_counter()
     graph = trace(dense)
     result["trace_s"] = time.perf_counter() - t
-    scores = {g.name: torch.rand(g.units) for g in graph.groups}
+
+    # 1. importance memory (dense alone resident, as in notebook 02)
+    importance_memory(dense, graph, vocab, device, result)
+
+    # 2. speed, side by side
+    scores = {g.name: torch.rand(g.units, generator=torch.Generator().manual_seed(0)) for g in graph.groups}
     plan = plan_pruning(graph, scores, target=args.share)
     pruned = apply(plan, copy.deepcopy(dense), graph)
     result["plan"] = {"share_decoder": plan.share_decoder, "share_model": plan.share_model,
                       "llm_pruner_ratio": plan.llm_pruner_ratio, "params_after": plan.params_after}
     log(f"traced in {result['trace_s']:.1f} s; pruned {plan.share_decoder:.1%} of the decoder")
-
-    # 1. speed, side by side
     rows = compare({"dense": dense, f"pruned_{round(100 * args.share)}": pruned}, prompt_len=128,
                    new_tokens=args.new_tokens, batches=(1, 16), prefill_len=512, repeats=3)
     bw = bandwidth_gbs(device)
@@ -116,50 +209,11 @@ def main() -> int:
     result["speed"] = rows
     for r in rows:
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-
-    # 2. importance memory: plain forward+backward keeping all grads vs the hook-based importance step
-    ids = torch.randint(0, cfg.vocab_size, (10, 128), device=device)
-    dense.gradient_checkpointing_enable()
-    dense.train()
-    peak_reset(device)
-    loss = dense(ids, labels=ids).loss
-    loss.backward()
-    result["plain_fwd_bwd_peak_GiB"] = peak_gib(device)
-    dense.zero_grad(set_to_none=True)
-    del loss
-    peak_reset(device)
-    t = time.perf_counter()
-    compute_importance(dense, graph, ids, estimators=("param_first",), micro_batch=len(ids), progress=False)
-    result["importance_s"] = time.perf_counter() - t
-    result["importance_peak_GiB"] = peak_gib(device)
-    log(f"importance {result['importance_s']:.1f} s, peak {result['importance_peak_GiB']} GiB vs plain "
-        f"{result['plain_fwd_bwd_peak_GiB']} GiB")
     del dense
-    peak_reset(device)
+    gc.collect()
 
-    # 3. one LoRA step on the pruned shape
-    from peft import LoraConfig, get_peft_model
-
-    lora = get_peft_model(pruned, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"]))
-    lora.train()
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
-    batch = torch.randint(0, cfg.vocab_size, (8, 256), device=device)
-    for _ in range(3):  # the first step warms up kernels; time the last
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        lora(batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        result["lora_step_s"] = time.perf_counter() - t
-    result["lora_tokens_per_s"] = batch.numel() / result["lora_step_s"]
-    result["lora_peak_GiB"] = peak_gib(device)
-    log(f"LoRA step {result['lora_step_s']:.3f} s ({result['lora_tokens_per_s']:.0f} tok/s), "
-        f"peak {result['lora_peak_GiB']} GiB")
+    # 3. LoRA steps on the pruned shape (the dense model gone, as in notebook 04)
+    lora_steps(pruned, vocab, device, result)
 
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2, default=str)

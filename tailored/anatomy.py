@@ -73,3 +73,20 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
             h.update(torch.stack([x.sum(), x.square().sum()]).cpu().numpy().tobytes())
             h.update(picked.cpu().numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
+    """Turn activation (gradient) checkpointing of the decoder layers on or off.
+
+    A checkpointed layer keeps only its input for the backward pass and recomputes the rest there: about one
+    more forward pass of time for activation memory of one layer instead of all of them. transformers 5.x
+    renamed the switch (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``);
+    either is used. Non-reentrant checkpointing, so frozen inputs need no ``requires_grad`` trick.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enable:
+        switch = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        switch({"use_reentrant": False})
+    else:
+        switch = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        switch()

@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import re
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,30 @@ def metrics_path(run_dir: str | Path, step: str) -> Path:
 
 
 def write_metrics(run_dir: str | Path, step: str, metrics: dict) -> Path:
-    """Write one step's metrics (the numbers tests and later notebooks read), atomically."""
-    return write_json(metrics_path(run_dir, step), metrics)
+    """Write one step's metrics (the numbers tests and later notebooks read), atomically.
+
+    A ``resources`` block is added: what the process writing them (the notebook's kernel) used so far.
+    """
+    return write_json(metrics_path(run_dir, step), {**metrics, "resources": resources()})
+
+
+def resources() -> dict:
+    """Peak memory of this process so far: host (peak resident set) and, where CUDA was used, GPU.
+
+    ``peak_gpu_GiB`` is ``torch.cuda.max_memory_allocated`` (tensors, not the allocator's cache; the
+    figure the memory targets are stated in), ``gpu_reserved_GiB`` what the caching allocator holds at its
+    peak. Measured in the process itself: a parent's ``RUSAGE_CHILDREN`` is a maximum over all its children.
+    """
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    out = {"peak_host_GiB": kib / (2**30 if sys.platform == "darwin" else 2**20),
+           "peak_gpu_GiB": None, "gpu_reserved_GiB": None, "gpu": None}
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpus = range(torch.cuda.device_count())  # a model dispatched over several GPUs: their sum
+        out.update(peak_gpu_GiB=sum(torch.cuda.max_memory_allocated(d) for d in gpus) / 2**30,
+                   gpu_reserved_GiB=sum(torch.cuda.max_memory_reserved(d) for d in gpus) / 2**30,
+                   gpu=torch.cuda.get_device_name())
+    return out
 
 
 def read_metrics(run_dir: str | Path, step: str) -> dict:

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", help="comma-separated step numbers to run, e.g. 01,02")
     p.add_argument("--from", dest="start", help="run from this step to the end, e.g. 03")
     p.add_argument("--force", action="store_true", help="rerun steps even if nothing changed")
-    p.add_argument("--model", help="model for this run (a local HF directory for the paper profile)")
+    p.add_argument("--model", help="model for this run (a local HF directory for the paper profile; "
+                   "random:llama-7b and the other random:<shape> specs for a scale check)")
     p.add_argument("--run-root", help="folder holding <profile>/ (default: runs/ in the repository)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p.set_defaults(func=_cmd_run)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tailored.anatomy import weights_fingerprint
+from tailored.anatomy import set_checkpointing, weights_fingerprint
 from tailored.artifacts import read_json, write_json
 from tailored.data import load_task
 from tailored.lock import pid_alive
@@ -91,6 +91,10 @@ class LoraSettings:
     budget takes (known in advance: the data order is fixed by ``seed``).
 
     ``precision="auto"`` trains under bf16 autocast on a CUDA device that supports it, else in fp32.
+    ``gradient_checkpointing`` recomputes each decoder layer in the backward pass instead of keeping its
+    activations: about one more forward pass per step, for the memory of one layer's activations instead of
+    all of them (the paper profile's 16 × 256 micro-batches at LLaMA-7B). It changes memory and time, not the
+    result, so a run may be continued with it switched.
     """
 
     rank: int = 8
@@ -110,6 +114,7 @@ class LoraSettings:
     seed: int = 0
     save_every: int = 50  # steps between saved (resumable) checkpoints; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: less memory
 
     def __post_init__(self):
         # Accept a list from YAML for the target modules, but keep the dataclass hashable.
@@ -153,6 +158,8 @@ class LoraSettings:
             bad(f"seed {self.seed!r} must be an integer >= 0")
         if self.select not in SELECTIONS:
             bad(f"select {self.select!r} is not one of {SELECTIONS}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            bad(f"gradient_checkpointing {self.gradient_checkpointing!r} must be True or False")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -583,11 +590,15 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
 def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -> str | None:
     """Why a run saved in ``out_dir`` is not the one asked for now (``None``: it is, continue or reuse it).
 
-    A run is the same when its settings (``save_every`` aside), its training examples and its base model's
-    weights are: a checkpoint re-pruned with another estimator is another base, even under the same name.
+    A run is the same when its settings, its training examples and its base model's weights are: a checkpoint
+    re-pruned with another estimator is another base, even under the same name. Settings that change memory
+    and time but not the result (``save_every``, ``gradient_checkpointing``) may differ; so may a setting the
+    saved run predates, when it has its default value now.
     """
     now = settings.to_dict()
-    diff = sorted(k for k in now if k != "save_every" and saved["settings"].get(k) != now[k])
+    free = {"save_every", "gradient_checkpointing"}
+    defaults = LoraSettings.__dataclass_fields__
+    diff = sorted(k for k in now if k not in free and saved["settings"].get(k, defaults[k].default) != now[k])
     if diff:
         return (f"other settings ({', '.join(diff)}: {({k: saved['settings'].get(k) for k in diff})} there, "
                 f"{({k: now[k] for k in diff})} now)")
@@ -732,6 +743,8 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
 
     base = weights_fingerprint(model)  # what the adapter is made for: reused only on these very weights
     peft_model = add_lora(model, settings)
+    if settings.gradient_checkpointing:
+        set_checkpointing(peft_model, True)
     params = [p for _, p in _trainable(peft_model)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]

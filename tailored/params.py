@@ -32,7 +32,7 @@ Rules (any may end with ``or None``):
 ``device`` / ``dtype`` a torch device (``cpu``, ``cuda``, ``auto``…) / ``float32``, ``bfloat16``…
 ``layer``              a decoder layer of ``model``; ``layer range``: ``[start, end]`` inside it
 ``names``              a list of strings; ``sizes``: a list of integers >= 1 (may be empty)
-``text``               a string
+``text`` / ``bool``    a string / true or false
 =====================  ======================================================================
 """
 
@@ -188,6 +188,8 @@ def _check_rule(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> 
         ok = (isinstance(value, list) and len(value) == 2 and all(_number(v, "int") for v in value)
               and 0 <= value[0] < value[1] <= (n if n is not None else value[1]))
         return None if ok else f"[start, end] with 0 <= start < end <= {n} (end exclusive), or None for LLM-Pruner's range"
+    if rule == "bool":
+        return None if isinstance(value, bool) else "true or false"
     if rule == "sizes":
         ok = isinstance(value, list) and all(_number(v, "int") and v >= 1 for v in value)
         return None if ok else "a list of integers >= 1 (empty for none)"

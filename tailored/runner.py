@@ -35,7 +35,7 @@ import yaml
 from tailored import data, paths, rundir
 from tailored.artifacts import ArtifactError, embed_tables, read_json, stat_fingerprint, write_json
 from tailored.lock import run_lock
-from tailored.models import SMOLLM2, TINY_VARIANTS
+from tailored.models import RANDOM_PREFIX, RANDOM_SHAPES, SMOLLM2, TINY_VARIANTS
 from tailored.params import INJECTED, Declared, ParamsError, declared
 from tailored.params import check as check_params
 from tailored.prompts import prompt_table
@@ -248,6 +248,10 @@ def _check_model(spec) -> str | None:
         return f"{spec!r} is not a string"
     if spec == SMOLLM2 or spec in TINY_VARIANTS:
         return None
+    if spec.startswith(RANDOM_PREFIX):  # a real shape with random weights, for scale checks
+        if spec[len(RANDOM_PREFIX):] in RANDOM_SHAPES:
+            return None
+        return f"{spec!r} is not a random shape; choose one of {', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}"
     p = Path(spec).expanduser()
     if spec.startswith(("/", ".", "~")) or p.exists():
         if not p.is_dir():
@@ -257,7 +261,8 @@ def _check_model(spec) -> str | None:
         return None
     if "/" in spec:
         return None  # a hub id, for users online
-    return f"{spec!r} is not {SMOLLM2!r}, a tiny variant ({', '.join(TINY_VARIANTS)}), a directory, or a hub id"
+    return (f"{spec!r} is not {SMOLLM2!r}, a tiny variant ({', '.join(TINY_VARIANTS)}), a random shape "
+            f"({', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}), a directory, or a hub id")
 
 
 # ----------------------------------------------------------------------------------------- fingerprints

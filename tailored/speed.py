@@ -236,7 +236,12 @@ def _hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def _cases(model, name: str, prompt_len: int, new_tokens: int, batches, prefill_len: int, eager: bool,
            compile: bool) -> tuple[dict, list[tuple[str, object, int]]]:
-    """The static facts of one model, and its timed cases ``(key, fn, tokens)`` (tokens 0: report milliseconds)."""
+    """The static facts of one model, and its timed cases ``(key, fn, tokens)`` (tokens 0: report milliseconds).
+
+    Each decode case comes with its prompt's prefill (``generate`` of one token: the prompt's forward pass
+    and the first token read off it); ``compare`` subtracts that time, so decode tokens/s count decode
+    steps alone and the prefill is reported on its own.
+    """
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)  # every model gets the same inputs
@@ -252,10 +257,12 @@ def _cases(model, name: str, prompt_len: int, new_tokens: int, batches, prefill_
     for bsz in batches:
         prompt = torch.randint(0, vocab, (bsz, prompt_len), generator=gen).to(device)
         fast = FastDecoder(model, max_batch=bsz, max_len=prompt_len + new_tokens, compile=compile)
-        cases.append((f"decode_tok_s_bs{bsz}", partial(fast.generate, prompt, new_tokens), bsz * new_tokens))
+        cases.append((f"prompt_prefill_ms_bs{bsz}", partial(fast.generate, prompt, 1), 0))
+        cases.append((f"decode_tok_s_bs{bsz}", partial(fast.generate, prompt, new_tokens), bsz * (new_tokens - 1)))
         if eager:
+            cases.append((f"hf_prompt_prefill_ms_bs{bsz}", partial(_hf_generate, model, prompt, 1), 0))
             cases.append((f"hf_decode_tok_s_bs{bsz}", partial(_hf_generate, model, prompt, new_tokens),
-                          bsz * new_tokens))
+                          bsz * (new_tokens - 1)))
     return row, cases
 
 
@@ -273,7 +280,14 @@ def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(
     Measurements are interleaved: each repeat times every case of every model in turn, and each figure is the
     median over repeats (after one warm-up run of each case). A burst of load on a shared machine then hits
     dense and pruned alike instead of whichever model happened to be measured during it.
+
+    Decode tokens/s are of the decode steps alone: ``batch × (new_tokens − 1)`` tokens over the median time of
+    generating ``new_tokens`` minus the median time of the prompt's prefill (``prompt_prefill_ms_bs<b>``,
+    reported beside them; the first new token is read off the prefill).
     """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens}: decode speed needs at least 2 new tokens (the first comes "
+                         "from the prompt's prefill)")
     built = [_cases(m, name, prompt_len, new_tokens, batches, prefill_len, eager, compile)
              for name, m in models.items()]
     devices = [next(m.parameters()).device for m in models.values()]
@@ -287,9 +301,13 @@ def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(
                 times.setdefault((i, key), []).append(_timed(fn, device))
     rows = []
     for i, (row, cases) in enumerate(built):
+        median = {key: sorted(times[i, key])[len(times[i, key]) // 2] for key, _, _ in cases}
         for key, _, tokens in cases:
-            secs = sorted(times[i, key])[len(times[i, key]) // 2]
-            row[key] = tokens / secs if tokens else 1000 * secs
+            if tokens:  # a decode case: its prompt's prefill (same path, same batch) taken off
+                prefill = median[key.replace("decode_tok_s", "prompt_prefill_ms")]
+                row[key] = tokens / max(median[key] - prefill, 1e-9)
+            else:
+                row[key] = 1000 * median[key]
         row["repeats"] = repeats
         rows.append(row)
     base = rows[0]
@@ -303,7 +321,7 @@ def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(
 
 def format_table(rows: list[dict]) -> str:
     keys = ["model", "params", "share_removed", "macs_per_token", "weights_MiB", "prefill_ms", "prefill_speedup"]
-    keys += sorted(k for k in rows[0] if "tok_s" in k)
+    keys += sorted(k for k in rows[0] if "tok_s" in k or "prompt_prefill" in k)
     lines = [" | ".join(keys)]
     for r in rows:
         lines.append(" | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys))

@@ -410,3 +410,24 @@ def test_reference_taylor_equals_the_folded_fast_path(spec, one_thread):
     for name in ("layers.1.attention", "layers.2.mlp", "hidden"):
         torch.testing.assert_close(reference_taylor(model, graph.by_name(name), batch),
                                    fast.score("param_first", name), rtol=1e-4, atol=1e-7)
+
+
+def test_checkpointed_passes_give_the_same_scores_and_recompute_each_layer():
+    model, _ = build_tiny("tiny", seed=0)
+    model.eval()
+    graph = trace(model)
+    batch = random_batch(3)
+    estimators = ("param_first", "vectorize", "activation", "l2")
+    calls = []
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    plain = compute_importance(model, graph, batch, estimators=estimators, micro_batch=3, progress=False)
+    assert len(calls) == 1
+    calls.clear()
+    ckpt = compute_importance(model, graph, batch, estimators=estimators, micro_batch=3, progress=False,
+                              checkpointing=True)
+    assert len(calls) == 2, "a checkpointed layer runs again in the backward pass"
+    for key in plain:  # activation norms are not counted twice by the recompute
+        torch.testing.assert_close(plain[key], ckpt[key], rtol=1e-5, atol=1e-8)
+    assert ckpt.settings["checkpointing"] and not plain.settings["checkpointing"]
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()), "left switched on"
+    assert not model.training and not any(layer.training for layer in model.model.layers)

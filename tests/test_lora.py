@@ -255,3 +255,16 @@ def test_figures_draw_curves_and_accuracy_against_n(tmp_path):
     fig = plot_accuracy_vs_n(df)
     assert [ax.get_title() for ax in fig.axes] == ["boolq", "piqa"]
     assert save_figure(fig, tmp_path, "acc").stat().st_size > 0
+
+
+def test_gradient_checkpointing_trains_the_same_adapter_and_may_be_switched_on_resume(tmp_path):
+    # dropout on: the recomputed forward must draw the same masks (checkpointing keeps the random state)
+    plain = LoraSettings(max_steps=4, dropout=0.1, **{**QUICK, "save_every": 2})
+    ckpt = LoraSettings(**{**plain.to_dict(), "gradient_checkpointing": True})
+    a = lora.train_lora(*tiny(), EXAMPLES, plain, tmp_path / "plain", progress=False)
+    b = lora.train_lora(*tiny(), EXAMPLES, ckpt, tmp_path / "ckpt", progress=False)
+    assert [v for _, v in a.losses] == pytest.approx([v for _, v in b.losses], rel=1e-5)
+    half = lora.train_lora(*tiny(), EXAMPLES, plain, tmp_path / "switched", progress=False, stop_after=2)
+    assert half.steps == 2
+    resumed = lora.train_lora(*tiny(), EXAMPLES, ckpt, tmp_path / "switched", progress=False)  # no "other settings"
+    assert resumed.resumed_from == 2 and resumed.steps == 4

@@ -54,3 +54,13 @@ def test_fast_decoder_runs_pruned_models_with_per_layer_shapes(static):
     ref = pruned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
                           do_sample=False, pad_token_id=0)
     assert torch.equal(FastDecoder(pruned, max_batch=2, max_len=16, static=static).generate(ids, 8), ref)
+
+
+def test_decode_speed_counts_decode_steps_alone_and_reports_the_prompt_prefill():
+    model, _ = load("tiny")
+    row = compare({"a": model}, prompt_len=6, new_tokens=4, batches=(1, 2), prefill_len=8, repeats=1)[0]
+    for b in (1, 2):
+        assert row[f"prompt_prefill_ms_bs{b}"] > 0 and row[f"hf_prompt_prefill_ms_bs{b}"] > 0
+        assert row[f"decode_tok_s_bs{b}"] > 0 and row[f"hf_decode_tok_s_bs{b}"] > 0
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        compare({"a": model}, new_tokens=1, batches=(1,), repeats=1)
