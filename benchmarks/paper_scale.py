@@ -27,7 +27,6 @@ to ``--words`` words), written into a temporary ``TAILORED_HOME``; the full data
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import os
@@ -53,14 +52,14 @@ PROFILE = "paper_scale"
 LIMITS: dict[str, dict[str, dict]] = {
     "targets": {
         "02_importance": {"n_samples": 10, "seq_len": 128, "check_mlp_units": 8},
-        "03_prune": {"curve_estimators": ["param_first"], "curve_shares": [0.5], "ppl_words": 200},
+        "03_prune": {"curve_estimators": ["param_first"], "curve_shares": [0.5], "ppl_tokens": 1024},
         "04_lora_tune": {"pruned": ["block_20"], "tailored_tasks": ["boolq"], "length_tasks": ["boolq"],
                          "n_train": 48, "n_generic": 48, "n_validation": 16, "n_sweep": [48],
                          "batch_size": 16, "micro_batch_size": 16, "max_steps": 3, "save_every": 3,
                          "max_seq_len": 256},
         "05_evaluate": {"tasks": ["arc_easy", "boolq"], "prompts": ["task_specific"], "main_k": 25,
                         "k_sweep": [25], "k_sweep_tasks": ["boolq"], "limit": 16, "generation_limit": 4,
-                        "generation_new_tokens": 16, "generation_prompts": ["task_specific"], "ppl_docs": 1,
+                        "generation_new_tokens": 16, "generation_prompts": ["task_specific"], "ppl_tokens": 1024,
                         "batch_size": 16},
     },
     "ci": {
@@ -68,14 +67,14 @@ LIMITS: dict[str, dict[str, dict]] = {
         "02_importance": {"n_samples": 2, "seq_len": 32, "estimators": ["param_first", "l2", "random"],
                           "reductions": ["sum"], "micro_batch": 2, "check_layer": 1, "check_mlp_units": 2},
         "03_prune": {"targets": [0.5], "curve_estimators": ["param_first"], "curve_shares": [0.5],
-                     "ppl_words": 20, "ppl_max_length": 64, "speed_prompt_len": 4, "speed_new_tokens": 2,
+                     "ppl_tokens": 128, "ppl_max_length": 64, "speed_prompt_len": 4, "speed_new_tokens": 2,
                      "speed_prefill_len": 8},
         "04_lora_tune": {"tailored_tasks": ["sst2"], "length_tasks": ["sst2"], "n_train": 2, "n_generic": 2,
                          "n_validation": 1, "n_sweep": [2], "batch_size": 2, "micro_batch_size": 2,
                          "max_steps": 1, "save_every": 1, "max_seq_len": 32, "threads": 0},
         "05_evaluate": {"tasks": ["sst2"], "prompts": ["task_specific"], "main_k": 0, "k_sweep": [0],
                         "k_sweep_tasks": ["sst2"], "limit": 1, "generation_limit": 1, "generation_new_tokens": 2,
-                        "generation_prompts": ["task_specific"], "ppl_docs": 1, "ppl_max_length": 64,
+                        "generation_prompts": ["task_specific"], "ppl_tokens": 128, "ppl_max_length": 64,
                         "batch_size": 4, "threads": 0},
     },
 }
@@ -145,13 +144,7 @@ def with_defaults(resolved: dict[str, dict]) -> dict[str, dict]:
     """Each step's parameters with the notebook's defaults filled in (the runner passes only those set)."""
     out = {}
     for step in runner.discover_steps():
-        declared = runner.notebook_parameters(step.path)
-        defaults = {}
-        for key, info in declared.items():
-            try:
-                defaults[key] = ast.literal_eval(info.get("default", "None"))
-            except (ValueError, SyntaxError):
-                defaults[key] = None
+        defaults = {key: d.default for key, d in runner.notebook_parameters(step.path).items()}
         out[step.name] = {**defaults, **resolved.get(step.name, {})}
     return out
 
@@ -198,7 +191,7 @@ def items(step: str, run: dict[str, dict], splits: dict[str, dict]) -> float | N
         return 1
     if step == "02_importance":
         return p["n_samples"] * p["seq_len"]
-    if step == "03_prune":  # each point: a pruned copy and its perplexity (on ppl_words of text)
+    if step == "03_prune":  # each point: a pruned copy and its perplexity (on ppl_tokens of text)
         return len(p["curve_estimators"]) * len(p["curve_shares"])
     checkpoints = len(run["04_lora_tune"]["pruned"]) or len(run["03_prune"]["targets"])
     lora = run["04_lora_tune"]

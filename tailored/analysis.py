@@ -21,7 +21,8 @@ tables are drawn by ``tailored.figures.evaluate``; this module imports no plotti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -286,3 +287,108 @@ def claims_table(rows: pd.DataFrame, models: pd.DataFrame, k: int, prompt: str =
     if len(table):
         table["change (points)"] = table["change (points)"].round(1) + 0.0  # no "-0.0"
     return table
+
+
+# ============================================================================== paired statistics, verdicts
+Z975 = 1.959963984540054  # two-sided 95%
+Z80 = 0.8416212335729143  # one-sided 80% power
+VERDICTS = ("supported", "contradicted", "not settled")
+
+
+def example_frame(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> pd.DataFrame:
+    """Per-example scores of every evaluation: ``{model: [evaluate_task results]}`` -> one row per (model,
+    task, prompt, k, example id) with a column per metric (0/1 for accuracy). What paired statistics read."""
+    frames = []
+    for model, rs in results.items():
+        for r in rs:
+            per = r.get("per_example")
+            if not per or not per.get("ids"):
+                continue
+            part = pd.DataFrame({k: v for k, v in per.items()})
+            part.insert(0, "k", r["k"])
+            part.insert(0, "prompt", r["prompt"])
+            part.insert(0, "task", r["task"])
+            part.insert(0, "model", model)
+            frames.append(part)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["model", "task", "prompt", "k", "ids"])
+
+
+def paired_values(examples: pd.DataFrame, a: tuple[str, str | None, int], b: tuple[str, str | None, int],
+                  tasks: Sequence[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{task: (scores of a, scores of b)}`` on the examples both were scored on, in the same order.
+
+    ``a`` and ``b`` are ``(model, prompt, k)``; each task's table metric (``table_metric``) is compared.
+    """
+    out = {}
+
+    def pick(model, prompt, k, task):
+        part = examples[(examples["model"] == model) & (examples["task"] == task) & (examples["k"] == k)]
+        part = part[part["prompt"] == prompt] if prompt is not None else part[part["prompt"].isna()]
+        return part.drop_duplicates("ids").set_index("ids")
+
+    for task in tasks or sorted(set(examples["task"])):
+        metric = table_metric(task)
+        pa, pb = pick(*a, task), pick(*b, task)
+        if metric not in pa.columns or metric not in pb.columns:
+            continue
+        common = pa.index.intersection(pb.index)
+        if len(common):
+            out[task] = (pa.loc[common, metric].to_numpy(float), pb.loc[common, metric].to_numpy(float))
+    return out
+
+
+def paired_bootstrap(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], n_boot: int = 10_000, seed: int = 0,
+                     statistic: str = "difference", chance: Mapping[str, float] | None = None) -> dict:
+    """``b − a`` per task and pooled over tasks, with 95% intervals from a paired bootstrap.
+
+    Each replicate resamples the examples of every task with replacement, the same examples for ``a`` and
+    ``b`` (the pairing), so what two models share cancels. ``statistic``:
+
+    - ``"difference"``: the mean of ``b − a`` per task; pooled: the mean of the task means (each task weighs
+      the same, as in the paper's average);
+    - ``"recovery"``: ``(b − chance) / (a − chance)`` with ``a`` the dense model, pooled as
+      ``mean(b − chance) / mean(a − chance)`` over tasks: the share of above-chance accuracy kept.
+
+    Returns ``{"tasks": {task: row}, "pooled": row}`` with rows ``n, estimate, low, high, se`` and ``mde``:
+    the smallest true difference this n would detect with 80% power at the 5% level (``2.80 · se``).
+    """
+    rng = np.random.default_rng(seed)
+    tasks = [t for t, (a, b) in pairs.items() if len(a)]
+    if not tasks:
+        return {"tasks": {}, "pooled": None}
+    chance = chance or {}
+    point_a, point_b, boot_a, boot_b = {}, {}, {}, {}
+    for t in tasks:
+        a, b = (np.asarray(x, dtype=float) for x in pairs[t])
+        if len(a) != len(b):
+            raise ValueError(f"{t}: {len(a)} and {len(b)} scores: a paired comparison needs the same examples")
+        idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+        point_a[t], point_b[t] = a.mean(), b.mean()
+        boot_a[t], boot_b[t] = a[idx].mean(1), b[idx].mean(1)
+
+    def stat(ma, mb, ts):
+        if statistic == "difference":
+            return np.mean([mb[t] - ma[t] for t in ts], axis=0)
+        above_a = np.mean([ma[t] - chance.get(t, 0.0) for t in ts], axis=0)
+        above_b = np.mean([mb[t] - chance.get(t, 0.0) for t in ts], axis=0)
+        return above_b / np.where(above_a == 0, np.nan, above_a)
+
+    def row(ts):
+        estimate = float(stat(point_a, point_b, ts))
+        boots = np.asarray(stat(boot_a, boot_b, ts), dtype=float)
+        boots = boots[np.isfinite(boots)]
+        low, high = (np.percentile(boots, [2.5, 97.5]) if len(boots) else (np.nan, np.nan))
+        se = float(boots.std(ddof=1)) if len(boots) > 1 else np.nan
+        return {"n": int(sum(len(pairs[t][0]) for t in ts)), "estimate": estimate, "low": float(low),
+                "high": float(high), "se": se, "mde": (Z975 + Z80) * se}
+
+    return {"tasks": {t: row([t]) for t in tasks}, "pooled": row(tasks)}
+
+
+def verdict(low: float, high: float, threshold: float = 0.0) -> str:
+    """``supported`` when the whole 95% interval lies above ``threshold``, ``contradicted`` when it lies below,
+    else ``not settled`` (the data cannot tell at this n)."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "not settled"
+    return "supported" if low > threshold else "contradicted" if high < threshold else "not settled"

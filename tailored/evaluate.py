@@ -42,6 +42,7 @@ from tailored.metrics import (
     f1_score,
     majority_baseline,
     mean_stderr,
+    perplexity_interval,
     rouge_scores,
 )
 from tailored.models import load
@@ -144,14 +145,15 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
                   limit: int | None = None, seed: int = 0, batch_size: int = 16, use_prefix_cache: bool = True,
                   share_context: bool = True, progress: bool = True, max_new_tokens: int | None = None,
                   max_tokens: int | None = None,
-                  max_length: int = 128, stride: int | None = None,
+                  max_length: int = 128, stride: int | None = None, ppl_tokens: int | None = None,
                   examples: Sequence[ExampleLike] | None = None,
                   train_examples: Sequence[ExampleLike] | None = None,
                   details: bool = False) -> dict[str, Any]:
     """Evaluate a model on one task with one prompt and k shots; a dict ready for ``metrics.json``.
 
     - ``task``: a name from ``tailored.data.TASKS``; a ``text`` task (WikiText) is scored by perplexity
-      (``max_length``, ``stride``; ``limit`` = number of documents; ``examples`` may be a list of texts)
+      (windows of ``max_length`` every ``stride`` tokens over the first ``ppl_tokens`` tokens of the documents;
+      ``limit`` = number of documents; ``examples`` may be a list of texts), with a 95% interval over windows,
       and ignores ``prompt`` and ``k``.
     - ``prompt``: ``"harness"``, ``"general"`` or ``"task_specific"`` (see ``prompts.yaml``), or a ``Prompt``.
     - ``k``: shots drawn by ``seed`` from the train split (never the evaluated examples), the same for all
@@ -177,11 +179,12 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
         texts = list(examples) if examples is not None else data.text_corpus("perplexity")
         texts = texts[:limit] if limit else texts
         ppl = perplexity(model, tokenizer, texts, max_length=max_length, stride=stride, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, max_tokens=ppl_tokens)
+        interval = perplexity_interval(ppl["window_nll"], ppl["window_tokens"], seed=seed)
         return {**base, "prompt": None, "k": 0, "k_used": 0, "n": len(texts), "n_tokens": ppl["n_tokens"],
-                "metrics": {"perplexity": ppl["perplexity"], "nll": ppl["nll"]}, "stderr": {}, "ci95": {},
-                "max_length": ppl["max_length"], "stride": ppl["stride"], "chance": None, "majority": None,
-                "near_chance": None, "seconds": time.perf_counter() - t0}
+                "metrics": {"perplexity": ppl["perplexity"], "nll": ppl["nll"]}, "stderr": {},
+                "ci95": {"perplexity": interval}, "max_length": ppl["max_length"], "stride": ppl["stride"],
+                "chance": None, "majority": None, "near_chance": None, "seconds": time.perf_counter() - t0}
     if info.kind not in ("multiple_choice", "classification", "extractive_qa", "summarization"):
         raise ValueError(f"task {task!r} is {info.kind!r} data (for training), not an evaluation task")
     p = prompt if isinstance(prompt, Prompt) else get_prompt(task, prompt)

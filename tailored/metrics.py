@@ -93,6 +93,18 @@ def ci95(mean: float, stderr: float, low: float = 0.0, high: float = 1.0) -> tup
     return max(low, mean - Z95 * stderr), min(high, mean + Z95 * stderr)
 
 
+def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int], n_boot: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """95% interval of a perplexity ``exp(Σ nll / Σ tokens)``, resampling its windows (percentile bootstrap)."""
+    nll, tokens = np.asarray(window_nll, dtype=float), np.asarray(window_tokens, dtype=float)
+    if len(nll) < 2:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(nll), size=(n_boot, len(nll)))
+    boots = np.exp(nll[idx].sum(1) / tokens[idx].sum(1))
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def majority_baseline(train_examples: Sequence[ExampleLike],
                       examples: Sequence[ExampleLike]) -> tuple[int | None, float | None]:
     """The most frequent TRAIN label and the accuracy of always answering it on the evaluated examples."""

@@ -336,20 +336,28 @@ def greedy_generate(model: torch.nn.Module, tokenizer, contexts: Sequence[str],
 # =========================================================================================== perplexity
 def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str] | str, max_length: int = 128,
                stride: int | None = None, batch_size: int = 8, joiner: str = "\n\n",
-               progress: bool = False) -> dict[str, float]:
+               progress: bool = False, max_tokens: int | None = None) -> dict[str, float]:
     """Sliding-window perplexity of a corpus: ``exp(mean NLL per token)``.
 
     The texts are joined by ``joiner`` and encoded once (leading special tokens first). Windows of
     ``max_length`` tokens start every ``stride`` tokens (default ``stride = max_length``: disjoint windows,
     LLM-Pruner's setting with 128). Each token is scored once, by the first window that holds it and is not
     its first position, so a stride below ``max_length`` gives every token more context. The first token of the
-    corpus has no context and is not scored. Returns perplexity, mean NLL (nats/token) and counts.
+    corpus has no context and is not scored. ``max_tokens`` keeps the first that many tokens of the corpus:
+    every model of a study is scored on the very same tokens. Returns perplexity, mean NLL (nats/token),
+    counts, and each window's NLL sum and token count (``window_nll``, ``window_tokens``: what an interval
+    resamples, ``tailored.metrics.perplexity_interval``).
     """
     stride = stride or max_length
     if max_length < 2 or not 1 <= stride <= max_length:
         raise ValueError(f"max_length = {max_length}, stride = {stride}: need max_length >= 2 and "
                          "1 <= stride <= max_length (a larger stride would skip tokens)")
     ids = leading_special_ids(tokenizer) + encode(tokenizer, texts if isinstance(texts, str) else joiner.join(texts))
+    if max_tokens is not None:
+        if len(ids) < max_tokens:
+            raise ValueError(f"the text has {len(ids)} tokens, fewer than max_tokens = {max_tokens}: give more text "
+                             "or lower max_tokens")
+        ids = ids[:max_tokens]
     n = len(ids)
     if n < 2:
         raise ValueError("the text has fewer than 2 tokens: nothing to score")
@@ -364,7 +372,7 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str] | str, ma
         if end == n:
             break
     dev = _device(model)
-    total_nll, n_scored = 0.0, 0
+    window_nll, window_tokens = [0.0] * len(windows), [0] * len(windows)
     with _eval_mode(model):
         for batch in tqdm(_batches(list(range(len(windows))), batch_size), desc="perplexity",
                           disable=not progress, leave=False):
@@ -378,8 +386,8 @@ def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str] | str, ma
                 begin, end, first = windows[w]
                 targets = torch.tensor(ids[first:end], device=logits.device)  # tokens first..end-1
                 logp = F.log_softmax(logits[b, first - 1 - begin:end - 1 - begin].float(), dim=-1)
-                total_nll -= logp.gather(-1, targets[:, None]).sum().item()
-                n_scored += len(targets)
-    nll = total_nll / n_scored
-    return {"perplexity": math.exp(nll), "nll": nll, "n_tokens": n_scored, "n_windows": len(windows),
-            "max_length": max_length, "stride": stride}
+                window_nll[w] = -logp.gather(-1, targets[:, None]).sum().item()
+                window_tokens[w] = len(targets)
+    nll = sum(window_nll) / sum(window_tokens)
+    return {"perplexity": math.exp(nll), "nll": nll, "n_tokens": sum(window_tokens), "n_windows": len(windows),
+            "max_length": max_length, "stride": stride, "window_nll": window_nll, "window_tokens": window_tokens}
