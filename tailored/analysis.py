@@ -11,7 +11,7 @@ Everything here reads two pandas frames:
 ::
 
     table, notes = main_table(rows, models, prompt="task_specific", k=5)
-    claims = claims_table(rows, models, k=5, k_sweep=[0, 5])
+    pooled, per_task = claim_verdicts(example_frame(results_by_model), models, ("harness", 0), k_sweep=[0, 5])
 
 Which number a task reports follows LLM-Pruner's table, which Tailored-LLaMA copies: ``acc_norm`` for
 HellaSwag, ARC-Challenge and OpenBookQA, ``acc`` for the others (LLaMA-7B's 72.99 on HellaSwag and 67.45 on
@@ -182,16 +182,18 @@ def accuracy_vs_n_frame(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = 
 
 
 def tailored_vs_generic(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific", k: int = 0,
-                        validation: dict | None = None) -> pd.DataFrame:
+                        validation: dict | None = None, examples: pd.DataFrame | None = None,
+                        n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """Did tailoring beat the generic recipe? One row per (checkpoint, task a tailored adapter was trained on).
 
     Columns: ``checkpoint, task, metric, n, generic, tailored`` (scores), ``difference`` (tailored − generic)
-    with ``diff_low``/``diff_high``, a 95% interval from the two standard errors as if the samples were
-    independent (they are the same examples, so this is conservative), and ``verdict``: "tailored better" or
-    "generic better" when the interval excludes 0, else "not established". With ``validation`` (notebook 04's
-    ``runs`` metrics: ``{run name: {"validation": {task: loss}}}``), the held-out loss per answer token of both
-    adapters is added (``val_loss_generic``, ``val_loss_tailored``): a finer instrument than accuracy on a
-    few examples, measured on train-split examples that no adapter trained on.
+    with ``diff_low``/``diff_high``, its 95% interval, and ``verdict``: "tailored better" or "generic better" when
+    the interval excludes 0, else "not established". With ``examples`` (``example_frame``) the interval is a
+    paired bootstrap over the examples both adapters were scored on; without, it is built from the two standard
+    errors as if the samples were independent (conservative). With ``validation`` (notebook 04's ``runs``
+    metrics: ``{run name: {"validation": {task: loss}}}``), the held-out loss per answer token of both adapters
+    is added (``val_loss_generic``, ``val_loss_tailored``): a finer instrument than accuracy on a few examples,
+    measured on train-split examples that no adapter trained on.
     """
     lora = main_runs(models[models["kind"] == "lora"])
     s = scores(rows[rows["kind"] != "text"], prompt, k).set_index(["model", "task"])
@@ -203,16 +205,23 @@ def tailored_vs_generic(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = 
         g = generic[0]
         for _, t in part[part["recipe"] == "tailored"].iterrows():
             trained = t["tasks"].split(", ") if t["tasks"] != "all" else []
+            paired = (paired_bootstrap(paired_values(examples, (g, prompt, k), (t["model"], prompt, k), trained),
+                                       n_boot=n_boot, seed=seed)["tasks"] if examples is not None else {})
             for task in trained:
                 if (g, task) not in s.index or (t["model"], task) not in s.index:
                     continue
                 a, b = s.loc[(g, task)], s.loc[(t["model"], task)]
-                diff, half = (float(v) for v in _difference(a, b))
-                verdict = ("tailored better" if diff - half > 0 else "generic better" if diff + half < 0
-                           else "not established")
+                if task in paired:
+                    diff, low, high = (paired[task][x] for x in ("estimate", "low", "high"))
+                else:
+                    diff, half = (float(v) for v in _difference(a, b))
+                    low, high = diff - half, diff + half
+                decided = verdict(low, high)
                 row = {"checkpoint": base, "task": task, "metric": a["metric"], "n": int(b["n"]),
                        "generic": float(a["value"]), "tailored": float(b["value"]), "difference": diff,
-                       "diff_low": diff - half, "diff_high": diff + half, "verdict": verdict}
+                       "diff_low": low, "diff_high": high,
+                       "verdict": {"supported": "tailored better", "contradicted": "generic better"}.get(
+                           decided, "not established")}
                 if validation:
                     row["val_loss_generic"] = validation.get(g, {}).get("validation", {}).get(task, np.nan)
                     row["val_loss_tailored"] = validation.get(t["model"], {}).get("validation", {}).get(task, np.nan)
@@ -225,68 +234,6 @@ def _difference(a, b):
     interval from the two standard errors as if the samples were independent (conservative for the same
     examples)."""
     return b["value"] - a["value"], 1.96 * np.hypot(a["stderr"], b["stderr"])
-
-
-def _diff_counts(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, int, int, int, int]:
-    """Per-task ``b − a`` (frames indexed by task with value/stderr): mean, #up, #down, #tasks, #established."""
-    both = a.index.intersection(b.index)
-    d, half = _difference(a.loc[both], b.loc[both])
-    return (float(d.mean()) if len(d) else np.nan, int((d > 0).sum()), int((d < 0).sum()), len(d),
-            int(((d - half > 0) | (d + half < 0)).sum()))
-
-
-def claims_table(rows: pd.DataFrame, models: pd.DataFrame, k: int, prompt: str = "task_specific",
-                 k_sweep: Sequence[int] = ()) -> pd.DataFrame:
-    """The study's four claims as this run measured them: one row per (claim, model), every number computed.
-
-    Accuracy tasks only (the task's table metric). ``change`` is in accuracy points: the mean over tasks of the
-    per-task difference the claim is about; ``up / down / tasks`` count the tasks that moved each way; and
-    ``established`` counts those whose difference has a (conservative, independent-samples) 95% interval
-    excluding 0. Claims: pruning keeps most accuracy (pruned vs dense: the mean difference, and the share of
-    the dense average kept over the paper's tasks); LoRA recovers more (tuned vs its pruned checkpoint, on the
-    tasks the adapter was evaluated on); task-specific prompts beat general ones (same model, shots and
-    examples); few-shot helps (largest k of the sweep vs 0 shots, task-specific prompt).
-    """
-    s = scores(rows[rows["kind"].isin(["classification", "multiple_choice"])], None, None)
-
-    def pick(model: str, p: str, kk: int, tasks=None) -> pd.DataFrame:
-        part = s[(s["model"] == model) & (s["prompt"] == p) & (s["k"] == kk)]
-        if tasks is not None:
-            part = part[part["task"].isin(tasks)]
-        return part.set_index("task")[["value", "stderr"]]
-
-    main = main_runs(models)
-    dense = main.loc[main["kind"] == "dense", "model"].tolist()
-    out = []
-
-    def add(claim, model, a, b, extra=""):
-        mean, up, down, n, est = _diff_counts(a, b)
-        if n:
-            out.append({"claim": claim, "model": model, "change (points)": 100 * mean, "up": up, "down": down,
-                        "tasks": n, "established": est, "note": extra})
-
-    if dense:
-        paper = [t for t in PAPER_TASKS if t in set(s["task"])]
-        d = pick(dense[0], prompt, k, paper)
-        for _, m in main[main["kind"] == "pruned"].iterrows():
-            p = pick(m["model"], prompt, k, paper)
-            kept = p["value"].mean() / d["value"].mean() if len(p) and d["value"].mean() else np.nan
-            add("pruning keeps most accuracy", m["model"], d, p, f"keeps {100 * kept:.0f}% of the dense average")
-    for _, m in main[main["kind"] == "lora"].iterrows():
-        tuned = pick(m["model"], prompt, k)
-        add("LoRA recovers more", f"{m['base']} + {m['recipe']}", pick(m["base"], prompt, k, tuned.index), tuned)
-    for _, m in main[main["kind"] != "lora"].iterrows():
-        add("task-specific prompts beat general ones", m["model"], pick(m["model"], "general", k),
-            pick(m["model"], "task_specific", k))
-    if len(k_sweep) > 1:
-        lo, hi = min(k_sweep), max(k_sweep)
-        for _, m in main[main["kind"] != "lora"].iterrows():
-            add("few-shot helps", m["model"], pick(m["model"], prompt, lo), pick(m["model"], prompt, hi),
-                f"{hi} shots vs {lo}")
-    table = pd.DataFrame(out)
-    if len(table):
-        table["change (points)"] = table["change (points)"].round(1) + 0.0  # no "-0.0"
-    return table
 
 
 # ============================================================================== paired statistics, verdicts
@@ -327,7 +274,7 @@ def paired_values(examples: pd.DataFrame, a: tuple[str, str | None, int], b: tup
         part = part[part["prompt"] == prompt] if prompt is not None else part[part["prompt"].isna()]
         return part.drop_duplicates("ids").set_index("ids")
 
-    for task in tasks or sorted(set(examples["task"])):
+    for task in tasks if tasks is not None else sorted(set(examples["task"])):
         metric = table_metric(task)
         pa, pb = pick(*a, task), pick(*b, task)
         if metric not in pa.columns or metric not in pb.columns:
@@ -348,7 +295,8 @@ def paired_bootstrap(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], n_boot:
     - ``"difference"``: the mean of ``b − a`` per task; pooled: the mean of the task means (each task weighs
       the same, as in the paper's average);
     - ``"recovery"``: ``(b − chance) / (a − chance)`` with ``a`` the dense model, pooled as
-      ``mean(b − chance) / mean(a − chance)`` over tasks: the share of above-chance accuracy kept.
+      ``mean(b − chance) / mean(a − chance)`` over tasks: the share of above-chance accuracy kept;
+    - ``"ratio"``: ``mean(b) / mean(a)``, the paper's recovery (chance ignored).
 
     Returns ``{"tasks": {task: row}, "pooled": row}`` with rows ``n, estimate, low, high, se`` and ``mde``:
     the smallest true difference this n would detect with 80% power at the 5% level (``2.80 · se``).
@@ -366,6 +314,11 @@ def paired_bootstrap(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], n_boot:
         idx = rng.integers(0, len(a), size=(n_boot, len(a)))
         point_a[t], point_b[t] = a.mean(), b.mean()
         boot_a[t], boot_b[t] = a[idx].mean(1), b[idx].mean(1)
+
+    if statistic not in ("difference", "recovery", "ratio"):
+        raise ValueError(f"statistic {statistic!r} is not difference, recovery or ratio")
+    if statistic == "ratio":
+        chance = {}
 
     def stat(ma, mb, ts):
         if statistic == "difference":
@@ -392,3 +345,79 @@ def verdict(low: float, high: float, threshold: float = 0.0) -> str:
     if not (np.isfinite(low) and np.isfinite(high)):
         return "not settled"
     return "supported" if low > threshold else "contradicted" if high < threshold else "not settled"
+
+
+def claim_verdicts(examples: pd.DataFrame, models: pd.DataFrame, headline: tuple[str, int] = ("harness", 0),
+                   k_sweep: Sequence[int] = (), chance: Mapping[str, float] | None = None,
+                   near_chance: Sequence[str] = (), tasks: Sequence[str] = PAPER_TASKS, n_boot: int = 10_000,
+                   seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's claims, each a paired comparison on the same examples with a computed verdict.
+
+    ``examples``: ``example_frame`` of the evaluations; ``headline``: the main table's (prompt, k).
+    Claims and how each is decided (95% paired-bootstrap interval of the pooled statistic over ``tasks``):
+
+    1. *pruning keeps most accuracy*: pruned vs dense, the share of above-chance accuracy kept,
+       ``mean(pruned − chance) / mean(dense − chance)`` over the tasks where the dense model is not within two
+       standard errors of chance (``near_chance``: there it has no accuracy to keep); supported when the whole
+       interval is above one half. The paper's measure, ``pruned / dense``, is reported beside it.
+    2. *LoRA recovers accuracy*: each main adapter vs its pruned checkpoint, on the headline: above 0.
+    3. *tailored beats generic*: the tailored vs the generic adapter of a checkpoint, on the tasks the tailored
+       one was trained for, with the task-specific prompt both were scored with: above 0.
+    4. *task-specific prompts beat general ones*: the same model, task-specific vs general prompt: above 0.
+    5. *few-shot helps*: the same model, the largest k of ``k_sweep`` vs 0 shots (task-specific prompt): above 0.
+
+    Returns ``(pooled, per_task)``: one row per (claim, comparison) with ``tasks, n, estimate, low, high, mde``
+    (differences in accuracy points, recoveries in %), the ``threshold`` and the ``verdict``; and the same per task.
+    """
+    chance = dict(chance or {})
+    prompt, k = headline
+    main = main_runs(models)
+    dense = main.loc[main["kind"] == "dense", "model"].tolist()
+    signal = [t for t in tasks if t not in near_chance]
+    rows, per_task = [], []
+
+    def add(claim, comparison, a, b, on_tasks, statistic="difference", threshold=0.0, scale=100.0, note=""):
+        pairs = paired_values(examples, a, b, on_tasks)
+        if not pairs:  # e.g. the dense model is at chance on every task: nothing to keep, nothing to decide
+            return
+        out = paired_bootstrap(pairs, n_boot=n_boot, seed=seed, statistic=statistic, chance=chance)
+        p = out["pooled"]
+        rows.append({"claim": claim, "comparison": comparison, "measure": note or statistic,
+                     "tasks": len(pairs), "n": p["n"], "estimate": scale * p["estimate"], "low": scale * p["low"],
+                     "high": scale * p["high"], "mde": scale * p["mde"], "threshold": scale * threshold,
+                     "verdict": verdict(p["low"], p["high"], threshold)})
+        for t, r in out["tasks"].items():
+            per_task.append({"claim": claim, "comparison": comparison, "task": t, "n": r["n"],
+                             "estimate": scale * r["estimate"], "low": scale * r["low"], "high": scale * r["high"],
+                             "verdict": verdict(r["low"], r["high"], threshold)})
+
+    if dense:
+        for _, m in main[main["kind"] == "pruned"].iterrows():
+            a, b = (dense[0], prompt, k), (m["model"], prompt, k)
+            add("pruning keeps most accuracy", f"{m['model']} vs dense", a, b, signal, "recovery", 0.5,
+                note="share of above-chance accuracy kept (%)")
+            add("pruning keeps most accuracy", f"{m['model']} vs dense", a, b, tasks, "ratio", 0.5,
+                note="pruned / dense, the paper's recovery (%)")
+    for _, m in main[main["kind"] == "lora"].iterrows():
+        trained = [t for t in tasks if m["tasks"] in ("all", "") or t in m["tasks"].split(", ")]
+        add("LoRA recovers accuracy", f"{m['label']} vs {m['base']}", (m["base"], prompt, k),
+            (m["model"], prompt, k), trained, note="difference (points)")
+    lora = main[main["kind"] == "lora"]
+    for base, part in lora.groupby("base", sort=False):
+        generic = part[part["recipe"] == "generic"]
+        for _, t in part[part["recipe"] == "tailored"].iterrows():
+            if generic.empty:
+                continue
+            trained = [x for x in tasks if t["tasks"] == "all" or x in t["tasks"].split(", ")]
+            own = t["prompt"] or "task_specific"
+            add("tailored beats generic", f"{base}: tailored vs generic LoRA", (generic["model"].iloc[0], own, k),
+                (t["model"], own, k), trained, note=f"difference (points), {own} prompt")
+    for _, m in main[main["kind"] != "lora"].iterrows():
+        add("task-specific prompts beat general ones", m["model"], (m["model"], "general", k),
+            (m["model"], "task_specific", k), tasks, note="difference (points)")
+    if len(k_sweep) > 1:
+        lo, hi = min(k_sweep), max(k_sweep)
+        for _, m in main[main["kind"] != "lora"].iterrows():
+            add("few-shot helps", f"{m['model']}: {hi} vs {lo} shots", (m["model"], "task_specific", lo),
+                (m["model"], "task_specific", hi), tasks, note="difference (points)")
+    return pd.DataFrame(rows), pd.DataFrame(per_task)

@@ -239,15 +239,19 @@ def result_rows(result: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
 # =========================================================================================== many
 @dataclass(frozen=True)
 class EvalJob:
-    """One evaluation of one model: ``task`` with ``prompt`` and ``k`` shots (``prompt=None`` for perplexity)."""
+    """One evaluation of one model: ``task`` with ``prompt`` and ``k`` shots (``prompt=None`` for perplexity), on
+    the first ``limit`` of the task's evaluated examples (``None``: all of them; the same first ones for every
+    model, so evaluations stay paired)."""
 
     task: str
     prompt: str | None = "task_specific"
     k: int = 0
+    limit: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.task} {self.prompt or ''} k={self.k}".replace("  ", " ")
+        n = f" n={self.limit}" if self.limit else ""
+        return f"{self.task} {self.prompt or ''} k={self.k}{n}".replace("  ", " ")
 
 
 class ResultStore(Protocol):
@@ -283,6 +287,8 @@ def evaluate_jobs(model: torch.nn.Module, tokenizer, jobs: Sequence[EvalJob],
     out = []
     for job in tqdm(jobs, desc=desc or "evaluate", disable=not progress, leave=False):
         evaluated, train = examples(job.task)
+        if job.limit is not None:
+            evaluated = evaluated[: job.limit]
         key = result_key(model_id, job, evaluated, seed, task_kwargs) if store is not None and model_id else None
         result = store.get(key) if key else None
         if result is None:
@@ -366,13 +372,20 @@ def load_run_model(entry: rundir.RunModel, device: str = "cpu", dtype: str = "fl
 
 def evaluation_jobs(entry: rundir.RunModel, tasks: Sequence[str], prompts: Sequence[str], main_k: int,
                     k_sweep: Sequence[int] = (), k_sweep_tasks: Sequence[str] = (),
-                    generation_prompts: Sequence[str] | None = None, perplexity: bool = True) -> list[EvalJob]:
-    """What notebook 05 evaluates on one model.
+                    generation_prompts: Sequence[str] | None = None, headline_prompt: str = "task_specific",
+                    k_sweep_limit: int | None = None, perplexity: bool = True) -> list[EvalJob]:
+    """What notebook 05 evaluates on one model, headline first.
 
-    Dense and pruned models: every task with every prompt at ``main_k`` shots (``generation_prompts`` for
-    the generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt, and
-    perplexity (a task without a train split is scored zero-shot). A LoRA model: ``main_k`` only, with the prompt it was trained with, on the tasks it was trained
-    for (all for a generic adapter), and perplexity unless it is a data-sweep run.
+    - Every model: the headline, every task with ``headline_prompt`` at ``main_k`` shots (the paper's
+      convention: the harness prompt, zero-shot). A LoRA model covers the tasks it was trained for (all for a
+      generic adapter); a data-sweep run only its own prompt (it feeds the accuracy-against-n figure).
+    - Dense and pruned models: every other prompt of ``prompts`` at ``main_k`` (``generation_prompts`` for the
+      generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt on the
+      first ``k_sweep_limit`` examples, and perplexity.
+    - A LoRA model: also the prompt it was trained with (a generic adapter: the task-specific one), and
+      perplexity unless it is a data-sweep run.
+
+    A task without a train split is scored zero-shot whatever k says.
     """
     text_tasks = [t for t in tasks if task_info(t).kind == "text"]
     scored = [t for t in tasks if t not in text_tasks]
@@ -380,16 +393,23 @@ def evaluation_jobs(entry: rundir.RunModel, tasks: Sequence[str], prompts: Seque
     def shots(task: str, k: int) -> int:  # a task without a train split is scored zero-shot only
         return k if "train" in data.splits(task) else 0
 
+    def prompts_for(task: str) -> Sequence[str]:
+        return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
+
+    def headline(task: str) -> bool:  # every scored task; a generated one only if its prompts include it
+        return task_info(task).kind not in GENERATED_KINDS or headline_prompt in prompts_for(task)
+
     if entry.kind == "lora":
-        jobs = [EvalJob(t, entry.prompt or "task_specific", shots(t, main_k)) for t in scored
-                if not entry.tasks or t in entry.tasks]
+        mine = [t for t in scored if not entry.tasks or t in entry.tasks]
+        own = entry.prompt or "task_specific"
+        jobs = [] if entry.n is not None else [EvalJob(t, headline_prompt, shots(t, main_k)) for t in mine
+                                                 if headline(t)]
+        jobs += [EvalJob(t, own, shots(t, main_k)) for t in mine]
         with_ppl = perplexity and entry.n is None
     else:
-        def prompts_for(task: str) -> Sequence[str]:
-            return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
-
-        jobs = [EvalJob(t, p, shots(t, main_k)) for t in scored for p in prompts_for(t)]
-        jobs += [EvalJob(t, "task_specific", shots(t, k)) for t in k_sweep_tasks for k in k_sweep]
+        jobs = [EvalJob(t, headline_prompt, shots(t, main_k)) for t in scored if headline(t)]
+        jobs += [EvalJob(t, p, shots(t, main_k)) for t in scored for p in prompts_for(t)]
+        jobs += [EvalJob(t, "task_specific", shots(t, k), k_sweep_limit) for t in k_sweep_tasks for k in k_sweep]
         with_ppl = perplexity
     jobs = list(dict.fromkeys(jobs))
     if with_ppl:

@@ -113,7 +113,14 @@ def test_05_evaluate_wrote_metrics_for_every_model_task_prompt(smoke_run):
     table = {row["model"]: row for row in m["main_table"]}
     assert {"dense", *pruned} <= set(table)
     assert {f"{p} + {recipe} LoRA" for p in pruned for recipe in ("generic", "tailored")} <= set(table)
-    assert m["notes"]["prompt"] == "task_specific" and m["notes"]["k"] == s["main_k"]
+    assert m["notes"]["prompt"] == s["headline_prompt"] and m["notes"]["k"] == s["main_k"]
+    assert m["claims"] and {c["verdict"] for c in m["claims"]} <= {"supported", "contradicted", "not settled"}
+    for c in m["claims"]:  # every claim rests on paired examples and says what it could have detected
+        assert c["n"] > 0
+        if c["estimate"] is None:  # undefined (a random model's dense accuracy of 0): nothing is decided
+            assert c["verdict"] == "not settled"
+        else:
+            assert c["low"] <= c["estimate"] <= c["high"] and c["mde"] >= 0
 
 
 def test_a_same_seed_rerun_writes_byte_identical_figures_and_tables(smoke_run, tmp_path):

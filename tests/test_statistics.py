@@ -74,3 +74,30 @@ def test_paired_values_align_the_same_examples():
     assert list(a) == [1.0, 1.0] and list(b) == [1.0, 0.0]  # examples a and c, in the same order
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap({"t": (np.ones(3), np.ones(4))})
+
+
+def test_claim_verdicts_decide_each_claim_from_paired_examples():
+    from tailored.analysis import claim_verdicts, models_frame
+    from tailored.rundir import RunModel
+
+    rng = np.random.default_rng(4)
+    n = 400
+    dense = {t: _correct(0.75, n, rng) for t in ("piqa", "arc_easy")}
+    results = {"dense": [], "p50": [], "p50+t": []}
+    for t, d in dense.items():
+        kept = np.where(rng.random(n) < 0.1, 0.0, d)  # pruning loses 10% of the dense model's right answers
+        tuned = np.where(rng.random(n) < 0.3, 1.0, kept)  # LoRA wins many back
+        for model, values in (("dense", d), ("p50", kept), ("p50+t", tuned)):
+            results[model].append({"task": t, "prompt": "harness", "k": 0,
+                                   "per_example": {"ids": [str(i) for i in range(n)], "acc": list(values)}})
+    models = models_frame([RunModel("dense", "dense", "m"), RunModel("p50", "pruned", "d", 0.5),
+                           RunModel("p50+t", "lora", "d", 0.5, base="p50", recipe="tailored", tasks=("piqa",),
+                                    prompt="task_specific")])
+    pooled, per_task = claim_verdicts(example_frame(results), models, ("harness", 0),
+                                      chance={"piqa": 0.5, "arc_easy": 0.25}, tasks=("piqa", "arc_easy"), n_boot=2000)
+    by = {(r.claim, r.measure.split(" (")[0]): r for r in pooled.itertuples()}
+    kept = by[("pruning keeps most accuracy", "share of above-chance accuracy kept")]
+    assert kept.verdict == "supported" and kept.low > 50  # keeps ~87% of what is above chance
+    assert by[("LoRA recovers accuracy", "difference")].verdict == "supported"
+    assert by[("LoRA recovers accuracy", "difference")].tasks == 1  # trained for piqa: scored on piqa
+    assert set(per_task["task"]) == {"piqa", "arc_easy"}

@@ -170,3 +170,31 @@ def plot_tailored_vs_generic(frame: pd.DataFrame):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLORS = {"supported": "C2", "contradicted": "C3", "not settled": "0.45"}
+
+
+def plot_claims(pooled: pd.DataFrame):
+    """Each claim's pooled estimate with its 95% paired interval, coloured by verdict; the dotted line is the
+    threshold it must clear (0 points for a difference, 50% for a share of accuracy kept)."""
+    n = len(pooled)
+    fig, ax = plt.subplots(figsize=(8.0, 0.42 * n + 1.6))
+    y = np.arange(n)[::-1]
+    colors = [VERDICT_COLORS.get(v, "0.45") for v in pooled["verdict"]]
+    ax.errorbar(pooled["estimate"], y, xerr=[pooled["estimate"] - pooled["low"], pooled["high"] - pooled["estimate"]],
+                fmt="none", ecolor="0.6", capsize=3)
+    ax.scatter(pooled["estimate"], y, c=colors, zorder=3, s=36)
+    for yi, thr in zip(y, pooled["threshold"]):
+        ax.plot([thr, thr], [yi - 0.4, yi + 0.4], color="black", lw=1, ls=":")
+    labels = [f"{c} · {m}\n{cmp}" for c, m, cmp in zip(pooled["claim"], pooled["measure"], pooled["comparison"])]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel("estimate with its 95% paired-bootstrap interval (points, or % for shares kept)")
+    for verdict_name, color in VERDICT_COLORS.items():
+        ax.scatter([], [], c=color, s=36, label=verdict_name)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"The study's claims, decided on paired examples (n = {int(pooled['n'].min())}–"
+                 f"{int(pooled['n'].max())} per comparison)", fontsize=10)
+    fig.tight_layout()
+    return fig
