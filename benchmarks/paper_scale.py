@@ -63,7 +63,7 @@ LIMITS: dict[str, dict[str, dict]] = {
                         "batch_size": 16},
     },
     "ci": {
-        "01_trace_graph": {"layer_to_draw": 1},
+        "01_trace_graph": {"layer_to_draw": 1, "probe_heads": 1},
         "02_importance": {"n_samples": 2, "seq_len": 32, "estimators": ["param_first", "l2", "random"],
                           "reductions": ["sum"], "micro_batch": 2, "check_layer": 1, "check_mlp_units": 2},
         "03_prune": {"targets": [0.5], "curve_estimators": ["param_first"], "curve_shares": [0.5],
@@ -81,7 +81,7 @@ LIMITS: dict[str, dict[str, dict]] = {
 # The step whose time is "per item", found by a piece of its source, and what an item is.
 MAIN_CELL = {"01_trace_graph": "graph = trace(", "02_importance": "importance = compute_importance(",
              "03_prune": "curve = pd.DataFrame(sweep(", "04_lora_tune": "r = lora.train_lora(",
-             "05_evaluate": "done[m.spec, m.adapter] = evaluate_model("}
+             "05_evaluate": "per_model[m.name] = evaluate_jobs("}
 GIB = 2**30
 
 

@@ -147,7 +147,7 @@ def embed_tables(markdown_path: str | Path, figures_dir: str | Path) -> list[str
             done.append(name)
         return block
 
-    new = re.sub(r"<!-- table: ([\w.-]+) -->.*?<!-- /table -->", refresh, text, flags=re.S)
+    new = re.sub(r"<!-- table: ([\w./-]+) -->.*?<!-- /table -->", refresh, text, flags=re.S)
     if new != text:
         atomic_write_text(markdown_path, new)
     return done

@@ -615,7 +615,8 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the module of interest has run."""
 
 
-def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, seed: int = 0) -> torch.Tensor:
+def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, seed: int = 0,
+                         channels: int | None = None) -> torch.Tensor:
     """Step 4 of ``trace`` done the slow, obvious way: nudge one output channel of ``producer`` at a time and
     see which input channels of ``consumer`` change.
 
@@ -623,7 +624,9 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     ``(consumer input width, producer output width)`` bool matrix ``dep[i, j]``: input channel i of the
     consumer depends on output channel j of the producer. One forward pass per producer channel on the same
     ``tokens`` random tokens as ``trace`` (each stopped as soon as the consumer has read its input), where the
-    tracer needs one batched backward; for a class, the two are asserted equal (notebook 01).
+    tracer needs one batched backward; for a class, the two are asserted equal (notebook 01). ``channels``
+    nudges only the first that many producer channels (the matrix then has that many columns): at 7B scale,
+    a few heads make the point in seconds.
     """
     prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
     nudge: list[int | None] = [None]
@@ -652,7 +655,7 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
         if switch:
             model.set_attn_implementation("eager")
         with torch.no_grad():
-            for j in [None, *range(prod.weight.shape[0])]:
+            for j in [None, *range(min(channels or prod.weight.shape[0], prod.weight.shape[0]))]:
                 nudge[0] = j
                 try:
                     model(input_ids=ids, use_cache=False)

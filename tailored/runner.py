@@ -44,6 +44,9 @@ from tailored.sources import step_sources
 NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
 PARAMS_DIR = paths.REPO_ROOT / "params"
 KERNEL_NAME = "tailored"
+# Profiles whose figures and tables are committed, and where (relative to the repository); the others write
+# theirs into runs/<profile>/figures.
+COMMITTED_FIGURES = {"class": "figures", "study": "figures/study"}
 
 
 class StepFailed(RuntimeError):
@@ -334,7 +337,8 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
     steps_all = discover_steps(notebooks_dir)
     steps = select_steps(steps_all, only, start)
     run_dir = paths.run_dir(profile, run_root).resolve()
-    figures_dir = (paths.REPO_ROOT / "figures") if profile == "class" and run_root is None else run_dir / "figures"
+    committed = COMMITTED_FIGURES.get(profile) if run_root is None else None
+    figures_dir = paths.REPO_ROOT / committed if committed else run_dir / "figures"
     resolved = resolve_params(profile, steps, run_dir, figures_dir, params_dir, overrides)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -408,12 +412,14 @@ def _stale_outputs(run_dir: Path, recorded: dict[str, str]) -> list[str]:
 def refresh_readme(figures_dir: Path, readme: Path = paths.REPO_ROOT / "README.md") -> list[str]:
     """Copy the tables of a run that writes the repository's ``figures/`` into the README; names refreshed.
 
-    Only the class profile writes there (other profiles keep their figures in their run directory), so the
-    README's numbers are always those of the last class-profile run, never typed by hand.
+    Only the class and study profiles write there (``COMMITTED_FIGURES``; the others keep their figures in their
+    run directory), so the README's numbers are always those of the last such run, never typed by hand. A
+    README block names its table relative to ``figures/`` (``<!-- table: study/eval_claims -->``).
     """
-    if Path(figures_dir).resolve() != (readme.parent / "figures").resolve() or not readme.exists():
+    root = (readme.parent / "figures").resolve()
+    if not readme.exists() or not (Path(figures_dir).resolve() == root or root in Path(figures_dir).resolve().parents):
         return []
-    return embed_tables(readme, figures_dir)
+    return embed_tables(readme, root)
 
 
 def _now() -> str:

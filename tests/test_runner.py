@@ -190,3 +190,13 @@ def test_a_manifest_that_is_not_a_mapping_is_named(tmp_path):
     (tmp_path / "runs" / "smoke" / "manifest.json").write_text("[1, 2]")
     with pytest.raises(ArtifactError, match="manifest.json is damaged"):
         runner.run(profile="smoke", only="01", run_root=tmp_path / "runs", progress=False, log=lambda *_: None)
+
+
+def test_a_study_run_refreshes_its_own_tables_in_the_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table: study/claims -->\nold\n<!-- /table -->\n<!-- table: t1 -->\nclass\n<!-- /table -->\n")
+    (tmp_path / "figures" / "study").mkdir(parents=True)
+    (tmp_path / "figures" / "study" / "claims.md").write_text("| verdict |\n|---|\n| supported |\n")
+    assert runner.refresh_readme(tmp_path / "figures" / "study", readme) == ["study/claims"]
+    assert "supported" in readme.read_text() and "class" in readme.read_text()  # a missing table stays
+    assert runner.COMMITTED_FIGURES["study"] == "figures/study"
