@@ -211,6 +211,20 @@ def tailored_examples(task: str | Sequence[str], prompt_name: str = "task_specif
     return mix_examples(out, seed) if len(tasks) > 1 else out
 
 
+def calibration_texts(task: str | Sequence[str], n: int = 500, prompt_name: str = "task_specific",
+                      per_document: int = 50, seed: int = 0) -> list[str]:
+    """The tailored training data as plain documents, to calibrate pruning on the tasks' own text.
+
+    ``n`` examples of each task (``tailored_examples``: the train split, never the evaluated examples),
+    each written ``prompt + answer``, joined by blank lines into documents of ``per_document`` examples,
+    so that ``importance.calibration_batch(..., per_text=k)`` can cut windows of a few hundred tokens.
+    """
+    if per_document < 1:
+        raise ValueError(f"per_document={per_document}: a document holds at least one example")
+    rows = [ex.prompt + ex.answer for ex in tailored_examples(task, prompt_name, n, seed=seed)]
+    return ["\n\n".join(rows[i:i + per_document]) for i in range(0, len(rows), per_document)]
+
+
 def mix_examples(examples: Sequence[TrainExample], seed: int = 0) -> list[TrainExample]:
     """One seeded shuffle of examples from several sources (multi-task or generic + tailored mixes)."""
     out = list(examples)

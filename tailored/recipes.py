@@ -27,6 +27,7 @@ from tailored.graph import Graph, trace
 from tailored.importance import (
     ESTIMATORS,
     READER_ESTIMATORS,
+    Activations,
     activation_statistics,
     block_influence,
     compute_importance,
@@ -122,6 +123,7 @@ METHODS: dict[str, Method] = {
     "flap_no_bias": Method(estimator="flap", allocation="global", normalize="none", layer_range="all"),
     "fluctuation_local_bias": Method(estimator="fluctuation", compensation="bias"),
     # ours: the loss each unit's fluctuation costs, compared per parameter across all layers and kinds
+    "fisher_bias_local": Method(estimator="fisher_fluctuation", compensation="bias"),
     "fisher_bias": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
                           layer_range="all", compensation="bias"),
     "fisher_refit": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
@@ -130,6 +132,8 @@ METHODS: dict[str, Method] = {
                                     layer_range="all", compensation="refit", rounds=4),
     # depth pruning: whole layers of lowest block influence (ShortGPT), once or one layer at a time
     "depth_block_influence": Method(estimator="block_influence", mode="layer", layer_range="all"),
+    "depth_block_influence_iterative": Method(estimator="block_influence", mode="layer", layer_range="all",
+                                              rounds=15),  # SmolLM2: about one of its 30 layers per round
 }
 
 
@@ -155,7 +159,8 @@ def _layer_range(method: Method, graph: Graph, kept: list[int], dense_layers: in
 
 
 def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, method: Method | str = "param_first",
-                micro_batch: int = 1, seed: int = 0, progress: bool = True) -> Pruned:
+                micro_batch: int = 1, seed: int = 0, progress: bool = True,
+                activations: Activations | None = None) -> Pruned:
     """Prune ``model`` in place so that ``target`` of its decoder parameters go, the way ``method`` says.
 
     ``method``: a ``Method`` or the name of one in ``METHODS``. ``batch``: calibration token ids
@@ -164,6 +169,10 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
     ``block_influence`` for depth pruning), plans the round's share of the *dense* decoder (k/R of
     ``target`` gone after round k) and applies it. The result is a function of the weights, the batch and
     ``seed`` (``random`` scores draw from ``seed + round``): a rerun gives the same weights.
+
+    ``activations``: statistics already collected on this (dense) model and ``batch`` (notebook 02 saves
+    them), used in the first round instead of collecting them again; they must hold what the method needs
+    (``gradients=True`` for ``fisher_fluctuation``, ``full=True`` for ``refit``).
 
     Raises ``ValueError`` (before touching the model) for an unknown method or a target outside (0, 1); a
     round whose plan cannot meet its share within 1 percentage point raises as ``plan_pruning`` does.
@@ -195,7 +204,12 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
         else:
             kinds = ("hidden",) if method.mode == "channel" else (
                 "attention" if method.attention == "kv" else "qheads", "mlp")
-            if method.estimator in READER_ESTIMATORS or method.compensation != "none":
+            if activations is not None and k == 0:
+                acts = activations
+                if method.estimator == "fisher_fluctuation" and not acts.fisher:
+                    raise ValueError("the activations passed hold no output Fisher: fisher_fluctuation needs "
+                                     "activation_statistics(..., gradients=True)")
+            elif method.estimator in READER_ESTIMATORS or method.compensation != "none":
                 acts = activation_statistics(model, graph, batch, kinds=kinds,
                                              full=True if method.compensation == "refit" else None,
                                              gradients=method.estimator == "fisher_fluctuation",
