@@ -57,6 +57,7 @@ IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ig
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "bf16", "fp32")
 SELECTIONS = ("last", "validation")
+DISTILL_TOKENS = ("answer", "all")
 METRICS_FILE = "train_metrics.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -77,6 +78,12 @@ class LoraSettings:
     budget takes (known in advance: the data order is fixed by ``seed``).
 
     ``precision="auto"`` trains under bf16 autocast on a CUDA device that supports it, else in fp32.
+
+    Distillation (``distill`` > 0, with ``train_lora(..., teacher=dense_model)``): the loss becomes
+    ``(1 − distill) · CE(answer) + distill · T² · KL(p_teacher,T ‖ p_student,T)``, the KL averaged over the
+    ``distill_tokens`` positions of the batch (``"answer"``: those the LM loss uses; ``"all"``: every
+    position, so the prompt's tokens teach too, at the same token budget). The teacher is the dense model
+    the pruned one came from: recovery then aims at what the model could do, not only at the labels.
     """
 
     rank: int = 8
@@ -96,6 +103,9 @@ class LoraSettings:
     seed: int = 0
     save_every: int = 50  # steps between saved (resumable) checkpoints; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
+    distill: float = 0.0  # weight of the KL to a teacher's next-token distribution (0: plain LM loss; 1: KL alone)
+    temperature: float = 1.0  # softens both distributions in the KL (Hinton et al.); the KL is scaled by T²
+    distill_tokens: str = "answer"  # where the KL is taken: the answer tokens, or every token ("all")
 
     def __post_init__(self):
         # Accept a list from YAML for the target modules, but keep the dataclass hashable.
@@ -139,6 +149,13 @@ class LoraSettings:
             bad(f"seed {self.seed!r} must be an integer >= 0")
         if self.select not in SELECTIONS:
             bad(f"select {self.select!r} is not one of {SELECTIONS}")
+        if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
+            bad(f"distill {self.distill!r} is outside [0, 1]: it is the weight of the KL to the teacher "
+                "(0: the plain LM loss, 1: the KL alone)")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+            bad(f"temperature {self.temperature!r} must be a finite number > 0 (1: the distributions as they are)")
+        if self.distill_tokens not in DISTILL_TOKENS:
+            bad(f"distill_tokens {self.distill_tokens!r} is not one of {DISTILL_TOKENS}")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -349,6 +366,45 @@ def completion_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum
     logits = head(hidden[:, :-1][answer]).float()  # (n_answer_tokens, vocab)
     loss = F.cross_entropy(logits, targets[answer], reduction=reduction)
     return loss, int(answer.sum())
+
+
+def distillation_loss(model, teacher, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                      tokens: str = "answer") -> tuple[torch.Tensor, int]:
+    """Summed KL(p_teacher ‖ p_student) at temperature T, times T², over the chosen positions; and their count.
+
+    ``tokens="answer"``: the positions ``completion_loss`` uses (those predicting an answer token);
+    ``"all"``: every position that predicts a real (not padding) next token. Logits of both models are
+    taken at those positions only, as in ``completion_loss``; the teacher runs without gradients.
+    """
+    _, kl, n = _student_losses(model, teacher, batch, temperature, tokens, with_ce=False)
+    return kl, n
+
+
+def _student_losses(model, teacher, batch: dict[str, torch.Tensor], temperature: float, tokens: str,
+                    with_ce: bool) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """(summed answer cross-entropy or None, summed KL · T², KL positions) from ONE pass of the student."""
+    if tokens not in DISTILL_TOKENS:
+        raise ValueError(f"tokens {tokens!r} is not one of {DISTILL_TOKENS}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    answer = targets != IGNORE  # (batch, seq - 1)
+    where = answer if tokens == "answer" else batch["attention_mask"][:, 1:].bool()
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
+    ce = F.cross_entropy(head(hidden[answer]).float(), targets[answer], reduction="sum") if with_ce else None
+    student = head(hidden[where]).float() / temperature  # (n, vocab)
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False).last_hidden_state[:, :-1]
+        target = F.log_softmax(teacher.get_output_embeddings()(t_hidden[where]).float() / temperature, -1)
+    kl = F.kl_div(F.log_softmax(student, -1), target, log_target=True, reduction="sum")
+    return ce, kl * temperature ** 2, int(where.sum())
+
+
+def _distill_positions(encoded: Encoded, tokens: str) -> int:
+    """How many positions of one example the KL is taken at (see ``distillation_loss``)."""
+    return sum(loss_mask(encoded)) if tokens == "answer" else len(encoded) - 1
 
 
 # ========================================================================================== schedule
@@ -587,8 +643,8 @@ def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
 
 def _check_same_run(saved: dict, settings: LoraSettings, fingerprint: str, where: Path) -> None:
     """A rerun continues a run only with the same settings (save_every aside) and the same data."""
-    now = settings.to_dict()
-    diff = sorted(k for k in now if k != "save_every" and saved["settings"].get(k) != now[k])
+    now, default = settings.to_dict(), LoraSettings().to_dict()  # a key saved runs lack had its default
+    diff = sorted(k for k in now if k != "save_every" and saved["settings"].get(k, default[k]) != now[k])
     if diff:
         raise ValueError(f"{where} holds a LoRA run with other settings ({', '.join(diff)}: "
                          f"{ {k: saved['settings'].get(k) for k in diff} } there, { {k: now[k] for k in diff} } now); "
@@ -618,7 +674,7 @@ def validation_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: 
 
 def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings | None = None,
                out_dir: str | Path = "adapter", validation: Sequence[TrainExample] | None = None,
-               progress: bool = True, stop_after: int | None = None) -> TrainResult:
+               progress: bool = True, stop_after: int | None = None, teacher=None) -> TrainResult:
     """Train LoRA adapters on ``examples`` with a completion-only loss; save them to ``out_dir``.
 
     A plain loop: every step takes ``batch_size`` examples (seeded epochs), sets the scheduled learning
@@ -632,6 +688,10 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     run (for tests and for splitting a long run over sessions). A non-finite loss raises
     ``FloatingPointError`` naming the step. ``model`` is wrapped in place (``get_peft_model``); the trained
     ``PeftModel`` is ``result.model``.
+
+    ``teacher``: the model to distill from when ``settings.distill`` > 0 (the dense model; frozen, eval
+    mode, on the same device and tokenizer). The validation loss stays the answer-token cross-entropy, so
+    plain and distilled runs are measured alike.
     """
     from tqdm.auto import tqdm
 
@@ -644,6 +704,13 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
                          "see train_and_validation); the evaluation set must not choose the checkpoint")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the answer is trained to end with one")
+    if settings.distill > 0 and teacher is None:
+        raise ValueError(f"settings.distill={settings.distill} needs a teacher: train_lora(..., teacher=dense_model)")
+    if teacher is not None:
+        if teacher is model:
+            raise ValueError("the teacher is the model being trained; pass the dense model it was pruned from")
+        teacher.eval()
+        teacher.requires_grad_(False)
     t_start = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in examples]
@@ -697,7 +764,8 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             t_step = time.perf_counter()
             lr = lr_at(step, total, warmup, settings.lr)
             rows = [encoded[i] for i in _batch_indices(step, len(encoded), settings.batch_size, settings.seed, perms)]
-            loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id)
+            loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id,
+                               teacher=teacher if settings.distill > 0 else None)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"LoRA training loss is {loss} at step {step} of {total} (lr {lr:.3g}): lower the "
@@ -737,20 +805,28 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
 
 
 def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, settings: LoraSettings,
-                pad_id: int) -> float:
-    """One optimizer step on ``rows``; returns the mean loss per answer token (NaN stops before updating)."""
+                pad_id: int, teacher=None) -> float:
+    """One optimizer step on ``rows``; returns the batch's loss (per answer token, or the mix of it with the
+    KL per distilled position); NaN stops before updating."""
     device = next(peft_model.parameters()).device
     autocast = settings.autocast_dtype(device)
     micro = settings.micro_batch_size or settings.batch_size
     for group in optimizer.param_groups:
         group["lr"] = lr
     n_answer = sum(sum(loss_mask(e)) for e in rows)  # the loss is a mean over all answer tokens of the batch
+    alpha = settings.distill if teacher is not None else 0.0
+    n_kl = sum(_distill_positions(e, settings.distill_tokens) for e in rows) if alpha else 1
     total = 0.0
     for i in range(0, len(rows), micro):
         batch = {k: v.to(device) for k, v in collate(rows[i: i + micro], pad_id).items()}
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss_sum, _ = completion_loss(peft_model, batch, reduction="sum")
-        loss = loss_sum / n_answer
+            if alpha > 0:
+                ce_sum, kl_sum, _ = _student_losses(peft_model, teacher, batch, settings.temperature,
+                                                    settings.distill_tokens, with_ce=alpha < 1)
+                loss = alpha * kl_sum / n_kl + ((1 - alpha) * ce_sum / n_answer if ce_sum is not None else 0.0)
+            else:
+                loss_sum, _ = completion_loss(peft_model, batch, reduction="sum")
+                loss = loss_sum / n_answer
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             return float(loss.detach())
