@@ -148,11 +148,12 @@ def run_curve(args, res: Results, dense, tok, text: str, batches: dict) -> None:
     res.save()
 
 
-def make_batch(tok, source: str, size: tuple[int, int]) -> torch.Tensor:
+def make_batch(tok, source: str, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """N windows of L tokens: of the Wikipedia calibration articles, or of the tasks' training data."""
     n, length = size
     texts = data.text_corpus("calibration") if source == "wikipedia" else calibration_texts(SWEEP_TASKS)
     per_text = 1 if source == "wikipedia" and n <= 48 else 8
-    return calibration_batch(tok, texts, n_samples=n, seq_len=length, seed=0, per_text=per_text)
+    return calibration_batch(tok, texts, n_samples=n, seq_len=length, seed=seed, per_text=per_text)
 
 
 def run_sweep(args, res: Results, dense, tok, text: str, batches: dict) -> None:

@@ -18,7 +18,7 @@ with as many rounds as layers to drop removes one layer at a time and measures a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -241,4 +241,39 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
                   share_model=record["share_model"], record=record)
 
 
-__all__ = ["LAYER_ESTIMATORS", "METHODS", "Method", "Pruned", "prune_model"]
+def summarize_curve(rows: Sequence[Mapping], dense_perplexity: float, floor: str = "random",
+                    baseline: str = "param_first") -> dict:
+    """Which method kept most at each share, and by how much: a verdict computed from a curve.
+
+    ``rows``: one mapping per (method, share) with ``method``, ``target`` and ``perplexity`` (as
+    ``bench_pruning.py`` and notebook 03 make them; rows without a perplexity are skipped). Returns, per
+    share, the best method (lowest perplexity, ``floor`` excluded) with its perplexity, × dense, × better
+    than ``floor`` and than ``baseline`` (LLM-Pruner's estimator), plus ``sentence``: the same in words.
+    """
+    shares = sorted({float(r["target"]) for r in rows if r.get("perplexity") is not None})
+    out: dict = {"shares": {}}
+    words = []
+    for t in shares:
+        at = {r["method"]: float(r["perplexity"]) for r in rows
+              if float(r["target"]) == t and r.get("perplexity") is not None}
+        candidates = {m: v for m, v in at.items() if m != floor}
+        if not candidates:
+            continue
+        best = min(candidates, key=candidates.get)
+        ppl = candidates[best]
+        entry = {"best": best, "perplexity": ppl, "x_dense": ppl / dense_perplexity,
+                 "x_better_than_floor": at[floor] / ppl if floor in at else None,
+                 "x_better_than_baseline": at[baseline] / ppl if baseline in at else None}
+        out["shares"][t] = entry
+        text = f"at {t:.0%} of the decoder, {best} keeps perplexity at {ppl:.1f} ({entry['x_dense']:.2f}× dense"
+        if entry["x_better_than_floor"] is not None:
+            text += f", {entry['x_better_than_floor']:.1f}× lower than {floor} ({at[floor]:.1f})"
+        if entry["x_better_than_baseline"] is not None and best != baseline:
+            text += f", {entry['x_better_than_baseline']:.1f}× lower than {baseline} ({at[baseline]:.1f})"
+        words.append(text + ")")
+    out["sentence"] = ("; ".join(words) + ".") if words else "no perplexities to compare."
+    out["sentence"] = out["sentence"][0].upper() + out["sentence"][1:]
+    return out
+
+
+__all__ = ["LAYER_ESTIMATORS", "METHODS", "Method", "Pruned", "prune_model", "summarize_curve"]

@@ -21,7 +21,7 @@ from tailored.importance import (
 )
 from tailored.models import decoder_layers, decoder_parameters, load
 from tailored.prune import apply, make_plan, plan_pruning
-from tailored.recipes import METHODS, Method, prune_model
+from tailored.recipes import METHODS, Method, prune_model, summarize_curve
 from tailored.speed import FastDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -283,3 +283,14 @@ def test_cost_normalization_compares_scores_per_parameter():
     scores["layers.2.mlp"] = scores["layers.2.mlp"] * torch.linspace(0.1, 0.9, 128)
     plan = plan_pruning(graph, scores, target=0.1, allocation="global", normalize="cost", layer_range=(0, 4))
     assert set(plan.keep) == {"layers.2.mlp"}
+
+
+def test_the_verdict_names_the_best_method_per_share_and_its_margins():
+    rows = [{"method": "random", "target": 0.2, "perplexity": 100.0},
+            {"method": "param_first", "target": 0.2, "perplexity": 80.0},
+            {"method": "fisher_refit", "target": 0.2, "perplexity": 40.0},
+            {"method": "depth_block_influence", "target": 0.2, "error": "out of reach"}]
+    v = summarize_curve(rows, dense_perplexity=20.0)
+    assert v["shares"][0.2] == {"best": "fisher_refit", "perplexity": 40.0, "x_dense": 2.0,
+                                "x_better_than_floor": 2.5, "x_better_than_baseline": 2.0}
+    assert v["sentence"].startswith("At 20% of the decoder, fisher_refit keeps perplexity at 40.0 (2.00× dense")
