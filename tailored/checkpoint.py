@@ -10,6 +10,9 @@ every layer; ``LlamaConfig`` has one number for each. So a pruned checkpoint is 
     pruning.json           every tensor's shape, a per-layer summary, and the pruning record
     tokenizer files
 
+Bias compensation (FLAP) gives ``o_proj`` / ``down_proj`` a bias that HF Llama builds without; such
+tensors are listed under ``added_biases`` in ``pruning.json`` and ``load_pruned`` creates them.
+
 ``load_pruned`` builds the dense architecture on the meta device (no memory, no random init), gives each
 module the recorded shapes, checks the file against them, and loads the weights into place.
 """
@@ -61,6 +64,7 @@ def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapp
             tensors[name] = b.detach().to("cpu").contiguous()
 
     layers = decoder_layers(model)
+    added = _added_biases(model)
     meta = {
         "format": FORMAT,
         "model_type": getattr(model.config, "model_type", type(model).__name__),
@@ -71,6 +75,7 @@ def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapp
         "parameters": sum(t.numel() for n, t in tensors.items() if n not in persistent),
         "layers": [_layer_summary(i, layer) for i, layer in enumerate(layers)],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        "added_biases": added,  # Linear biases the stock architecture lacks (bias compensation)
         "record": dict(record or {}),
     }
 
@@ -120,6 +125,19 @@ def _layer_summary(index: int, layer: torch.nn.Module) -> dict:
     if norm is not None:
         out["hidden_size"] = norm.weight.shape[0]
     return out
+
+
+def _added_biases(model: torch.nn.Module) -> list[str]:
+    """Names of Linear biases that the model's stock architecture (built from its config) does not have."""
+    from transformers import AutoModelForCausalLM
+
+    biases = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    if not biases:
+        return []
+    with torch.device("meta"):
+        stock = AutoModelForCausalLM.from_config(model.config)
+    have = {n for n, m in stock.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    return [f"{n}.bias" for n in biases if n not in have]
 
 
 def _non_persistent_buffers(model: torch.nn.Module) -> set[str]:
@@ -195,6 +213,14 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    for name in meta.get("added_biases", []):  # bias compensation: a bias the stock Linear is built without
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if name in shapes and attr == "bias" else None
+        if not isinstance(mod, torch.nn.Linear) or mod.bias is not None:
+            raise ValueError(f"{dir / RECORD}: added bias {name} is not the missing bias of a Linear layer of the "
+                             f"architecture in {dir / CONFIG}")
+        mod.bias = torch.nn.Parameter(torch.empty(shapes[name], device="meta", dtype=mod.weight.dtype))
+        own[name] = mod.bias
     for name, shape in shapes.items():
         if name not in own:
             raise ValueError(f"{dir / RECORD}: lists {name}, which the architecture of {dir / CONFIG} does not "

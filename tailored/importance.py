@@ -20,6 +20,24 @@ and the baselines LLM-Pruner compares against, plus one from Wanda:
 - ``activation``    Wanda-style: I(w_ij) = |w_ij| · ‖X_j‖₂, the input activation norm of column j over all
   calibration tokens
 
+and two that look at what a unit *feeds* rather than at its weights' gradients (they pair with bias
+compensation, ``tailored.prune.apply(..., compensation="bias")``, which adds back a removed unit's mean
+contribution, so what is lost is only how the unit's contribution *fluctuates* around that mean):
+
+- ``fluctuation``         FLAP (An et al., 2024), its WIFV metric: I(S) = Σ_{j ∈ S} Var(x_j) · ‖W_:,j‖², over
+  the input columns j of the unit's *readers* (the Linear layers that read its channels: ``o_proj`` for a
+  head, ``down_proj`` for an MLP channel), Var over all calibration tokens
+- ``flap``                FLAP's own allocation score (its "AL-AM" structure): the fluctuation metric of each
+  reader column (squared for attention, as FLAP's code does), standardized over the reader's columns
+  (z-scores within one layer and kind), averaged over the unit's columns. Already comparable across layers
+  and kinds: plan with ``allocation="global", normalize="none"``
+- ``fisher_fluctuation``  the loss change that removing the unit and adding back its mean leaves, to second
+  order: I(S) = ½ Σ_h F_h · Var(W_h,S x_S) = ½ Σ_h F_h (W_h,S C_SS W_h,Sᵀ), with C the covariance of the
+  reader's inputs (the whole block of a head, not only its diagonal) and F_h = E_t[(∂ℓ/∂y_th)²] the
+  Fisher information of the reader's output h (ℓ the summed next-token loss). It is in nats per token for
+  every kind and layer, so units can compete across layers and kinds directly (per parameter:
+  ``plan_pruning(..., allocation="global", normalize="cost")``).
+
 A *member* of a unit (one parameter's rows or columns, see ``tailored.graph``) scores the sum of its
 element scores (for ``vectorize``, the absolute value of the slice's sum). A unit's members are then
 combined by a *group reduction*: ``sum``, ``mean``, ``max``, ``prod`` or ``root`` (the root member only).
@@ -59,9 +77,13 @@ ESTIMATORS: dict[str, str] = {
     "l1": "|w|",
     "l2": "w²",
     "activation": "|w|·‖X‖₂",
+    "fluctuation": "Σ_j Var(x_j)·‖W_:,j‖² (readers)",
+    "flap": "mean_j z(Var(x_j)·‖W_:,j‖²) (readers; squared for heads)",
+    "fisher_fluctuation": "½·Σ_h F_h·Var(W_h,S x_S) (readers)",
 }
 GRADIENT_ESTIMATORS = ("param_first", "param_second", "param_mix", "vectorize")
 FISHER_ESTIMATORS = ("param_second", "param_mix")  # need one backward pass per calibration sample
+READER_ESTIMATORS = ("fluctuation", "flap", "fisher_fluctuation")  # from Activations: statistics of the readers' inputs
 REDUCTIONS: dict[str, str] = {
     "sum": "Σ over members",
     "mean": "mean over members",
@@ -74,13 +96,19 @@ FORMAT = "tailored.importance/1"
 
 # ------------------------------------------------------------------------------------------ calibration
 def calibration_batch(tokenizer, texts: Sequence[str], n_samples: int = 10, seq_len: int = 128,
-                      seed: int = 0) -> torch.Tensor:
+                      seed: int = 0, per_text: int = 1) -> torch.Tensor:
     """``n_samples`` windows of exactly ``seq_len`` tokens, one per document, as LLM-Pruner draws them.
 
     Documents are visited in an order shuffled by ``seed``; each one with at least ``seq_len`` tokens gives
     one window at a random offset (LLM-Pruner: 10 bookcorpus samples of 64 tokens, later 128). Tokens are
     taken without special tokens (a window from the middle of a document has no BOS). The result is the
     same for the same texts, tokenizer and seed.
+
+    ``per_text`` > 1 lets a document give up to that many windows, so that few long documents make a big
+    calibration set (the 48 calibration articles hold 249k tokens: 128 × 512 needs about 3 per article).
+    A document is then cut into consecutive ``seq_len`` pieces after a random offset, and up to
+    ``per_text`` of them, chosen by ``seed``, are taken; the windows of one document never overlap.
+    ``per_text=1`` is exactly the one-window-per-document draw above.
 
     Returns a LongTensor of shape ``(n_samples, seq_len)``. Raises ``ValueError`` if fewer than
     ``n_samples`` documents are long enough.
@@ -89,6 +117,8 @@ def calibration_batch(tokenizer, texts: Sequence[str], n_samples: int = 10, seq_
         raise ValueError(f"n_samples={n_samples}: ask for at least one calibration sample (LLM-Pruner used 10)")
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len}: a language-modelling loss needs at least 2 tokens per sample")
+    if not isinstance(per_text, int) or per_text < 1:
+        raise ValueError(f"per_text={per_text!r}: give the most windows one document may give, at least 1")
     if isinstance(texts, str):
         raise ValueError("texts is one string; pass a list of documents (e.g. tailored.data.text_corpus())")
     texts = list(texts)
@@ -105,13 +135,24 @@ def calibration_batch(tokenizer, texts: Sequence[str], n_samples: int = 10, seq_
         if len(ids) < seq_len:
             continue
         start = rng.randint(0, len(ids) - seq_len)
-        windows.append(list(ids[start:start + seq_len]))
-        if len(windows) == n_samples:
-            return torch.tensor(windows, dtype=torch.long)
+        if per_text == 1:
+            starts = [start]
+        else:  # consecutive pieces after a random offset within the first piece; a seeded choice of them
+            offset = start % seq_len
+            pieces = list(range(offset, len(ids) - seq_len + 1, seq_len))
+            starts = sorted(rng.sample(pieces, min(per_text, len(pieces))))
+        for start in starts:
+            windows.append(list(ids[start:start + seq_len]))
+            if len(windows) == n_samples:
+                return torch.tensor(windows, dtype=torch.long)
+    if per_text > 1:
+        raise ValueError(f"{len(texts)} texts give only {len(windows)} windows of seq_len={seq_len} tokens with up "
+                         f"to per_text={per_text} each, but n_samples={n_samples} were asked for: raise per_text, "
+                         "give more texts, or lower n_samples or seq_len")
     raise ValueError(
         f"only {len(windows)} of {len(texts)} texts have at least seq_len={seq_len} tokens (the longest has "
         f"{longest}), but n_samples={n_samples} were asked for: give more or longer texts, or lower "
-        "n_samples or seq_len"
+        "n_samples or seq_len (or let a text give several windows: per_text)"
     )
 
 
@@ -469,6 +510,278 @@ class _ActivationNorms:
         return w if total is None else total
 
 
+# ------------------------------------------------------------------------------- readers' statistics
+ACTIVATIONS_FORMAT = "tailored.activations/1"
+
+
+def readers(model: torch.nn.Module, group: GroupSet) -> list[tuple[int, str]]:
+    """The members of ``group`` that *read* its units: input columns (dim 1) of a ``Linear`` weight.
+
+    Returns ``(member number, module name)`` pairs: ``o_proj`` for attention units and query heads,
+    ``down_proj`` for MLP channels, every projection that reads the residual stream (and the LM head) for
+    the hidden dimension. These are the layers whose input loses the unit's channels, and whose bias can
+    take back the unit's mean contribution.
+    """
+    out = []
+    for mi, m in enumerate(group.members):
+        mod_name, _, attr = m.param.rpartition(".")
+        if m.dim != 1 or attr != "weight":
+            continue
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            raise ValueError(f"group set {group.name!r}: the model has no module {mod_name!r}; was the graph "
+                             "traced from this model?") from None
+        if isinstance(mod, torch.nn.Linear):
+            out.append((mi, mod_name))
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Activations:
+    """What the readers of the units (see ``readers``) saw on the calibration batch, per module name.
+
+    - ``mean[name]``: (in,) μ_j = E_t[x_tj], the mean of each input channel over all calibration tokens;
+    - ``second[name]``: (in,) E_t[x_tj²], or (in, in) E_t[x_t x_tᵀ] where the full matrix was collected
+      (readers whose units span several columns, such as a head's 64 or 192 columns of ``o_proj``, or all
+      readers with ``full=True``, which the least-squares ``refit`` compensation needs);
+    - ``fisher[name]``: (out,) F_h = E_t[(∂ℓ/∂y_th)²], the Fisher information of each output of the reader,
+      with ℓ the *summed* next-token loss of the batch (so it does not depend on how the batch is split);
+      empty unless collected with ``gradients=True``.
+
+    ``tokens`` is the number of token positions the expectations run over. Made by ``activation_statistics``.
+    """
+
+    tokens: int
+    mean: dict[str, torch.Tensor]
+    second: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """C = E[x xᵀ] − μ μᵀ of ``name``'s input (float64): (in, in), or its diagonal (in,) when only that was kept."""
+        if name not in self.mean:
+            raise KeyError(f"no statistics for {name!r}: compute them on this model with "
+                           "activation_statistics(model, graph, batch)")
+        mu, sec = self.mean[name].double(), self.second[name].double()
+        return sec - torch.outer(mu, mu) if sec.dim() == 2 else (sec - mu.square()).clamp_min(0)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``activations.safetensors`` atomically: ``mean/<name>``, ``second/<name>``, ``fisher/<name>``."""
+        from safetensors.torch import save
+
+        tensors = {f"{kind}/{name}": t.detach().to("cpu", torch.float32).contiguous()
+                   for kind, d in (("mean", self.mean), ("second", self.second), ("fisher", self.fisher))
+                   for name, t in d.items()}
+        meta = {"format": ACTIVATIONS_FORMAT, "tokens": str(self.tokens),
+                "settings": json.dumps(self.settings, sort_keys=True, default=str)}
+        path = Path(path)
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Activations:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
+        parts: dict[str, dict[str, torch.Tensor]] = {"mean": {}, "second": {}, "fisher": {}}
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != ACTIVATIONS_FORMAT:
+                raise ValueError(f"{path} is not an activations file (format {meta.get('format')!r}, expected "
+                                 f"{ACTIVATIONS_FORMAT!r})")
+            for key in fh.keys():
+                kind, name = key.split("/", 1)
+                parts[kind][name] = fh.get_tensor(key)
+        return cls(tokens=int(meta["tokens"]), settings=json.loads(meta.get("settings", "{}")), **parts)
+
+
+class _ReaderHooks:
+    """Forward hooks on the reader Linear layers: Σ x, Σ x² (or Σ x xᵀ) of their inputs, and, with
+    gradients, a hook on each output that adds up (∂ℓ/∂y)² per output feature."""
+
+    def __init__(self, model: torch.nn.Module, names: Mapping[str, bool], gradients: bool, dtype: torch.dtype):
+        self.sum: dict[str, torch.Tensor] = {}
+        self.sq: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.scale = 1.0  # ∂ℓ/∂(mean loss) of the current pass: the gradients are of the summed loss
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n, full, gradients, dtype))
+                        for n, full in names.items()]
+
+    def _hook(self, name: str, full: bool, gradients: bool, dtype: torch.dtype):
+        def hook(_module, args, output) -> None:
+            with torch.no_grad():
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)  # (tokens, in)
+                s, q = x.sum(0), (x.T @ x if full else x.square().sum(0))
+                self.sum[name] = self.sum[name] + s if name in self.sum else s
+                self.sq[name] = self.sq[name] + q if name in self.sq else q
+            if gradients and output.requires_grad:
+                def grad_hook(g: torch.Tensor) -> None:
+                    with torch.no_grad():
+                        f = (g.detach().reshape(-1, g.shape[-1]).to(dtype) * self.scale).square().sum(0)  # (out,)
+                        self.fisher[name] = self.fisher[name] + f if name in self.fisher else f
+                output.register_hook(grad_hook)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def activation_statistics(model: torch.nn.Module, graph: Graph, batch: torch.Tensor,
+                          kinds: Sequence[str] = ("attention", "qheads", "mlp"), full: bool | None = None,
+                          gradients: bool = False, micro_batch: int = 1, progress: bool = True) -> Activations:
+    """Mean, second moment (and with ``gradients`` the output Fisher) of every reader's input on ``batch``.
+
+    The readers are those of the graph's group sets of ``kinds`` (see ``readers``). ``full``: ``None``
+    keeps the whole second-moment matrix only for readers whose units span several columns (a head's block
+    of ``o_proj``: ``fisher_fluctuation`` needs it), ``True`` for every reader (the ``refit`` compensation
+    needs it: SmolLM2's 30 ``down_proj`` take 283 MB), ``False`` for none.
+
+    Without ``gradients`` the passes are forward only (no gradient anywhere); with them, each pass also
+    runs backward from the summed next-token loss, with the weights frozen: only activations get
+    gradients, and the hooks keep nothing but per-feature sums. ``micro_batch`` samples go through per
+    pass. Weights, ``requires_grad`` flags and train/eval mode are left as they were.
+    """
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
+        raise ValueError(f"batch must be a LongTensor (n_samples, seq_len) of token ids, got "
+                         f"{getattr(batch, 'dtype', type(batch).__name__)} {tuple(getattr(batch, 'shape', ()))}")
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch={micro_batch!r}: give a number of samples per pass, at least 1")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kind(s) {bad}; kinds are {list(KINDS)}")
+    names: dict[str, bool] = {}
+    for g in graph.groups:
+        if g.kind in kinds:
+            for mi, name in readers(model, g):
+                wide = max(len(ix) for ix in g.members[mi].index) > 1
+                names[name] = names.get(name, False) or (wide if full is None else bool(full))
+    if not names:
+        raise ValueError(f"the graph's group sets of kinds {list(kinds)} have no Linear readers to watch")
+    device = next(model.parameters()).device
+    dtype = _acc_dtype(device)
+    batch = batch.to(device)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    hooks = _ReaderHooks(model, names, gradients, dtype)
+    passes = [batch[i:i + micro_batch] for i in range(0, batch.shape[0], micro_batch)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(passes, desc="activation statistics", unit="pass", disable=not progress)
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        embed = model.get_input_embeddings()
+        for ids in bar:
+            if gradients:
+                with torch.enable_grad():
+                    x = embed(ids).detach().requires_grad_(True)  # the graph starts at the embeddings
+                    loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
+                    hooks.scale = float(ids.shape[0] * (ids.shape[1] - 1))  # mean loss -> summed loss
+                    loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+    finally:
+        bar.close()
+        hooks.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+    n = batch.numel()
+    return Activations(
+        tokens=n, mean={k: (v / n).float().cpu() for k, v in hooks.sum.items()},
+        second={k: (v / n).float().cpu() for k, v in hooks.sq.items()},
+        fisher={k: (v / n).float().cpu() for k, v in hooks.fisher.items()},
+        settings={"n_samples": int(batch.shape[0]), "seq_len": int(batch.shape[1]), "kinds": list(kinds),
+                  "full": full, "gradients": gradients, "batch_sha256": _batch_hash(batch),
+                  "full_readers": sorted(k for k, v in names.items() if v)})
+
+
+def _reader_scores(est: str, w: torch.Tensor, acts: Activations, name: str, member, units: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Per-unit scores (units,) of one reader member (columns ``member.index[u]`` of ``w`` (out, in))."""
+    if name not in acts.mean:
+        raise ValueError(f"the activations hold no statistics for {name}: compute them on this model and graph "
+                         "(activation_statistics(model, graph, batch))")
+    if acts.mean[name].numel() != w.shape[1]:
+        raise ValueError(f"the activations of {name} have {acts.mean[name].numel()} input channels but its weight "
+                         f"has {w.shape[1]}: they were computed on another (differently pruned) model")
+    w = w.detach().to("cpu", torch.float64)
+    cov = acts.covariance(name)  # (in, in) or (in,)
+    out = torch.zeros(units, dtype=torch.float64)
+    if est in ("fluctuation", "flap"):
+        col = (cov.diagonal() if cov.dim() == 2 else cov) * w.square().sum(0)  # (in,): Var(x_j) ‖W_:,j‖²
+        if est == "flap":  # FLAP: square the metric of multi-column units (heads), standardize over the layer
+            col = col.square() if max(len(ix) for ix in member.index) > 1 else col
+            col = (col - col.mean()) / col.std().clamp_min(1e-30)
+        for u in range(units):
+            cols = col[list(member.index[u])]
+            out[u] = cols.mean() if est == "flap" else cols.sum()
+        return out.to(dtype)
+    if name not in acts.fisher:
+        raise ValueError(f"fisher_fluctuation needs the Fisher information of {name}'s output: collect the "
+                         "activations with gradients=True")
+    wf = w * acts.fisher[name].double()[:, None]  # (out, in): F_h W_hj
+    if cov.dim() == 1:
+        col = 0.5 * cov * (wf * w).sum(0)  # a unit of one column, or only the diagonal kept
+        for u in range(units):
+            out[u] = col[list(member.index[u])].sum()
+        return out.to(dtype)
+    for u in range(units):
+        ix = torch.tensor(member.index[u], dtype=torch.long)
+        ws, wfs = w[:, ix], wf[:, ix]  # (out, |S|)
+        out[u] = 0.5 * ((wfs @ cov[ix][:, ix]) * ws).sum()  # ½ Σ_h F_h W_h,S C_SS W_h,Sᵀ
+    return out.to(dtype)
+
+
+# ------------------------------------------------------------------------------------ whole layers
+@torch.no_grad()
+def block_influence(model: torch.nn.Module, batch: torch.Tensor, micro_batch: int = 1,
+                    progress: bool = True) -> torch.Tensor:
+    """ShortGPT's block influence of each decoder layer (Men et al., 2024): (layers,) float32,
+
+        BI_l = 1 − E_t[ cos(h_l,t , h_l+1,t) ],
+
+    h_l,t the residual stream entering layer l at token t, averaged over every token of ``batch``. A layer
+    whose output points where its input pointed changes little: depth pruning removes the layers of lowest
+    influence (``prune.plan_pruning(graph, {}, target, mode="layer", layer_scores=bi)``). One forward pass,
+    no gradient; ``micro_batch`` samples per pass.
+    """
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
+        raise ValueError(f"batch must be a LongTensor (n_samples, seq_len) of token ids, got "
+                         f"{getattr(batch, 'dtype', type(batch).__name__)} {tuple(getattr(batch, 'shape', ()))}")
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    total = torch.zeros(len(layers), dtype=torch.float64)
+
+    def hook_for(i: int):
+        def hook(_module, args, kwargs, output):
+            h_in = kwargs.get("hidden_states", args[0] if args else None)
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)  # (batch, seq)
+            total[i] += float(cos.sum())
+        return hook
+
+    was_training = model.training
+    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    from tqdm.auto import tqdm
+
+    try:
+        model.eval()
+        for i in tqdm(range(0, batch.shape[0], micro_batch), desc="block influence", disable=not progress):
+            model(input_ids=batch[i:i + micro_batch].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return (1 - total / batch.numel()).float()
+
+
 # ------------------------------------------------------------------------------------------ reductions
 def reduce_members(member_scores: torch.Tensor, reduction: str, root: int = 0) -> torch.Tensor:
     """Combine per-member scores (members, units) into per-unit scores (units,).
@@ -510,7 +823,8 @@ def _check_names(estimators: Sequence[str], reductions: Sequence[str]) -> tuple[
 def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor,
                        estimators: Sequence[str] = ("param_first",), reductions: Sequence[str] = ("sum",),
                        kinds: Sequence[str] | None = None, micro_batch: int = 1, seed: int = 0,
-                       progress: bool = True, checkpointing: bool = False) -> Importance:
+                       progress: bool = True, checkpointing: bool = False,
+                       activations: Activations | None = None) -> Importance:
     """Score every unit of the graph's group sets with each estimator and group reduction.
 
     ``batch``: calibration token ids (n_samples, seq_len), e.g. from ``calibration_batch``. ``kinds``
@@ -541,6 +855,12 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     buffer) that is what keeps LLaMA-7B's first-order scores for 10 × 128 tokens near the size of its
     weights. transformers checkpoints only layers in training mode, so the decoder layers alone are flagged
     as training during the passes; their attention and MLP stay in eval mode (no dropout).
+
+    ``fluctuation`` and ``fisher_fluctuation`` read statistics of the units' readers: ``activations``
+    (from ``activation_statistics`` on this model and batch), or, when not given, statistics collected
+    here in passes of their own (forward only for ``fluctuation``; forward + backward for
+    ``fisher_fluctuation``). Their member scores exist only for the reader members, so a unit's reduction
+    runs over those (``root``: the first reader).
 
     Returns an ``Importance``: float32 (units,) per (estimator, reduction, group set).
     """
@@ -625,6 +945,11 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
         fold.sum_g2.clear()
 
     pass_losses = [float(x) for x in pass_losses]
+    reader_est = [e for e in estimators if e in READER_ESTIMATORS]
+    if reader_est and activations is None:
+        activations = activation_statistics(model, graph, batch, kinds=sorted({g.kind for g in groups}),
+                                            gradients="fisher_fluctuation" in reader_est, micro_batch=micro_batch,
+                                            progress=progress)
 
     # per-member scores (members, units) for every estimator
     member_scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
@@ -641,6 +966,12 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
                     _fold(e, uses, acc, dtype)
             member_scores[est] = acc
 
+    reader_members = {gi: readers(model, g) for gi, g in enumerate(groups)} if reader_est else {}
+    for est in reader_est:
+        member_scores[est] = {(gi, mi): _reader_scores(est, model.get_submodule(name).weight, activations, name,
+                                                       groups[gi].members[mi], groups[gi].units, dtype)
+                              for gi, found in reader_members.items() for mi, name in found}
+
     gen = torch.Generator().manual_seed(seed)
     scores: dict[tuple[str, str, str], torch.Tensor] = {}
     for est in estimators:
@@ -649,6 +980,14 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
                 r = torch.rand(g.units, generator=gen)
                 for red in reductions:
                     scores[(est, red, g.name)] = r.clone()
+                continue
+            if est in READER_ESTIMATORS:  # only the readers have scores: reduce over them
+                found = [mi for mi, _ in reader_members[gi]]
+                if not found:
+                    raise ValueError(f"{est}: group set {g.name!r} has no Linear reader to score it by")
+                stacked = torch.stack([member_scores[est][(gi, mi)] for mi in found]).cpu()  # (readers, units)
+                for red in reductions:
+                    scores[(est, red, g.name)] = reduce_members(stacked, red, 0).float()
                 continue
             stacked = torch.stack([member_scores[est].get((gi, mi), torch.zeros(g.units, dtype=dtype, device=device))
                                    for mi in range(len(g.members))]).cpu()  # (members, units)
@@ -668,6 +1007,8 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_sha256": _batch_hash(batch),
     }
+    if reader_est:
+        settings["activations"] = {"tokens": activations.tokens, **activations.settings}
     return Importance(scores=scores, settings=settings)
 
 
@@ -751,6 +1092,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
 
 
-__all__ = ["ESTIMATORS", "REDUCTIONS", "GRADIENT_ESTIMATORS", "Importance", "calibration_batch",
-           "compute_importance", "param_first", "param_second", "param_mix", "vectorize_terms",
-           "reduce_members", "reference_taylor", "spearman", "zeroing_loss_change"]
+__all__ = ["ESTIMATORS", "REDUCTIONS", "GRADIENT_ESTIMATORS", "READER_ESTIMATORS", "Activations", "Importance",
+           "activation_statistics", "block_influence", "calibration_batch", "compute_importance", "param_first",
+           "param_second", "param_mix", "readers", "vectorize_terms", "reduce_members", "reference_taylor", "spearman",
+           "zeroing_loss_change"]

@@ -66,6 +66,7 @@ IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ig
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "bf16", "fp32")
 SELECTIONS = ("last", "validation")
+DISTILL_TOKENS = ("answer", "all")
 METRICS_FILE = "train_metrics.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # The divergence rule (see ``divergence``): the smoothing window of the blow-up test, how many steps pinned
@@ -95,6 +96,12 @@ class LoraSettings:
     activations: about one more forward pass per step, for the memory of one layer's activations instead of
     all of them (the paper profile's 16 × 256 micro-batches at LLaMA-7B). It changes memory and time, not the
     result, so a run may be continued with it switched.
+
+    Distillation (``distill`` > 0, with ``train_lora(..., teacher=dense_model)``): the loss becomes
+    ``(1 − distill) · CE(answer) + distill · T² · KL(p_teacher,T ‖ p_student,T)``, the KL averaged over the
+    ``distill_tokens`` positions of the batch (``"answer"``: those the LM loss uses; ``"all"``: every
+    position, so the prompt's tokens teach too, at the same token budget). The teacher is the dense model
+    the pruned one came from: recovery then aims at what the model could do, not only at the labels.
     """
 
     rank: int = 8
@@ -115,6 +122,9 @@ class LoraSettings:
     save_every: int = 50  # steps between saved (resumable) checkpoints; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: less memory
+    distill: float = 0.0  # weight of the KL to a teacher's next-token distribution (0: plain LM loss; 1: KL alone)
+    temperature: float = 1.0  # softens both distributions in the KL (Hinton et al.); the KL is scaled by T²
+    distill_tokens: str = "answer"  # where the KL is taken: the answer tokens, or every token ("all")
 
     def __post_init__(self):
         # Accept a list from YAML for the target modules, but keep the dataclass hashable.
@@ -160,6 +170,13 @@ class LoraSettings:
             bad(f"select {self.select!r} is not one of {SELECTIONS}")
         if not isinstance(self.gradient_checkpointing, bool):
             bad(f"gradient_checkpointing {self.gradient_checkpointing!r} must be True or False")
+        if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
+            bad(f"distill {self.distill!r} is outside [0, 1]: it is the weight of the KL to the teacher "
+                "(0: the plain LM loss, 1: the KL alone)")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+            bad(f"temperature {self.temperature!r} must be a finite number > 0 (1: the distributions as they are)")
+        if self.distill_tokens not in DISTILL_TOKENS:
+            bad(f"distill_tokens {self.distill_tokens!r} is not one of {DISTILL_TOKENS}")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "target_modules": list(self.target_modules)}
@@ -225,6 +242,20 @@ def tailored_examples(task: str | Sequence[str], prompt_name: str = "task_specif
                 continue
             out.append(TrainExample(prompt.render_context(ex), prompt.render_target(ex), f"{name}/{ex.id}"))
     return mix_examples(out, seed) if len(tasks) > 1 else out
+
+
+def calibration_texts(task: str | Sequence[str], n: int = 500, prompt_name: str = "task_specific",
+                      per_document: int = 50, seed: int = 0) -> list[str]:
+    """The tailored training data as plain documents, to calibrate pruning on the tasks' own text.
+
+    ``n`` examples of each task (``tailored_examples``: the train split, never the evaluated examples),
+    each written ``prompt + answer``, joined by blank lines into documents of ``per_document`` examples,
+    so that ``importance.calibration_batch(..., per_text=k)`` can cut windows of a few hundred tokens.
+    """
+    if per_document < 1:
+        raise ValueError(f"per_document={per_document}: a document holds at least one example")
+    rows = [ex.prompt + ex.answer for ex in tailored_examples(task, prompt_name, n, seed=seed)]
+    return ["\n\n".join(rows[i:i + per_document]) for i in range(0, len(rows), per_document)]
 
 
 def mix_examples(examples: Sequence[TrainExample], seed: int = 0) -> list[TrainExample]:
@@ -348,6 +379,45 @@ def completion_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum
     logits = head(hidden[:, :-1][answer]).float()  # (n_answer_tokens, vocab)
     loss = F.cross_entropy(logits, targets[answer], reduction=reduction)
     return loss, int(answer.sum())
+
+
+def distillation_loss(model, teacher, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                      tokens: str = "answer") -> tuple[torch.Tensor, int]:
+    """Summed KL(p_teacher ‖ p_student) at temperature T, times T², over the chosen positions; and their count.
+
+    ``tokens="answer"``: the positions ``completion_loss`` uses (those predicting an answer token);
+    ``"all"``: every position that predicts a real (not padding) next token. Logits of both models are
+    taken at those positions only, as in ``completion_loss``; the teacher runs without gradients.
+    """
+    _, kl, n = _student_losses(model, teacher, batch, temperature, tokens, with_ce=False)
+    return kl, n
+
+
+def _student_losses(model, teacher, batch: dict[str, torch.Tensor], temperature: float, tokens: str,
+                    with_ce: bool) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """(summed answer cross-entropy or None, summed KL · T², KL positions) from ONE pass of the student."""
+    if tokens not in DISTILL_TOKENS:
+        raise ValueError(f"tokens {tokens!r} is not one of {DISTILL_TOKENS}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    answer = targets != IGNORE  # (batch, seq - 1)
+    where = answer if tokens == "answer" else batch["attention_mask"][:, 1:].bool()
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
+    ce = F.cross_entropy(head(hidden[answer]).float(), targets[answer], reduction="sum") if with_ce else None
+    student = head(hidden[where]).float() / temperature  # (n, vocab)
+    with torch.no_grad():
+        t_hidden = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False).last_hidden_state[:, :-1]
+        target = F.log_softmax(teacher.get_output_embeddings()(t_hidden[where]).float() / temperature, -1)
+    kl = F.kl_div(F.log_softmax(student, -1), target, log_target=True, reduction="sum")
+    return ce, kl * temperature ** 2, int(where.sum())
+
+
+def _distill_positions(encoded: Encoded, tokens: str) -> int:
+    """How many positions of one example the KL is taken at (see ``distillation_loss``)."""
+    return sum(loss_mask(encoded)) if tokens == "answer" else len(encoded) - 1
 
 
 # ========================================================================================== schedule
@@ -704,7 +774,7 @@ def validation_losses(model, tokenizer, by_task: dict[str, Sequence[TrainExample
 
 def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings | None = None,
                out_dir: str | Path = "adapter", validation: Sequence[TrainExample] | None = None,
-               progress: bool = True, stop_after: int | None = None) -> TrainResult:
+               progress: bool = True, stop_after: int | None = None, teacher=None) -> TrainResult:
     """Train LoRA adapters on ``examples`` with a completion-only loss; save them to ``out_dir``.
 
     A plain loop: every step takes ``batch_size`` examples (seeded epochs), sets the scheduled learning
@@ -722,6 +792,13 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     the learning rate; its adapter is never installed and its checkpoints are removed. Leftovers of a killed
     run in ``out_dir`` are removed first (``_clean_leftovers``). ``model`` is wrapped in place
     (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
+    run (for tests and for splitting a long run over sessions). A non-finite loss raises
+    ``FloatingPointError`` naming the step. ``model`` is wrapped in place (``get_peft_model``); the trained
+    ``PeftModel`` is ``result.model``.
+
+    ``teacher``: the model to distill from when ``settings.distill`` > 0 (the dense model; frozen, eval
+    mode, on the same device and tokenizer). The validation loss stays the answer-token cross-entropy, so
+    plain and distilled runs are measured alike.
     """
     settings = settings or LoraSettings()
     out_dir = Path(out_dir)
@@ -732,6 +809,13 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
                          "see train_and_validation); the evaluation set must not choose the checkpoint")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the answer is trained to end with one")
+    if settings.distill > 0 and teacher is None:
+        raise ValueError(f"settings.distill={settings.distill} needs a teacher: train_lora(..., teacher=dense_model)")
+    if teacher is not None:
+        if teacher is model:
+            raise ValueError("the teacher is the model being trained; pass the dense model it was pruned from")
+        teacher.eval()
+        teacher.requires_grad_(False)
     t_start = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in examples]
@@ -809,7 +893,8 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             t_step = time.perf_counter()
             lr = lr_at(step, total, warmup, settings.lr)
             rows = [encoded[i] for i in _batch_indices(step, len(encoded), settings.batch_size, settings.seed, perms)]
-            loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id)
+            loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id,
+                               teacher=teacher if settings.distill > 0 else None)
             problem = divergence([x for _, x in state["losses"]] + [loss], vocab)
             if problem:
                 raise diverged(step, problem)
@@ -848,20 +933,28 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
 
 
 def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, settings: LoraSettings,
-                pad_id: int) -> float:
-    """One optimizer step on ``rows``; returns the mean loss per answer token (NaN stops before updating)."""
+                pad_id: int, teacher=None) -> float:
+    """One optimizer step on ``rows``; returns the batch's loss (per answer token, or the mix of it with the
+    KL per distilled position); NaN stops before updating."""
     device = next(peft_model.parameters()).device
     autocast = settings.autocast_dtype(device)
     micro = settings.micro_batch_size or settings.batch_size
     for group in optimizer.param_groups:
         group["lr"] = lr
     n_answer = sum(sum(loss_mask(e)) for e in rows)  # the loss is a mean over all answer tokens of the batch
+    alpha = settings.distill if teacher is not None else 0.0
+    n_kl = sum(_distill_positions(e, settings.distill_tokens) for e in rows) if alpha else 1
     total = 0.0
     for i in range(0, len(rows), micro):
         batch = {k: v.to(device) for k, v in collate(rows[i: i + micro], pad_id).items()}
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss_sum, _ = completion_loss(peft_model, batch, reduction="sum")
-        loss = loss_sum / n_answer
+            if alpha > 0:
+                ce_sum, kl_sum, _ = _student_losses(peft_model, teacher, batch, settings.temperature,
+                                                    settings.distill_tokens, with_ce=alpha < 1)
+                loss = alpha * kl_sum / n_kl + ((1 - alpha) * ce_sum / n_answer if ce_sum is not None else 0.0)
+            else:
+                loss_sum, _ = completion_loss(peft_model, batch, reduction="sum")
+                loss = loss_sum / n_answer
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             return float(loss.detach())

@@ -43,11 +43,14 @@ from tqdm.auto import tqdm
 
 from tailored.anatomy import decoder_layers
 from tailored.graph import Graph, GroupSet
+from tailored.importance import Activations, readers
 
 MODES = ("block", "channel", "layer")
 ALLOCATIONS = ("local", "global")
 ATTENTION = ("kv", "qheads")
 DENOMINATORS = ("decoder", "model")
+NORMALIZATIONS = ("kind", "layer", "cost", "none")  # how global allocation makes scores comparable
+COMPENSATIONS = ("none", "bias", "refit")  # what apply gives back to the readers of removed units
 TOLERANCE = 0.01  # the achieved share must be within 1 percentage point of the target
 
 
@@ -141,7 +144,9 @@ def default_layer_range(num_layers: int) -> tuple[int, int]:
 
 def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float = 0.2, mode: str = "block",
                  allocation: str = "local", layer_range: tuple[int, int] | None = None, round_to: int = 1,
-                 attention: str = "kv", denominator: str = "decoder") -> Plan:
+                 attention: str = "kv", denominator: str = "decoder", normalize: str = "kind",
+                 layer_scores: Mapping[int, float] | Sequence[float] | torch.Tensor | None = None,
+                 tolerance: float | None = TOLERANCE) -> Plan:
     """Choose the units to remove so that ``target`` of the parameters go (within 1 percentage point).
 
     ``scores[name]`` is a float tensor ``(units,)`` per group set (higher = more important); only the group
@@ -158,6 +163,21 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
       over the pruned layers: 1.0 means "an average head" or "an average channel". One threshold on the
       normalized scores then decides everywhere.
 
+    ``normalize`` says how global allocation makes scores comparable across layers and kinds:
+
+    - ``"kind"`` (default, as above): each score over the mean score of its kind in the pruned layers.
+    - ``"layer"``: FLAP's standardization, ``(s − mean) / std`` within each group set (one layer, one
+      kind), so that every layer's scores are on the same scale; a unit competes by how far it sits below
+      its own layer's average.
+    - ``"cost"``: each score over the parameters its unit removes (``params_per_unit``): for scores that
+      estimate a loss change, the threshold then removes the least loss per parameter first (the greedy
+      answer to "remove this many parameters at the least cost").
+    - ``"none"``: the scores as given (already comparable, e.g. an estimated loss change per unit).
+
+    Layer-wise pruning (``mode="layer"``) ranks layers by the mean kind-normalized score of their units,
+    or by ``layer_scores`` when given: one number per decoder layer (higher = more important), e.g.
+    ``tailored.importance.block_influence``.
+
     Heads are coarse (SmolLM2 has 3 key-value heads per layer), so the ratio (or threshold) is solved in
     two steps: first for attention and MLP together, which fixes how many heads go; then again for the MLP
     alone, with the heads fixed, so the fine-grained channels land the total on the target.
@@ -168,12 +188,14 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
     of layers closest to the target, the ones of lowest mean (kind-normalized) importance.
 
     Raises ``ValueError`` for a target outside (0, 1), a layer range outside the model, missing scores, or
-    a target that cannot be reached within 1 percentage point; nothing is touched.
+    a target that cannot be reached within ``tolerance`` (1 percentage point; ``None``: the closest plan
+    is returned, as the intermediate rounds of iterative pruning want); nothing is touched.
     """
     _check_choice("mode", mode, MODES)
     _check_choice("allocation", allocation, ALLOCATIONS)
     _check_choice("attention", attention, ATTENTION)
     _check_choice("denominator", denominator, DENOMINATORS)
+    _check_choice("normalize", normalize, NORMALIZATIONS)
     if not isinstance(target, (int, float)) or not 0 < target < 1:
         raise ValueError(f"pruning target {target!r} is outside (0, 1): it is the share of parameters to remove")
     if int(round_to) != round_to or round_to < 1:
@@ -191,11 +213,17 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
                              f"(start, end) with 0 <= start < end <= {L}; end is exclusive")
     settings = dict(mode=mode, target=float(target), allocation=allocation, layer_range=layer_range,
                     round_to=round_to, attention=attention, denominator=denominator)
+    if normalize != "kind":  # recorded only when asked, so plans made before this option compare equal
+        settings["normalize"] = normalize
     denom = graph.decoder_params if denominator == "decoder" else graph.total_params
     goal = target * denom  # parameters to remove, counted as the denominator counts them
 
     if mode == "layer":
-        drop = _choose_layers(graph, scores, layer_range, attention, goal)
+        if layer_scores is not None:
+            drop = _choose_layers_by(graph, _layer_scores(graph, layer_scores), layer_range, goal)
+            settings["layer_scores"] = [float(x) for x in _layer_scores(graph, layer_scores)]
+        else:
+            drop = _choose_layers(graph, scores, layer_range, attention, goal)
         return make_plan(graph, {}, drop_layers=drop, **settings)
 
     kinds = ("hidden",) if mode == "channel" else ("attention" if attention == "kv" else "qheads", "mlp")
@@ -209,7 +237,7 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
                          f" down to one unit per group removes at most {most / denom:.1%}; "
                          "widen layer_range or lower the target")
     if allocation == "global" and mode == "block":
-        _normalize_per_kind(slots)
+        _normalize(slots, normalize)
     knob = "threshold" if allocation == "global" else "ratio"
 
     # Step 1: attention and MLP together; this fixes the (coarse) attention units.
@@ -224,7 +252,7 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
     keep = {s.group.name: s.keep_indices(kept[s.group.name]) for s in slots if kept[s.group.name] < s.group.units}
     plan = make_plan(graph, keep, **settings)
     achieved = plan.share_decoder if denominator == "decoder" else plan.share_model
-    if abs(achieved - target) > TOLERANCE:
+    if tolerance is not None and abs(achieved - target) > tolerance:
         raise ValueError(f"target {target:.1%} cannot be met within 1 percentage point with round_to={round_to}, "
                          f"allocation={allocation!r}: the closest plan removes {achieved:.2%} of the {denominator} "
                          "parameters (units are too coarse); lower round_to, use allocation='global', or widen "
@@ -332,6 +360,22 @@ class _Prunable:
         return self._cost[kept]
 
 
+def _normalize(slots: list[_Prunable], how: str) -> None:
+    """Set each slot's ``norm`` scores, those the global threshold compares (see ``plan_pruning``)."""
+    if how == "kind":
+        _normalize_per_kind(slots)
+    elif how == "layer":
+        for s in slots:
+            spread = s.scores.std() if s.scores.numel() > 1 else torch.zeros((), dtype=s.scores.dtype)
+            s.norm = (s.scores - s.scores.mean()) / spread if spread > 0 else torch.zeros_like(s.scores)
+    elif how == "cost":
+        for s in slots:
+            s.norm = s.scores / torch.tensor(s.ppu, dtype=s.scores.dtype).clamp_min(1)
+    else:
+        for s in slots:
+            s.norm = s.scores
+
+
 def _normalize_per_kind(slots: list[_Prunable]) -> None:
     """Divide each score by the mean score of its kind over the pruned layers (1.0 = an average unit)."""
     for kind in {s.group.kind for s in slots}:
@@ -378,6 +422,24 @@ def _choose_layers(graph: Graph, scores: Mapping[str, torch.Tensor], layer_range
     importance = {i: sum(v) / len(v) for i, v in per_layer.items()}
     n = min(len(candidates), graph.num_layers - 1, max(1, round(goal / _layer_params(graph))))
     return tuple(sorted(sorted(candidates, key=lambda i: (importance[i], i))[:n]))
+
+
+def _layer_scores(graph: Graph, layer_scores) -> torch.Tensor:
+    s = torch.as_tensor(layer_scores if not isinstance(layer_scores, Mapping)
+                        else [layer_scores[i] for i in range(graph.num_layers)], dtype=torch.float64).flatten()
+    if s.numel() != graph.num_layers:
+        raise ValueError(f"layer_scores has {s.numel()} values but the model has {graph.num_layers} decoder layers")
+    if not torch.isfinite(s).all():
+        raise ValueError("layer_scores holds NaN or inf; check the layer importance estimate")
+    return s
+
+
+def _choose_layers_by(graph: Graph, layer_scores: torch.Tensor, layer_range: tuple[int, int],
+                      goal: float) -> tuple[int, ...]:
+    """Layer-wise by given per-layer scores: the lowest-scored layers in range, as many as come closest to ``goal``."""
+    candidates = list(range(*layer_range))
+    n = min(len(candidates), graph.num_layers - 1, max(1, round(goal / _layer_params(graph))))
+    return tuple(sorted(sorted(candidates, key=lambda i: (float(layer_scores[i]), i))[:n]))
 
 
 # ----------------------------------------------------------------------------------- bookkeeping
@@ -518,7 +580,8 @@ def _widths(graph: Graph, keep: Mapping[str, tuple[int, ...]], drop: tuple[int, 
 
 
 # =============================================================================================== apply
-def apply(plan: Plan, model: torch.nn.Module, graph: Graph) -> torch.nn.Module:
+def apply(plan: Plan, model: torch.nn.Module, graph: Graph, compensation: str = "none",
+          activations: Activations | None = None, damping: float = 0.01) -> torch.nn.Module:
     """Remove what ``plan`` says from ``model``, in place, and return it.
 
     Each member's parameter is replaced by a smaller ``nn.Parameter`` (``index_select`` on the member's
@@ -529,10 +592,33 @@ def apply(plan: Plan, model: torch.nn.Module, graph: Graph) -> torch.nn.Module:
     ``layer_types``) of the layers kept, which the forward pass and the KV cache read. ``graph`` must
     describe ``model`` as it is now (the dense model); afterwards it is stale: trace again before planning
     more pruning.
+
+    ``compensation`` (block-wise plans; needs ``activations`` of this model, from
+    ``tailored.importance.activation_statistics``) gives back to each *reader* of the removed units (the
+    ``o_proj`` / ``down_proj`` whose input columns go) what the removed columns contributed on average:
+
+    - ``"bias"`` (FLAP): b ← b + W_:,R μ_R, the removed columns R times their inputs' calibration mean; a
+      Linear built without a bias gets one (``checkpoint.save_pruned`` records it, ``load_pruned`` rebuilds it).
+    - ``"refit"``: the least-squares answer to the same question, which also lets the kept columns K take
+      over what the removed ones carried: the affine map [W'_K, b'] minimizing E‖W x + b − W'_K x_K − b'‖² on
+      the calibration inputs, i.e. W'_K = W_K + W_R A_K, b' = b + W_R a with [A_K, a] = E[x_R zᵀ] (E[z zᵀ] +
+      λ)⁻¹ the regression of x_R on z = [x_K; 1], λ = ``damping`` × the mean of diag E[x_K x_Kᵀ] (ridge,
+      as SparseGPT dampens). ``"bias"`` is the special case that regresses on the constant alone. Needs the
+      full second moments (``activation_statistics(..., full=True)``).
     """
+    _check_choice("compensation", compensation, COMPENSATIONS)
     params = dict(model.named_parameters(remove_duplicate=False))
     groups = {name: graph.by_name(name) for name in plan.keep}
     _validate(graph, plan.keep, plan.drop_layers, groups)  # again: a plan may come from JSON or by hand
+    if compensation != "none":
+        if activations is None:
+            raise ValueError(f"compensation={compensation!r} needs the calibration statistics of the readers: pass "
+                             "activations=tailored.importance.activation_statistics(model, graph, batch)")
+        if plan.drop_layers or any(g.kind == "hidden" for g in groups.values()):
+            raise ValueError(f"compensation={compensation!r} applies to block-wise plans (heads and MLP channels), "
+                             "not to dropped layers or the hidden dimension; use compensation='none'")
+        if not damping >= 0:
+            raise ValueError(f"damping={damping!r} must be >= 0 (the ridge added to E[x xᵀ], relative to its mean diagonal)")
 
     # Work out every new index set first, so a bad plan fails before any weight changes.
     cuts: dict[int, tuple[torch.nn.Parameter, dict[int, set[int]]]] = {}  # id(tensor) -> (tensor, dim -> removed)
@@ -550,12 +636,62 @@ def apply(plan: Plan, model: torch.nn.Module, graph: Graph) -> torch.nn.Module:
                                  f"{max(removed)}: the graph does not describe this model (already pruned?)")
             cuts.setdefault(id(p), (p, {}))[1].setdefault(m.dim, set()).update(removed)
     owners = _owners(model)
+    if compensation != "none":  # on the dense weights, before any column is cut
+        readers_of = {name: readers(model, g) for name, g in groups.items()}
+        for name, units in plan.keep.items():
+            gone = sorted(set(range(groups[name].units)) - set(units))
+            for mi, mod_name in readers_of[name]:
+                removed = sorted(i for u in gone for i in groups[name].members[mi].index[u])
+                if removed:
+                    _compensate(model.get_submodule(mod_name), mod_name, removed, compensation, activations, damping)
     for p, dims in cuts.values():
         _shrink(owners, p, dims)
     if plan.drop_layers:
         _drop_layers(model, plan.drop_layers)
     sync_module_attributes(model)
     return model
+
+
+@torch.no_grad()
+def _compensate(linear: torch.nn.Linear, name: str, removed: Sequence[int], how: str, acts: Activations,
+                damping: float) -> None:
+    """Give ``linear`` back what its input columns ``removed`` contributed (see ``apply``), in place."""
+    w = linear.weight.detach().to(torch.float64)  # (out, in)
+    if name not in acts.mean:
+        raise ValueError(f"the activations hold no statistics for {name}: compute them on this model "
+                         "(activation_statistics(model, graph, batch))")
+    mu = acts.mean[name].to(torch.float64)
+    if mu.numel() != w.shape[1]:
+        raise ValueError(f"the activations of {name} have {mu.numel()} input channels but its weight has "
+                         f"{w.shape[1]}: they were computed on another (differently pruned) model")
+    b = linear.bias.detach().to(torch.float64) if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    r = torch.tensor(removed, dtype=torch.long)
+    w_r = w[:, r]  # (out, |R|)
+    if how == "bias":
+        b = b + w_r @ mu[r]
+    else:
+        second = acts.second[name]
+        if second.dim() != 2:
+            raise ValueError(f"compensation='refit' needs the full second moments of {name}'s input: collect them "
+                             "with activation_statistics(..., full=True)")
+        m = second.to(torch.float64)
+        k = torch.tensor(sorted(set(range(w.shape[1])) - set(removed)), dtype=torch.long)
+        d = len(k)
+        gram = torch.empty(d + 1, d + 1, dtype=torch.float64)  # E[z zᵀ], z = [x_K; 1]
+        gram[:d, :d] = m[k][:, k]
+        gram[:d, :d].diagonal().add_(damping * float(m[k, k].mean()))
+        gram[:d, d] = gram[d, :d] = mu[k]
+        gram[d, d] = 1.0
+        cross = torch.cat([m[r][:, k], mu[r][:, None]], dim=1)  # E[x_R zᵀ]: (|R|, d + 1)
+        a = torch.linalg.solve(gram, cross.T).T  # x_R ≈ a z: (|R|, d + 1)
+        update = w_r @ a  # (out, d + 1)
+        linear.weight[:, k] += update[:, :d].to(linear.weight.dtype)
+        b = b + update[:, d]
+    bias = b.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=linear.weight.requires_grad)
+    else:
+        linear.bias.copy_(bias)
 
 
 def narrow(model: torch.nn.Module, param: str, dim: int, remove) -> None:

@@ -40,6 +40,10 @@ def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
     return y if b is None else y + b
 
 
+def _bias(linear: torch.nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
 @dataclass
 class _Block:
     """One decoder layer's weights, fused. Shapes are per layer: a pruned layer has fewer heads/channels."""
@@ -54,6 +58,8 @@ class _Block:
     w_gate_up: torch.Tensor  # (hidden, 2 · inter)
     inter: int
     wd: torch.Tensor  # (inter, hidden)
+    bo: torch.Tensor | None = None  # (hidden,) o_proj / down_proj biases: absent in HF Llama, added by
+    bd: torch.Tensor | None = None  # bias compensation (FLAP) or present in other architectures
 
 
 class FastDecoder:
@@ -86,7 +92,8 @@ class FastDecoder:
                 bqkv=torch.cat(biases).detach() if biases[0] is not None else None,
                 nq=nq, nkv=nkv, wo=_transposed(at.o_proj.weight), ln2=layer.post_attention_layernorm.weight,
                 w_gate_up=_transposed(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                inter=mlp.gate_proj.out_features, wd=_transposed(mlp.down_proj.weight)))
+                inter=mlp.gate_proj.out_features, wd=_transposed(mlp.down_proj.weight),
+                bo=_bias(at.o_proj), bd=_bias(mlp.down_proj)))
         self.max_batch, self.max_len = max_batch, max_len
         # (batch, kv_heads, max_len, head_dim) per layer, allocated once
         self.k_cache = [torch.zeros(max_batch, b.nkv, max_len, self.head_dim, dtype=self.dtype, device=self.device)
@@ -141,9 +148,9 @@ class FastDecoder:
             self.v_cache[i][:bsz, :, pos:pos + T] = v
             keys, values = self.k_cache[i][:bsz, :, :pos + T], self.v_cache[i][:bsz, :, :pos + T]
             a = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=b.nq != b.nkv)
-            h = h + _lin(a.transpose(1, 2).reshape(bsz, T, b.nq * hd), b.wo)
+            h = h + _lin(a.transpose(1, 2).reshape(bsz, T, b.nq * hd), b.wo, b.bo)
             g, u = _lin(self._rms(h, b.ln2), b.w_gate_up).split(b.inter, dim=-1)
-            h = h + _lin(F.silu(g) * u, b.wd)
+            h = h + _lin(F.silu(g) * u, b.wd, b.bd)
         return _lin(self._rms(h[:, -1], self.norm), self.lm_head)  # (batch, vocab)
 
     def _step_static(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -158,9 +165,9 @@ class FastDecoder:
             keys.index_copy_(2, pos, k)
             values.index_copy_(2, pos, v)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=b.nq != b.nkv)
-            h = h + _lin(a.transpose(1, 2).reshape(bsz, 1, b.nq * hd), b.wo)
+            h = h + _lin(a.transpose(1, 2).reshape(bsz, 1, b.nq * hd), b.wo, b.bo)
             g, u = _lin(self._rms(h, b.ln2), b.w_gate_up).split(b.inter, dim=-1)
-            h = h + _lin(F.silu(g) * u, b.wd)
+            h = h + _lin(F.silu(g) * u, b.wd, b.bd)
         return _lin(self._rms(h[:, -1], self.norm), self.lm_head)
 
     def _graph_for(self, bsz: int):

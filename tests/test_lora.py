@@ -268,3 +268,66 @@ def test_gradient_checkpointing_trains_the_same_adapter_and_may_be_switched_on_r
     assert half.steps == 2
     resumed = lora.train_lora(*tiny(), EXAMPLES, ckpt, tmp_path / "switched", progress=False)  # no "other settings"
     assert resumed.resumed_from == 2 and resumed.steps == 4
+
+
+# ---------------------------------------------------------------------------------- distillation
+def _pruned_student_and_teacher():
+    """A tiny teacher with confident outputs and a copy of it with half of two layers' MLP channels removed."""
+    import copy
+
+    from tailored.graph import trace
+    from tailored.prune import apply, make_plan
+
+    teacher, tok = models.build_tiny("tiny", seed=0, initializer_range=0.2)
+    teacher.eval()
+    student = copy.deepcopy(teacher)
+    graph = trace(student)
+    apply(make_plan(graph, {f"layers.{i}.mlp": range(0, 128, 2) for i in (1, 2)}), student, graph)
+    return student, teacher, tok
+
+
+def _mean_kl(student, teacher, tok, tokens: str) -> float:
+    batch = lora.collate([lora.encode(tok, e) for e in EXAMPLES], tok.pad_token_id)
+    with torch.no_grad():
+        kl, n = lora.distillation_loss(student, teacher, batch, tokens=tokens)
+    return float(kl) / n
+
+
+def test_distillation_loss_is_zero_against_an_identical_teacher_and_counts_its_positions():
+    import copy
+
+    model, tok = tiny()
+    encoded = [lora.encode(tok, e) for e in EXAMPLES]
+    batch = lora.collate(encoded, tok.pad_token_id)
+    for tokens, expected in (("answer", sum(sum(lora.loss_mask(e)) for e in encoded)),
+                             ("all", sum(len(e) - 1 for e in encoded))):
+        kl, n = lora.distillation_loss(model, copy.deepcopy(model), batch, temperature=2.0, tokens=tokens)
+        assert n == expected and abs(float(kl)) < 1e-4
+
+
+def test_distillation_pulls_the_pruned_student_towards_its_dense_teacher(tmp_path):
+    student, teacher, tok = _pruned_student_and_teacher()
+    before = _mean_kl(student, teacher, tok, "all")
+    settings = LoraSettings(max_steps=12, dropout=0.0, distill=1.0, distill_tokens="all", **QUICK)
+    result = lora.train_lora(student, tok, EXAMPLES, settings, tmp_path / "d", progress=False, teacher=teacher)
+    after = _mean_kl(result.model, teacher, tok, "all")
+    assert after < 0.5 * before, (before, after)
+    assert lora.read_train_metrics(tmp_path / "d").settings.distill == 1.0
+
+
+def test_distillation_needs_a_teacher_and_sane_settings(tmp_path):
+    model, tok = tiny()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        lora.train_lora(model, tok, EXAMPLES, LoraSettings(distill=0.5, **QUICK), tmp_path / "x", progress=False)
+    for bad in ({"distill": 1.5}, {"temperature": 0.0}, {"distill_tokens": "prompt"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LoraSettings(**bad)
+
+
+def test_a_run_saved_before_the_distillation_settings_existed_still_continues():
+    now = LoraSettings(max_steps=5)
+    saved = {"settings": {k: v for k, v in now.to_dict().items() if k not in ("distill", "temperature",
+                                                                               "distill_tokens")},
+             "data_fingerprint": "f"}
+    assert lora._changed(saved, now, "f", "base") is None  # the same run: the missing keys had their defaults
+    assert "distill" in lora._changed(saved, LoraSettings(max_steps=5, distill=0.5), "f", "base")

@@ -1,0 +1,279 @@
+"""Pruning methods, one call each: score the units, plan, compensate, apply, in one or several rounds.
+
+The stages below this module are separate on purpose (``importance`` scores, ``prune`` plans and cuts);
+a *method* is a choice at each of them, and the study compares methods. ``Method`` names the choices,
+``METHODS`` holds the ones the study compares, and ``prune_model`` runs one::
+
+    batch = calibration_batch(tokenizer, data.text_corpus("calibration"), n_samples=32, seq_len=256)
+    pruned = prune_model(copy.deepcopy(dense), batch, target=0.2, method=METHODS["fisher_refit"])
+    checkpoint.save_pruned(pruned.model, tokenizer, out_dir, pruned.record)
+
+*Rounds* (LLM-Pruner's ``--iterative_steps``). With ``rounds=R`` the target is reached in R steps: after
+round k, k/R of the target share of the *dense* decoder is gone, and before each round the graph is traced
+again and the units are scored again on the partly pruned model, with the same calibration batch (units
+that matter more once their neighbours are gone can then be kept). Layer-wise pruning by block influence
+with as many rounds as layers to drop removes one layer at a time and measures again after each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters
+from tailored.graph import Graph, trace
+from tailored.importance import (
+    ESTIMATORS,
+    READER_ESTIMATORS,
+    Activations,
+    activation_statistics,
+    block_influence,
+    compute_importance,
+)
+from tailored.prune import (
+    ALLOCATIONS,
+    ATTENTION,
+    COMPENSATIONS,
+    MODES,
+    NORMALIZATIONS,
+    TOLERANCE,
+    Plan,
+    apply,
+    default_layer_range,
+    plan_pruning,
+)
+
+LAYER_ESTIMATORS = ("block_influence",)  # scores of whole layers, for mode="layer"
+
+
+@dataclass(frozen=True)
+class Method:
+    """The choices that make a pruning method (see ``tailored.importance`` and ``tailored.prune``).
+
+    ``estimator``: a ``tailored.importance`` estimator, or ``"block_influence"`` (layer-wise only).
+    ``layer_range``: ``None`` for LLM-Pruner's range (first and last layers kept, ``default_layer_range``),
+    ``"all"`` for every layer, or ``(start, end)`` in the dense model's layer numbers (end exclusive).
+    ``compensation`` and ``damping`` go to ``prune.apply``; the others to ``prune.plan_pruning``.
+    """
+
+    estimator: str = "param_first"
+    reduction: str = "sum"
+    mode: str = "block"
+    allocation: str = "local"
+    normalize: str = "kind"
+    layer_range: tuple[int, int] | str | None = None
+    attention: str = "kv"
+    round_to: int = 1
+    compensation: str = "none"
+    rounds: int = 1
+    damping: float = 0.01
+
+    def __post_init__(self):
+        if isinstance(self.layer_range, list):  # from YAML / JSON
+            object.__setattr__(self, "layer_range", tuple(self.layer_range))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise ValueError(f"Method: {msg}")
+
+        if self.estimator not in ESTIMATORS and self.estimator not in LAYER_ESTIMATORS:
+            bad(f"estimator {self.estimator!r} is not one of {list(ESTIMATORS) + list(LAYER_ESTIMATORS)}")
+        if self.estimator in LAYER_ESTIMATORS and self.mode != "layer":
+            bad(f"estimator {self.estimator!r} scores whole layers: use it with mode='layer'")
+        for name, allowed in (("mode", MODES), ("allocation", ALLOCATIONS), ("normalize", NORMALIZATIONS),
+                              ("attention", ATTENTION), ("compensation", COMPENSATIONS)):
+            if getattr(self, name) not in allowed:
+                bad(f"{name} {getattr(self, name)!r} is not one of {allowed}")
+        if self.compensation != "none" and self.mode != "block":
+            bad(f"compensation {self.compensation!r} applies to block-wise pruning only, not mode={self.mode!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            bad(f"rounds {self.rounds!r} must be a positive integer (1: one shot; LLM-Pruner's iterative_steps)")
+        lr = self.layer_range
+        if not (lr is None or lr == "all" or (isinstance(lr, tuple) and len(lr) == 2)):
+            bad(f"layer_range {lr!r} must be None (LLM-Pruner's range), 'all', or (start, end)")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_range"] = list(self.layer_range) if isinstance(self.layer_range, tuple) else self.layer_range
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Method:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Method: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+
+# The methods the study compares (benchmarks/bench_pruning.py, notebook 03). Names say what they are.
+METHODS: dict[str, Method] = {
+    # the floor and LLM-Pruner's estimators: local allocation over LLM-Pruner's layer range
+    "random": Method(estimator="random"),
+    "param_first": Method(estimator="param_first"),
+    "param_second": Method(estimator="param_second"),
+    "param_first_4_rounds": Method(estimator="param_first", rounds=4),
+    "param_first_8_rounds": Method(estimator="param_first", rounds=8),
+    # FLAP: fluctuation, standardized per layer, one global threshold over every layer, biases added back
+    "flap": Method(estimator="flap", allocation="global", normalize="none", layer_range="all", compensation="bias"),
+    "flap_no_bias": Method(estimator="flap", allocation="global", normalize="none", layer_range="all"),
+    "fluctuation_local_bias": Method(estimator="fluctuation", compensation="bias"),
+    # ours: the loss each unit's fluctuation costs, compared per parameter across all layers and kinds
+    "fisher_bias_local": Method(estimator="fisher_fluctuation", compensation="bias"),
+    "fisher_bias": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
+                          layer_range="all", compensation="bias"),
+    "fisher_refit": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
+                           layer_range="all", compensation="refit"),
+    "fisher_refit_4_rounds": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
+                                    layer_range="all", compensation="refit", rounds=4),
+    # depth pruning: whole layers of lowest block influence (ShortGPT), once or one layer at a time
+    "depth_block_influence": Method(estimator="block_influence", mode="layer", layer_range="all"),
+    "depth_block_influence_iterative": Method(estimator="block_influence", mode="layer", layer_range="all",
+                                              rounds=15),  # SmolLM2: about one of its 30 layers per round
+}
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What ``prune_model`` made: the pruned ``model`` (the one passed in, changed in place), each round's
+    ``Plan`` (in the layer numbers and unit indices of the model as it was at that round), the shares of
+    the dense decoder and model removed, and ``record``, JSON for ``checkpoint.save_pruned``."""
+
+    model: torch.nn.Module = field(repr=False)
+    plans: tuple[Plan, ...]
+    share_decoder: float
+    share_model: float
+    record: dict
+
+
+def _layer_range(method: Method, graph: Graph, kept: list[int], dense_layers: int) -> tuple[int, int]:
+    """The method's layer range in the current model's layer numbers (``kept``: dense numbers of its layers)."""
+    if method.layer_range == "all":
+        return 0, graph.num_layers
+    start, end = method.layer_range if method.layer_range is not None else default_layer_range(dense_layers)
+    return sum(1 for i in kept if i < start), sum(1 for i in kept if i < end)
+
+
+def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, method: Method | str = "param_first",
+                micro_batch: int = 1, seed: int = 0, progress: bool = True,
+                activations: Activations | None = None) -> Pruned:
+    """Prune ``model`` in place so that ``target`` of its decoder parameters go, the way ``method`` says.
+
+    ``method``: a ``Method`` or the name of one in ``METHODS``. ``batch``: calibration token ids
+    (n_samples, seq_len), scored again in every round. Each round traces the model, scores its units
+    (``compute_importance``; ``activation_statistics`` for the reader estimators and for compensation;
+    ``block_influence`` for depth pruning), plans the round's share of the *dense* decoder (k/R of
+    ``target`` gone after round k) and applies it. The result is a function of the weights, the batch and
+    ``seed`` (``random`` scores draw from ``seed + round``): a rerun gives the same weights.
+
+    ``activations``: statistics already collected on this (dense) model and ``batch`` (notebook 02 saves
+    them), used in the first round instead of collecting them again; they must hold what the method needs
+    (``gradients=True`` for ``fisher_fluctuation``, ``full=True`` for ``refit``).
+
+    Raises ``ValueError`` (before touching the model) for an unknown method or a target outside (0, 1); a
+    round whose plan cannot meet its share within 1 percentage point raises as ``plan_pruning`` does.
+    """
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; the named methods are {list(METHODS)} "
+                             "(or pass a Method(...))")
+        method = METHODS[method]
+    if not isinstance(target, (int, float)) or not 0 < target < 1:
+        raise ValueError(f"pruning target {target!r} is outside (0, 1): it is the share of decoder parameters to remove")
+    dense_decoder, dense_total = decoder_parameters(model), count_parameters(model)
+    dense_layers = len(decoder_layers(model))
+    kept_layers = list(range(dense_layers))  # dense numbers of the layers still there
+    plans: list[Plan] = []
+    rounds = []
+    for k in range(method.rounds):
+        graph = trace(model, seed=seed)
+        goal = target * dense_decoder * (k + 1) / method.rounds - (dense_decoder - graph.decoder_params)
+        share = goal / graph.decoder_params
+        if share <= 0:  # an earlier round already removed this round's share (coarse units)
+            continue
+        layer_range = _layer_range(method, graph, kept_layers, dense_layers)
+        plan_kw = dict(mode=method.mode, allocation=method.allocation, normalize=method.normalize,
+                       layer_range=layer_range, attention=method.attention, round_to=method.round_to)
+        acts, scores, layer_scores = None, {}, None
+        if method.estimator in LAYER_ESTIMATORS:
+            layer_scores = block_influence(model, batch, micro_batch=micro_batch, progress=progress)
+        else:
+            kinds = ("hidden",) if method.mode == "channel" else (
+                "attention" if method.attention == "kv" else "qheads", "mlp")
+            if activations is not None and k == 0:
+                acts = activations
+                if method.estimator == "fisher_fluctuation" and not acts.fisher:
+                    raise ValueError("the activations passed hold no output Fisher: fisher_fluctuation needs "
+                                     "activation_statistics(..., gradients=True)")
+            elif method.estimator in READER_ESTIMATORS or method.compensation != "none":
+                acts = activation_statistics(model, graph, batch, kinds=kinds,
+                                             full=True if method.compensation == "refit" else None,
+                                             gradients=method.estimator == "fisher_fluctuation",
+                                             micro_batch=micro_batch, progress=progress)
+            imp = compute_importance(model, graph, batch, estimators=(method.estimator,),
+                                     reductions=(method.reduction,), kinds=kinds, micro_batch=micro_batch,
+                                     seed=seed + k, progress=progress,
+                                     activations=acts if method.estimator in READER_ESTIMATORS else None)
+            scores = imp.select(method.estimator, method.reduction)
+        last = k == method.rounds - 1  # only the final share must be met within 1 point
+        plan = plan_pruning(graph, scores, target=min(share, 1 - 1e-9), layer_scores=layer_scores,
+                            tolerance=TOLERANCE if last else None, **plan_kw)
+        apply(plan, model, graph, compensation=method.compensation, activations=acts, damping=method.damping)
+        dropped = [kept_layers[j] for j in plan.drop_layers]  # in the dense model's layer numbers
+        kept_layers = [i for i in kept_layers if i not in dropped]
+        plans.append(plan)
+        rounds.append({"round": k + 1, "target_of_dense": target * (k + 1) / method.rounds,
+                       "share_of_current": share, "dropped_dense_layers": dropped, "plan": plan.to_dict()})
+        del acts
+    share_decoder = 1 - decoder_parameters(model) / dense_decoder
+    if method.mode != "layer" and abs(share_decoder - target) > TOLERANCE:
+        raise ValueError(f"{method.rounds} rounds removed {share_decoder:.2%} of the decoder, not {target:.1%} "
+                         "within 1 percentage point; use fewer rounds or finer units (round_to=1)")
+    record = {"method": method.to_dict(), "target": float(target), "share_decoder": share_decoder,
+              "share_model": 1 - count_parameters(model) / dense_total, "seed": seed,
+              "calibration": {"n_samples": int(batch.shape[0]), "seq_len": int(batch.shape[1])},
+              "rounds": rounds}
+    return Pruned(model=model, plans=tuple(plans), share_decoder=share_decoder,
+                  share_model=record["share_model"], record=record)
+
+
+def summarize_curve(rows: Sequence[Mapping], dense_perplexity: float, floor: str = "random",
+                    baseline: str = "param_first") -> dict:
+    """Which method kept most at each share, and by how much: a verdict computed from a curve.
+
+    ``rows``: one mapping per (method, share) with ``method``, ``target`` and ``perplexity`` (as
+    ``bench_pruning.py`` and notebook 03 make them; rows without a perplexity are skipped). Returns, per
+    share, the best method (lowest perplexity, ``floor`` excluded) with its perplexity, × dense, × better
+    than ``floor`` and than ``baseline`` (LLM-Pruner's estimator), plus ``sentence``: the same in words.
+    """
+    shares = sorted({float(r["target"]) for r in rows if r.get("perplexity") is not None})
+    out: dict = {"shares": {}}
+    words = []
+    for t in shares:
+        at = {r["method"]: float(r["perplexity"]) for r in rows
+              if float(r["target"]) == t and r.get("perplexity") is not None}
+        candidates = {m: v for m, v in at.items() if m != floor}
+        if not candidates:
+            continue
+        best = min(candidates, key=candidates.get)
+        ppl = candidates[best]
+        entry = {"best": best, "perplexity": ppl, "x_dense": ppl / dense_perplexity,
+                 "x_better_than_floor": at[floor] / ppl if floor in at else None,
+                 "x_better_than_baseline": at[baseline] / ppl if baseline in at else None}
+        out["shares"][t] = entry
+        text = f"at {t:.0%} of the decoder, {best} keeps perplexity at {ppl:.1f} ({entry['x_dense']:.2f}× dense"
+        if entry["x_better_than_floor"] is not None:
+            text += f", {entry['x_better_than_floor']:.1f}× lower than {floor} ({at[floor]:.1f})"
+        if entry["x_better_than_baseline"] is not None and best != baseline:
+            text += f", {entry['x_better_than_baseline']:.1f}× lower than {baseline} ({at[baseline]:.1f})"
+        words.append(text + ")")
+    out["sentence"] = ("; ".join(words) + ".") if words else "no perplexities to compare."
+    out["sentence"] = out["sentence"][0].upper() + out["sentence"][1:]
+    return out
+
+
+__all__ = ["LAYER_ESTIMATORS", "METHODS", "Method", "Pruned", "prune_model", "summarize_curve"]
