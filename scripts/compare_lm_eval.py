@@ -1,26 +1,27 @@
-"""Does ``tailored.evaluate`` score like lm-evaluation-harness? The seven headline tasks, zero-shot, same examples.
+"""Does ``tailored.evaluate`` score like lm-evaluation-harness? The seven headline tasks, zero-shot.
 
     pip install lm-eval==0.4.13                      # not a dependency of tailored: this check only
     python scripts/compare_lm_eval.py --n 500        # SmolLM2-135M, the study's 500-example subsets, CPU
     python scripts/compare_lm_eval.py --n 0          # the full evaluation splits
 
-Offline, like the rest of the study: each task's normalized examples are written back in the harness dataset's
-raw columns (BoolQ: passage, question, label; PIQA: goal, sol1, sol2, label; HellaSwag: activity_label, ctx_a,
-ctx_b, endings, label, the original rows as they cannot be rebuilt; WinoGrande: sentence, option1, option2, answer; ARC: question, choices, answerKey;
-OpenBookQA: question_stem, choices, answerKey) to a local JSONL file, next to a task YAML that is the harness's
-own installed task file (``lm_eval/tasks/<task>/...yaml``, ``include`` resolved) with only the dataset and its
-splits pointed at that file: ``process_docs``, ``doc_to_text``, ``doc_to_choice``, ``doc_to_target``,
-``target_delimiter`` and ``metric_list`` are the harness's, and the Python files its ``!function`` entries name
-(HellaSwag's ``utils.py``, WinoGrande's ``preprocess_winogrande.py``) are copied beside it. The harness scores
-the already-loaded model through its ``HFLM`` wrapper; ``evaluate_task(..., prompt="harness", k=0)`` scores the
-same examples.
+Offline, like the rest of the study. Each task's examples are written back in the harness dataset's raw
+columns to a local JSONL file (BoolQ: passage, question, label; PIQA: goal, sol1, sol2, label; WinoGrande:
+sentence, option1, option2, answer; ARC: question, choices, answerKey; OpenBookQA: question_stem, choices,
+answerKey; HellaSwag: its original rows, since the harness's preprocessing cannot be undone), next to a task
+YAML that is the harness's own installed task file (``lm_eval/tasks/<task>/...yaml``, ``include`` resolved)
+with only the dataset and its splits pointed at that file: ``process_docs``, ``doc_to_text``,
+``doc_to_choice``, ``doc_to_target``, ``target_delimiter`` and ``metric_list`` are the harness's, and the
+Python files its ``!function`` entries name (HellaSwag's ``utils.py``, WinoGrande's
+``preprocess_winogrande.py``) are copied beside it. The harness scores the already-loaded model through its
+``HFLM`` wrapper; ``evaluate_task(..., prompt="harness", k=0)`` scores the same examples.
 
-For every task and metric the harness reports it writes our value, the harness's, the difference in points,
-how many examples got a different prediction, how many examples had the very same (context, continuation)
-strings in both, and the largest log-likelihood difference, to ``figures/lm_eval_agreement.{md,csv}`` (byte-stable:
-no timings; the .md ends with a caption line saying how it was made). Timings, the machine's load and the versions
-go to ``benchmarks/results/lm_eval_agreement.json``. The exit status is 1 when a headline metric (``acc`` for
-BoolQ, PIQA, WinoGrande, ARC-e; ``acc_norm`` for HellaSwag, ARC-c, OBQA) differs by more than ``--tolerance``.
+For every task and metric the harness reports, the script writes our value, the harness's, the difference in
+points, how many examples got a different prediction, how many had the very same (context, continuation)
+strings in both, and the largest log-likelihood difference to ``figures/lm_eval_agreement.{md,csv}``
+(byte-stable: no timings; a caption line under the .md's table says how it was made). Timings, the machine's
+load and the versions go to ``benchmarks/results/lm_eval_agreement.json``; ``--render`` rewrites the table
+from that record alone. The exit status is 1 when a headline metric (``acc`` for BoolQ, PIQA, WinoGrande,
+ARC-e; ``acc_norm`` for HellaSwag, ARC-c, OBQA) differs by more than ``--tolerance`` points.
 """
 
 from __future__ import annotations
@@ -153,24 +154,28 @@ def write_task(task: str, examples, folder: Path) -> tuple[str, dict]:
 
 
 # =========================================================================================== comparison
-def compare(task: str, examples, ours: dict, samples: list[dict], harness_result: dict, metrics: list[str]) -> dict:
+def compare(task: str, examples, ours: dict, samples: list[dict], harness_result: dict,
+            metrics: list[str]) -> dict:
     """Our result against the harness's logged samples: per-metric values and prediction differences."""
     prompt = get_prompt(task, "harness")
     samples = sorted(samples, key=lambda s: s["doc_id"])
     if len(samples) != len(examples):
         raise RuntimeError(f"{task}: the harness scored {len(samples)} documents, we {len(examples)}")
-    h_lls = [np.array([r[0] for r in s["filtered_resps"]], dtype=np.float64) for s in samples]
+    h_lls = [np.array([r[0] for r in s["filtered_resps"]], dtype=np.float64) for s in samples]  # (n_choices,)
     o_lls = [np.array(r["loglikelihoods"], dtype=np.float64) for r in ours["examples"]]
     same = [[tuple(a) for a in s["arguments"]] == prompt.requests(ex) for s, ex in zip(samples, examples)]
     # the harness's acc_norm divides by characters (len of the choice), ours by UTF-8 bytes
-    chars = [np.array([len(t) for t in prompt.choice_texts(ex)], dtype=np.float64) for ex in examples]
-    nbytes = [np.array([len(t.encode("utf-8")) for t in prompt.choice_texts(ex)], dtype=np.float64) for ex in examples]
+    texts = [prompt.choice_texts(ex) for ex in examples]
+    chars = [np.array([len(t) for t in ts], dtype=np.float64) for ts in texts]
+    nbytes = [np.array([len(t.encode("utf-8")) for t in ts], dtype=np.float64) for ts in texts]
     h_pred = {"acc": [int(np.argmax(ll)) for ll in h_lls],
               "acc_norm": [int(np.argmax(ll / c)) for ll, c in zip(h_lls, chars)]}
-    o_pred = {"acc": [r["pred"] for r in ours["examples"]], "acc_norm": [r["pred_norm"] for r in ours["examples"]]}
+    o_pred = {"acc": [r["pred"] for r in ours["examples"]],
+              "acc_norm": [r["pred_norm"] for r in ours["examples"]]}
     divisor = sum(int(np.argmax(ll / c)) != int(np.argmax(ll / b)) for ll, c, b in zip(h_lls, chars, nbytes))
     row = {"n": len(examples), "same_requests": sum(same),
-           "different_request_ids": [ex.id for ex, ok in zip(examples, same) if not ok], "acc_norm_divisor_changes": int(divisor),
+           "different_request_ids": [ex.id for ex, ok in zip(examples, same) if not ok],
+           "acc_norm_divisor_changes": int(divisor),
            "max_abs_loglikelihood_diff": max(float(np.abs(a - b).max()) for a, b in zip(h_lls, o_lls)),
            "metrics": {}}
     for m in metrics:
@@ -188,7 +193,7 @@ def table(report: dict) -> pd.DataFrame:
             rows.append({"task": task, "split": r["split"], "n": r["n"], "metric": m,
                          "headline": "yes" if TABLE_METRIC[task] == m else "",
                          "tailored %": 100 * v["tailored"], "lm-eval %": 100 * v["lm_eval"],
-                         "difference (points)": v["diff_points"] + 0.0,  # no "-0.00"
+                         "difference (points)": round(v["diff_points"], 2) + 0.0,  # + 0.0: no "-0.00"
                          "predictions differing": v["predictions_differing"],
                          "same requests": f"{r['same_requests']}/{r['n']}",
                          "max Δ log-lik (nats)": f"{r['max_abs_loglikelihood_diff']:.0e}"})
@@ -201,10 +206,11 @@ def caption(report: dict, command: str) -> str:
     verdict = (f"every headline metric within {report['tolerance']} points (largest difference {worst:.2f})"
                if worst <= report["tolerance"] else
                f"a headline metric differs by {worst:.2f} points, more than {report['tolerance']}")
-    divisor = [f"{t} {r['acc_norm_divisor_changes']}" for t, r in report["tasks"].items()
-               if r["acc_norm_divisor_changes"] and "acc_norm" in r["metrics"]]
-    note = ("" if not divisor else " acc_norm divides by UTF-8 bytes here and by characters in the harness; on "
-            "the harness's own log-likelihoods that changes the prediction of " + ", ".join(divisor) + " examples.")
+    normed = {t: r for t, r in report["tasks"].items() if "acc_norm" in r["metrics"]}
+    changed = sum(r["acc_norm_divisor_changes"] for r in normed.values())
+    note = ("" if not normed else f" acc_norm divides each answer's log-likelihood by its UTF-8 bytes here and by "
+            f"its characters in the harness: on the harness's own log-likelihoods that changes {changed} of the "
+            f"{sum(r['n'] for r in normed.values())} acc_norm predictions.")
     return (f"Generated by `{command}` (lm-eval {report['lm_eval']}, `HFLM` and the harness's own task files on "
             f"the same local examples; model {report['model']}, {report['dtype']} on {report['device']}; "
             f"zero-shot, harness prompt; seeded subsets, seed {report['seed']}; n per task: {ns}): {verdict}."
@@ -229,17 +235,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), choices=list(HARNESS_YAML))
-    parser.add_argument("--n", type=int, default=500, help="examples per task (seeded subset); 0 = the full split")
+    parser.add_argument("--n", type=int, default=500,
+                        help="examples per task (the seeded subset evaluate_task draws); 0 = the full split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="points a headline metric may differ by")
     parser.add_argument("--figures", type=Path, default=ROOT / "figures", help="where the table goes")
-    parser.add_argument("--timings", type=Path, default=ROOT / "benchmarks" / "results" / "lm_eval_agreement.json",
-                        help="where timings, load and versions go")
+    parser.add_argument("--timings", type=Path, default=ROOT / "benchmarks/results/lm_eval_agreement.json",
+                        help="where timings, load, versions and the full report go")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="write the harness task folders here (to read or rerun), not to a temporary folder")
+                        help="keep the harness task folders here (to read or rerun), not in a temporary folder")
     parser.add_argument("--render", type=Path, default=None, metavar="RECORD",
                         help="only rewrite the table from a saved --timings record (no model, no harness)")
     args = parser.parse_args()
