@@ -52,7 +52,7 @@ PROFILE = "paper_scale"
 LIMITS: dict[str, dict[str, dict]] = {
     "targets": {
         "02_importance": {"n_samples": 10, "seq_len": 128, "check_mlp_units": 8},
-        "03_prune": {"curve_estimators": ["param_first"], "curve_shares": [0.5], "ppl_tokens": 1024},
+        "03_prune": {"curve_methods": ["param_first"], "curve_shares": [0.5], "ppl_tokens": 1024},
         "04_lora_tune": {"pruned": ["block_20"], "tailored_tasks": ["boolq"], "length_tasks": ["boolq"],
                          "n_train": 48, "n_generic": 48, "n_validation": 16, "n_sweep": [48],
                          "batch_size": 16, "micro_batch_size": 16, "max_steps": 3, "save_every": 3,
@@ -66,7 +66,7 @@ LIMITS: dict[str, dict[str, dict]] = {
         "01_trace_graph": {"layer_to_draw": 1, "probe_heads": 1},
         "02_importance": {"n_samples": 2, "seq_len": 32, "estimators": ["param_first", "l2", "random"],
                           "reductions": ["sum"], "micro_batch": 2, "check_layer": 1, "check_mlp_units": 2},
-        "03_prune": {"targets": [0.5], "curve_estimators": ["param_first"], "curve_shares": [0.5],
+        "03_prune": {"targets": [0.5], "method": "param_first", "curve_methods": ["param_first"], "curve_shares": [0.5],
                      "ppl_tokens": 128, "ppl_max_length": 64, "speed_prompt_len": 4, "speed_new_tokens": 2,
                      "speed_prefill_len": 8},
         "04_lora_tune": {"tailored_tasks": ["sst2"], "length_tasks": ["sst2"], "n_train": 2, "n_generic": 2,
@@ -80,7 +80,7 @@ LIMITS: dict[str, dict[str, dict]] = {
 }
 # The step whose time is "per item", found by a piece of its source, and what an item is.
 MAIN_CELL = {"01_trace_graph": "graph = trace(", "02_importance": "importance = compute_importance(",
-             "03_prune": "curve = pd.DataFrame(sweep(", "04_lora_tune": "r = lora.train_lora(",
+             "03_prune": "points = []", "04_lora_tune": "r = lora.train_lora(",
              "05_evaluate": "per_model[m.name] = evaluate_jobs("}
 GIB = 2**30
 
@@ -192,7 +192,7 @@ def items(step: str, run: dict[str, dict], splits: dict[str, dict]) -> float | N
     if step == "02_importance":
         return p["n_samples"] * p["seq_len"]
     if step == "03_prune":  # each point: a pruned copy and its perplexity (on ppl_tokens of text)
-        return len(p["curve_estimators"]) * len(p["curve_shares"])
+        return len(p["curve_methods"]) * len(p["curve_shares"])
     checkpoints = len(run["04_lora_tune"]["pruned"]) or len(run["03_prune"]["targets"])
     lora = run["04_lora_tune"]
     groups = len(lora["tailored_tasks"]) if lora["tailored_mode"] == "per_task" else 1
@@ -227,7 +227,7 @@ def conditions(step: str, p: dict, metrics: dict) -> str:
         return (f"{p['n_samples']} x {p['seq_len']} tokens, passes of {p['micro_batch']}, checkpointing "
                 f"{'on' if p['gradient_checkpointing'] else 'off'}, {len(p['estimators'])} estimators")
     if step == "03_prune":
-        return f"targets {p['targets']}, curve {len(p['curve_estimators'])} x {len(p['curve_shares'])}"
+        return f"targets {p['targets']}, curve {len(p['curve_methods'])} x {len(p['curve_shares'])}"
     if step == "04_lora_tune":
         return (f"{len(metrics.get('runs', {}))} runs x {p['max_steps']} steps of {p['batch_size']} x "
                 f"{p['max_seq_len']} (micro {p['micro_batch_size'] or p['batch_size']}), checkpointing "

@@ -156,6 +156,34 @@ def calibration_batch(tokenizer, texts: Sequence[str], n_samples: int = 10, seq_
     )
 
 
+CALIBRATION_FORMAT = "tailored.calibration/1"
+
+
+def save_calibration(batch: torch.Tensor, path: str | Path, settings: Mapping | None = None) -> Path:
+    """Write the calibration token ids (n_samples, seq_len) and how they were drawn, atomically and byte-stably:
+    notebook 03 prunes on exactly the windows notebook 02 scored."""
+    meta = {"format": CALIBRATION_FORMAT, "settings": json.dumps(dict(settings or {}), sort_keys=True, default=str)}
+    path = Path(path)
+    atomic_write_bytes(path, save({"input_ids": batch.detach().to("cpu", torch.long).contiguous()}, metadata=meta))
+    return path
+
+
+def load_calibration(path: str | Path) -> torch.Tensor:
+    """The token ids ``save_calibration`` wrote: (n_samples, seq_len) long."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("format") != CALIBRATION_FORMAT:
+                raise ArtifactError(f"{path} is not a calibration batch (format {CALIBRATION_FORMAT!r} expected)")
+            return fh.get_tensor("input_ids")
+    except (OSError, ValueError) as err:
+        if isinstance(err, ArtifactError):
+            raise
+        raise ArtifactError(f"{path} is damaged ({err}); rerun notebook 02 (`tailored run --steps 02 --force`)") from None
+
+
 # ------------------------------------------------------------------------------------- element scores
 # Each takes a weight tensor and statistics of the same shape and returns per-element contributions;
 # a member's score is their sum over the member's slice.
@@ -1014,6 +1042,28 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
 
 def _batch_hash(batch: torch.Tensor) -> str:
     return hashlib.sha256(batch.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ calibration size
+def ranking_stability(model: torch.nn.Module, graph: Graph, batches: Mapping[str, torch.Tensor],
+                      estimator: str = "param_first", kinds: Sequence[str] = ("attention", "mlp"),
+                      progress: bool = False) -> list[dict]:
+    """Does a bigger calibration set still change the ranking of units? Spearman correlation of every unit's
+    score (over the ``kinds``' units of all layers, and per kind) between successive ``batches`` (in order:
+    ``{"10x128": ids, "32x128": ids, ...}``). A correlation near 1 means the smaller set already ranked the
+    units as the larger one does. One row per step from one batch to the next."""
+    rows, previous = [], None
+    for label, batch in batches.items():
+        imp = compute_importance(model, graph, batch, estimators=(estimator,), kinds=kinds, progress=progress)
+        per_kind = {k: torch.cat([imp.score(estimator, g.name) for g in graph.groups if g.kind == k]) for k in kinds}
+        flat = torch.cat(list(per_kind.values()))
+        if previous is not None:
+            prev_label, prev_flat, prev_kind = previous
+            rows.append({"from": prev_label, "to": label, "tokens": int(batch.numel()),
+                         "spearman_all_units": spearman(prev_flat, flat),
+                         **{f"spearman_{k}": spearman(prev_kind[k], per_kind[k]) for k in kinds}})
+        previous = (label, flat, per_kind)
+    return rows
 
 
 # ------------------------------------------------------------------------------------ the readable version

@@ -22,6 +22,8 @@ Rules (any may end with ``or None``):
 ``estimator(s)``       importance estimator(s) (``tailored.importance.ESTIMATORS``); ``from 02_importance.estimators``
                        adds: among those notebook 02 computes (checked for a whole profile)
 ``reduction(s)``       group reduction(s) (``tailored.importance.REDUCTIONS``)
+``method(s)``          named pruning method(s) (``tailored.recipes.METHODS``)
+``windows``            calibration sizes, a list of ``[windows, tokens]`` pairs
 ``tasks``              a list of known task names (``tailored/tasks.yaml``); ``train tasks``: each with a
                        train split
 ``prompts``            a list of prompt names (``harness``, ``general``, ``task_specific``)
@@ -54,6 +56,7 @@ from tailored.importance import ESTIMATORS, REDUCTIONS
 from tailored.models import model_layers
 from tailored.paths import REPO_ROOT
 from tailored.prompts import PROMPT_NAMES
+from tailored.recipes import METHODS
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 INJECTED = ("profile", "run_dir", "figures_dir")  # set by the runner into every notebook
@@ -147,6 +150,12 @@ def _check_rule(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> 
         if problem or computed is None:
             return problem
         return _choices(value, list(computed), base == "estimators", f"estimators {step} computes ({key})")
+    if rule in ("method", "methods"):
+        return _choices(value, list(METHODS), rule == "methods", "pruning methods (tailored.recipes.METHODS)")
+    if rule == "windows":
+        ok = isinstance(value, list) and all(isinstance(w, list) and len(w) == 2 and all(
+            _number(x, "int") and x >= 1 for x in w) for w in value)
+        return None if ok else "a list of [windows, tokens] pairs, e.g. [[10, 128], [32, 256]] (empty for none)"
     if rule in ("reduction", "reductions"):
         return _choices(value, list(REDUCTIONS), rule == "reductions", "reductions")
     if rule in ("tasks", "train tasks"):

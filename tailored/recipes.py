@@ -160,7 +160,7 @@ def _layer_range(method: Method, graph: Graph, kept: list[int], dense_layers: in
 
 def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, method: Method | str = "param_first",
                 micro_batch: int = 1, seed: int = 0, progress: bool = True,
-                activations: Activations | None = None) -> Pruned:
+                activations: Activations | None = None, cache: dict | None = None) -> Pruned:
     """Prune ``model`` in place so that ``target`` of its decoder parameters go, the way ``method`` says.
 
     ``method``: a ``Method`` or the name of one in ``METHODS``. ``batch``: calibration token ids
@@ -173,6 +173,10 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
     ``activations``: statistics already collected on this (dense) model and ``batch`` (notebook 02 saves
     them), used in the first round instead of collecting them again; they must hold what the method needs
     (``gradients=True`` for ``fisher_fluctuation``, ``full=True`` for ``refit``).
+
+    ``cache``: a dict shared by calls that prune fresh copies of the *same* dense model with the same batch
+    (a curve of shares): the first round's graph, statistics and scores depend on the method and the dense
+    weights only, so they are computed once per method and reused for every share.
 
     Raises ``ValueError`` (before touching the model) for an unknown method or a target outside (0, 1); a
     round whose plan cannot meet its share within 1 percentage point raises as ``plan_pruning`` does.
@@ -190,7 +194,13 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
     plans: list[Plan] = []
     rounds = []
     for k in range(method.rounds):
-        graph = trace(model, seed=seed)
+        key = dataclasses.replace(method, rounds=1, compensation="none", damping=0.0)
+        if k == 0 and cache is not None and key in cache:
+            graph, acts_cached, scores, layer_scores = cache[key]
+            if method.compensation == "refit" and acts_cached is not None and acts_cached.settings.get("full") is not True:
+                acts_cached = None  # refit needs full second moments: collected below
+        else:
+            graph, acts_cached, scores, layer_scores = trace(model, seed=seed), None, None, None
         goal = target * dense_decoder * (k + 1) / method.rounds - (dense_decoder - graph.decoder_params)
         share = goal / graph.decoder_params
         if share <= 0:  # an earlier round already removed this round's share (coarse units)
@@ -198,8 +208,17 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
         layer_range = _layer_range(method, graph, kept_layers, dense_layers)
         plan_kw = dict(mode=method.mode, allocation=method.allocation, normalize=method.normalize,
                        layer_range=layer_range, attention=method.attention, round_to=method.round_to)
-        acts, scores, layer_scores = None, {}, None
-        if method.estimator in LAYER_ESTIMATORS:
+        acts = acts_cached
+        if scores is not None or layer_scores is not None:  # the first round, from the cache
+            if acts is None and method.compensation != "none":
+                kinds = ("attention" if method.attention == "kv" else "qheads", "mlp")
+                acts = activation_statistics(model, graph, batch, kinds=kinds,
+                                             full=True if method.compensation == "refit" else None,
+                                             gradients=method.estimator == "fisher_fluctuation",
+                                             micro_batch=micro_batch, progress=progress)
+                cache[key] = (graph, acts, scores, layer_scores)
+        elif method.estimator in LAYER_ESTIMATORS:
+            scores = {}
             layer_scores = block_influence(model, batch, micro_batch=micro_batch, progress=progress)
         else:
             kinds = ("hidden",) if method.mode == "channel" else (
@@ -219,6 +238,8 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
                                      seed=seed + k, progress=progress,
                                      activations=acts if method.estimator in READER_ESTIMATORS else None)
             scores = imp.select(method.estimator, method.reduction)
+        if k == 0 and cache is not None and key not in cache:
+            cache[key] = (graph, acts, scores, layer_scores)
         last = k == method.rounds - 1  # only the final share must be met within 1 point
         plan = plan_pruning(graph, scores, target=min(share, 1 - 1e-9), layer_scores=layer_scores,
                             tolerance=TOLERANCE if last else None, **plan_kw)

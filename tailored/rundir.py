@@ -6,6 +6,7 @@ path by hand or parses a name::
     runs/<profile>/
         graph.json                   01  the coupled groups (tailored.graph.Graph)
         importance.safetensors       02  scores per unit (tailored.importance.Importance)
+        calibration.safetensors      02  the calibration windows; 03 prunes on the very same ones
         pruned/<mode>_<pct>/         03  one pruned checkpoint per target (tailored.checkpoint)
         adapters/<checkpoint>/<run>/ 04  one LoRA adapter per run (tailored.lora)
         adapters/index.json          04  every adapter: its checkpoint, recipe, tasks, prompt, data size
@@ -35,6 +36,7 @@ from tailored.artifacts import metrics_path, read_json, stat_fingerprint, write_
 
 GRAPH = "graph.json"
 IMPORTANCE = "importance.safetensors"
+CALIBRATION = "calibration.safetensors"
 PRUNED = "pruned"
 ADAPTERS = "adapters"
 INDEX = "index.json"
@@ -45,7 +47,7 @@ TAILORED_MODES = ("multi", "per_task")
 
 
 # What each step writes, for the runner: a step is skipped only while these are as it left them.
-STEP_OUTPUTS = {"01_trace_graph": (GRAPH,), "02_importance": (IMPORTANCE,), "03_prune": (PRUNED,),
+STEP_OUTPUTS = {"01_trace_graph": (GRAPH,), "02_importance": (IMPORTANCE, CALIBRATION), "03_prune": (PRUNED,),
                 "04_lora_tune": (ADAPTERS,), "05_evaluate": ()}
 
 
@@ -59,6 +61,11 @@ def step_outputs(run_dir: str | Path, step: str) -> list[Path]:
 def graph_path(run_dir: str | Path) -> Path:
     """``graph.json``: written by notebook 01, read by 02 and 03."""
     return Path(run_dir) / GRAPH
+
+
+def calibration_path(run_dir: str | Path) -> Path:
+    """``calibration.safetensors``: the calibration windows, written by notebook 02, read by 03."""
+    return Path(run_dir) / CALIBRATION
 
 
 def importance_path(run_dir: str | Path) -> Path:
@@ -82,7 +89,7 @@ def checkpoints(run_dir: str | Path) -> dict[str, float]:
     for folder in sorted((Path(run_dir) / PRUNED).glob("*")):
         if checkpoint.is_checkpoint(folder):
             record = checkpoint.read_record(folder).get("record", {})
-            found[folder.name] = record.get("plan", {}).get("share_decoder", math.nan)
+            found[folder.name] = record.get("share_decoder", record.get("plan", {}).get("share_decoder", math.nan))
     return dict(sorted(found.items(), key=lambda kv: (kv[1], kv[0])))
 
 

@@ -33,17 +33,15 @@ def _refused(tmp_path, steps: dict, needle: str) -> str:
     ({"04_lora_tune": {"lr": -0.001}}, "04_lora_tune.lr = -0.001: must be a number > 0"),
     ({"05_evaluate": {"main_k": 100000}}, "05_evaluate.main_k = 100000: must be at most the train split"),
     ({"05_evaluate": {"limit": 0}}, "05_evaluate.limit = 0: must be an integer >= 1"),
-    ({"03_prune": {"estimator": "taylor"}}, "03_prune.estimator = 'taylor'"),
-    ({"03_prune": {"estimator": "l1"}}, "one of the estimators 02_importance computes (estimators): param_first, random"),
+    ({"03_prune": {"method": "taylor"}}, "03_prune.method = 'taylor'"),
+    ({"03_prune": {"curve_methods": ["random", "flap_bias"]}}, "pruning methods (tailored.recipes.METHODS)"),
     ({"05_evaluate": {"tasks": ["sst2", "sst-2"]}}, "05_evaluate.tasks = ['sst2', 'sst-2']"),
-    ({"03_prune": {"layer_range": "all"}}, "03_prune.layer_range = 'all': must be [start, end]"),
+    ({"02_importance": {"calibration_sweep": [[10, 128], [0, 64]]}}, "a list of [windows, tokens] pairs"),
     ({"01_trace_graph": {"layer_to_draw": 99}}, "01_trace_graph.layer_to_draw = 99: must be a decoder layer index in 0..3"),
     ({"02_importance": {"check_samples": 5}}, "02_importance.check_samples = 5: must be an integer <= n_samples (2)"),
     ({"04_lora_tune": {"tailored_tasks": ["sciq"]}}, "have none: they can be scored zero-shot only"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, steps, needle):
-    if steps.get("03_prune", {}).get("estimator") == "l1":
-        steps = {**steps, "02_importance": {"estimators": ["param_first", "random"]}}
     _refused(tmp_path, steps, needle)
     assert not (tmp_path / "run").exists()
 

@@ -295,3 +295,23 @@ def test_the_verdict_names_the_best_method_per_share_and_its_margins():
     assert v["shares"][0.2] == {"best": "fisher_refit", "perplexity": 40.0, "x_dense": 2.0,
                                 "x_better_than_floor": 2.5, "x_better_than_baseline": 2.0}
     assert v["sentence"].startswith("At 20% of the decoder, fisher_refit keeps perplexity at 40.0 (2.00× dense")
+
+
+def test_a_curve_cache_gives_the_same_weights_as_pruning_from_scratch(one_thread):
+    """Shares of one method reuse the dense model's first-round statistics and scores: the same result."""
+    import copy
+
+    from tailored.recipes import prune_model
+
+    model, _ = load("tiny")
+    batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cache: dict = {}
+    for method in ("fisher_refit", "param_first", "flap"):
+        for share in (0.2, 0.4):
+            cached = prune_model(copy.deepcopy(model), batch, share, method, progress=False, cache=cache)
+            fresh = prune_model(copy.deepcopy(model), batch, share, method, progress=False)
+            a, b = cached.model.state_dict(), fresh.model.state_dict()
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert len(cache) == 3

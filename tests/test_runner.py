@@ -156,7 +156,7 @@ def test_editing_a_prompt_changes_only_the_steps_that_name_its_task(monkeypatch)
     from tailored import prompts
 
     evaluation = {"tasks": ["sst2", "piqa"], "k_sweep_tasks": ["sst2"]}
-    pruning = {"targets": [0.2], "estimator": "param_first"}
+    pruning = {"targets": [0.2], "method": "fisher_refit"}
     before = runner.data_hash(evaluation), runner.data_hash(pruning)
     table = {t: dict(p) for t, p in prompts.prompt_table().items()}
     table["piqa"]["general"] = dataclasses.replace(table["piqa"]["general"], template="Q: {goal}\nA:")

@@ -11,16 +11,25 @@ ESTIMATOR_LABELS = {"param_first": "Taylor, 1st order |w·g|", "param_second": "
                     "l2": "magnitude L2", "activation": "activation-aware |W|·‖X‖", "random": "random"}
 
 
-def perplexity_curve(df: pd.DataFrame, dense_ppl: float, title: str = ""):
-    """Perplexity (log scale) against the share of decoder parameters removed, one line per estimator.
+METHOD_LABELS = {"random": "random (the floor)", "param_first": "Taylor 1st order (LLM-Pruner)",
+                 "param_second": "Taylor 2nd order (LLM-Pruner)", "param_first_4_rounds": "Taylor 1st order, 4 rounds",
+                 "param_first_8_rounds": "Taylor 1st order, 8 rounds", "flap": "FLAP (fluctuation, bias)",
+                 "flap_no_bias": "FLAP without bias compensation", "fisher_bias": "Fisher fluctuation, bias",
+                 "fisher_refit": "Fisher fluctuation, refit (ours)",
+                 "depth_block_influence": "whole layers, block influence (ShortGPT)"}
 
-    ``df`` columns: estimator, share (achieved, 0–1), perplexity.
+
+def perplexity_curve(df: pd.DataFrame, dense_ppl: float, title: str = ""):
+    """Perplexity (log scale) against the share of decoder parameters removed, one line per method.
+
+    ``df`` columns: ``method`` (or ``estimator``), share (achieved, 0–1), perplexity; random dashed.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for est, part in df.groupby("estimator", sort=False):
+    key = "method" if "method" in df.columns else "estimator"
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for name, part in df.dropna(subset=["perplexity"]).groupby(key, sort=False):
         part = part.sort_values("share")
         ax.plot(100 * part["share"], part["perplexity"], marker="o", ms=4,
-                label=ESTIMATOR_LABELS.get(est, est), ls="--" if est == "random" else "-")
+                label=METHOD_LABELS.get(name, ESTIMATOR_LABELS.get(name, name)), ls="--" if name == "random" else "-")
     ax.axhline(dense_ppl, color="black", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("decoder parameters removed (%)")
