@@ -43,9 +43,9 @@ def _cmd_data(args) -> None:
 def _cmd_run(args) -> None:
     from tailored import runner
 
-    overrides = {"model": args.model} if args.model else None
+    overrides = {k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype)) if v}
     runner.run(profile=args.profile, only=args.steps, start=args.start, force=args.force,
-               run_root=Path(args.run_root) if args.run_root else None, overrides=overrides,
+               run_root=Path(args.run_root) if args.run_root else None, overrides=overrides or None,
                progress=not args.quiet)
 
 
@@ -73,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("run", help="execute the notebooks of a profile through papermill into runs/<profile>/")
-    p.add_argument("--profile", default="class", help="params/<profile>.yaml (smoke, class, paper)")
+    p.add_argument("--profile", default="class", help="params/<profile>.yaml (smoke, class, study, paper)")
     p.add_argument("--steps", help="comma-separated step numbers to run, e.g. 01,02")
     p.add_argument("--from", dest="start", help="run from this step to the end, e.g. 03")
     p.add_argument("--force", action="store_true", help="rerun steps even if nothing changed")
     p.add_argument("--model", help="model for this run (a local HF directory for the paper profile; "
                    "random:llama-7b and the other random:<shape> specs for a scale check)")
+    p.add_argument("--device", help="cpu, cuda or auto for every step, over the profile's (e.g. the study on a GPU)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 for every step, over the profile's")
     p.add_argument("--run-root", help="folder holding <profile>/ (default: runs/ in the repository)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p.set_defaults(func=_cmd_run)

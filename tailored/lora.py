@@ -695,6 +695,17 @@ class TrainingDiverged(FloatingPointError):
     """LoRA training blew up or collapsed (see ``divergence``); the adapter was not installed."""
 
 
+def flattened_at(validation: Sequence[tuple[int, float]], rel: float = 0.01) -> int | None:
+    """The step where a validation curve stopped improving: the first point that no later point beats by more
+    than ``rel`` (relative). The last step means the curve was still improving when the budget ran out;
+    ``None`` without a curve."""
+    points = list(validation)
+    for i, (step, loss) in enumerate(points):
+        if all(later >= loss * (1 - rel) for _, later in points[i + 1:]):
+            return int(step)
+    return None
+
+
 def divergence(losses: Sequence[float], vocab_size: int, validation: float | None = None) -> str | None:
     """Why a LoRA run has diverged, or None: the rule ``train_lora`` applies after every step.
 

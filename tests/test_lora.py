@@ -331,3 +331,15 @@ def test_a_run_saved_before_the_distillation_settings_existed_still_continues():
              "data_fingerprint": "f"}
     assert lora._changed(saved, now, "f", "base") is None  # the same run: the missing keys had their defaults
     assert "distill" in lora._changed(saved, LoraSettings(max_steps=5, distill=0.5), "f", "base")
+
+
+def test_flattened_at_finds_where_a_validation_curve_stopped_improving():
+    from tailored.lora import flattened_at
+
+    assert flattened_at([]) is None
+    # 2.0 -> 1.5 -> 1.2 -> 1.195 -> 1.19: within 1% of the rest from step 30 on
+    assert flattened_at([(10, 2.0), (20, 1.5), (30, 1.2), (40, 1.195), (50, 1.19)]) == 30
+    # still falling by more than 1% at the end: the last step, i.e. not flattened within the budget
+    assert flattened_at([(10, 2.0), (20, 1.8), (30, 1.6)]) == 30
+    # a late dip counts: step 20 is beaten by more than 1% at step 40
+    assert flattened_at([(10, 2.0), (20, 1.5), (30, 1.52), (40, 1.4)]) == 40
