@@ -38,6 +38,7 @@ from tailored.lock import run_lock
 from tailored.models import RANDOM_PREFIX, RANDOM_SHAPES, SMOLLM2, TINY_VARIANTS
 from tailored.params import INJECTED, Declared, ParamsError, declared
 from tailored.params import check as check_params
+from tailored.paths import atomic_write_text
 from tailored.prompts import prompt_table
 from tailored.sources import step_sources
 
@@ -388,13 +389,34 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
                                             "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
                                             "source_sha256": src, "finished": _now(),
                                             "duration_s": round(time.time() - started, 2), "output": out_nb.name,
+                                            "load1": round(os.getloadavg()[0], 2),
                                             "outputs": _outputs_state(run_dir, step.name)}
             write_json(manifest_path, manifest)
             log(f"[{step.name}] done in {time.time() - started:.1f} s")
+            if committed:
+                write_durations(manifest, figures_dir)
             refreshed = refresh_readme(figures_dir)
             if refreshed:
                 log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
     return manifest
+
+
+def write_durations(manifest: dict, figures_dir: Path) -> Path:
+    """``run_durations.md`` (and ``.csv``): each step's wall time, when it finished and the machine's load then,
+    from the manifest, for the profiles whose figures are committed (what a reader needs to plan a rerun)."""
+    cpus = os.cpu_count()
+    rows = [(name, s["duration_s"] / 60, s.get("finished", ""), s.get("load1"))
+            for name, s in sorted(manifest["steps"].items()) if s.get("status") == "ok" and "duration_s" in s]
+    total = sum(r[1] for r in rows)
+    md = ["| step | minutes | finished (UTC) | load average after |", "|---|---|---|---|"]
+    md += [f"| {n} | {m:.1f} | {f} | {'' if load is None else load} |" for n, m, f, load in rows]
+    md += [f"| all steps | {total:.1f} | | {cpus} CPUs |"]
+    csv = ["step,minutes,finished,load1"] + [f"{n},{m:.2f},{f},{'' if load is None else load}" for n, m, f, load in rows]
+    Path(figures_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(figures_dir) / "run_durations.csv", "\n".join(csv) + "\n")
+    out = Path(figures_dir) / "run_durations.md"
+    atomic_write_text(out, "\n".join(md) + "\n")
+    return out
 
 
 def _outputs_state(run_dir: Path, step: str) -> dict[str, str]:

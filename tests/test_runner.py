@@ -200,3 +200,13 @@ def test_a_study_run_refreshes_its_own_tables_in_the_readme(tmp_path):
     assert runner.refresh_readme(tmp_path / "figures" / "study", readme) == ["study/claims"]
     assert "supported" in readme.read_text() and "class" in readme.read_text()  # a missing table stays
     assert runner.COMMITTED_FIGURES["study"] == "figures/study"
+
+
+def test_durations_table_lists_each_finished_step_and_the_total(tmp_path):
+    manifest = {"steps": {"02_importance": {"status": "ok", "duration_s": 120.0, "finished": "t2", "load1": 1.1},
+                          "01_trace_graph": {"status": "ok", "duration_s": 30.0, "finished": "t1"},
+                          "03_prune": {"status": "failed"}}}
+    md = runner.write_durations(manifest, tmp_path).read_text().splitlines()
+    assert md[2].startswith("| 01_trace_graph | 0.5 | t1 |") and md[3] == "| 02_importance | 2.0 | t2 | 1.1 |"
+    assert md[-1].startswith("| all steps | 2.5 |") and len(md) == 5  # the failed step is not counted
+    assert (tmp_path / "run_durations.csv").read_text().startswith("step,minutes,finished,load1\n01_trace_graph,0.50")
