@@ -363,7 +363,7 @@ def _params_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
-def _plan(model: torch.nn.Module, groups: Sequence[GroupSet], device: torch.device
+def _readers_of_params(model: torch.nn.Module, groups: Sequence[GroupSet], device: torch.device
           ) -> dict[str, list[_Use]]:
     """For each parameter (by its first name), the members that read it. Checks shapes and indices."""
     named = _params_by_name(model)
@@ -915,7 +915,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
 
     device = next(model.parameters()).device
     batch = batch.to(device)
-    plan = _plan(model, groups, device)  # validates the graph against the model, before any compute
+    plan = _readers_of_params(model, groups, device)  # validates the graph against the model, before any compute
     params = dict(model.named_parameters())
     dtype = _acc_dtype(device)
     grad_est = [e for e in estimators if e in GRADIENT_ESTIMATORS]
