@@ -90,3 +90,28 @@ def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
     else:
         switch = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
         switch()
+
+
+def dispatch(model: torch.nn.Module, device_map: str | dict, dtype: torch.dtype | None = None,
+             offload_dir: str | None = None) -> torch.nn.Module:
+    """Spread a materialized ``model`` over devices with accelerate's dispatch; hooks move the activations.
+
+    ``device_map``: a dict ``{module name: device}`` (``"disk"`` entries are written to ``offload_dir``), or
+    ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` / ``"sequential"``: accelerate places whole decoder blocks
+    by the free memory of each GPU, then the CPU, as ``from_pretrained(device_map=...)`` does. For models whose
+    layers have different shapes (a pruned checkpoint), which ``from_pretrained`` cannot build.
+    """
+    # accelerate is imported here, not at the top: it is only needed for models spread over devices
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        keep = [type(decoder_layers(model)[0]).__name__]  # a decoder block is never cut between devices
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, no_split_module_classes=keep, dtype=dtype,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=keep, dtype=dtype)
+    model = dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
+    model.hf_device_map = dict(device_map)
+    return model

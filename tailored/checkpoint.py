@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tailored.anatomy import decoder_layers, resolve_device, resolve_dtype
+from tailored.anatomy import decoder_layers, dispatch, resolve_device, resolve_dtype
 from tailored.artifacts import json_safe
 from tailored.prune import sync_module_attributes
 
@@ -170,13 +170,17 @@ def read_record(dir: str | Path) -> dict:
 
 
 def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                attn_implementation: str | None = None):
+                attn_implementation: str | None = None, device_map: str | dict | None = None):
     """Rebuild a model saved by ``save_pruned``; return ``(model, tokenizer)`` in eval mode.
 
     Weights are read with safetensors only (never ``torch.load``). Raises ``FileNotFoundError`` when
     ``dir`` is not a pruned checkpoint (saying which files are missing) and ``ValueError`` naming the file
     and tensor when a file is corrupted or its shapes disagree with ``pruning.json``, and naming the key when
     ``config.json`` disagrees with the stored tensors (``_check_config``).
+
+    ``device_map`` (a pruned model that does not fit one device): built on ``device`` (the CPU), then spread
+    with ``tailored.anatomy.dispatch`` (``"auto"`` or ``{module name: device}``; ``"disk"`` entries are kept in
+    ``<dir>.offload``).
     """
     dir = Path(dir)
     if not dir.is_dir():
@@ -249,6 +253,8 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
         raise ValueError(f"{weights}: no values for {still_meta[:5]}; the checkpoint is incomplete")
     model.to(device=dev, dtype=dt)
     sync_module_attributes(model)
+    if device_map is not None:
+        model = dispatch(model, device_map, dt, offload_dir=f"{dir}.offload")
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(dir)

@@ -361,9 +361,13 @@ def evaluate_many(models: Mapping[str, str | Path | tuple[torch.nn.Module, Any]]
 
 
 # =========================================================================================== a run's models
-def load_run_model(entry: rundir.RunModel, device: str = "cpu", dtype: str = "float32", seed: int = 0):
-    """``(model, tokenizer)`` of a ``RunModel``; a LoRA adapter is loaded onto its base and merged in."""
-    model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed)
+def load_run_model(entry: rundir.RunModel, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                   device_map: str | dict | None = None):
+    """``(model, tokenizer)`` of a ``RunModel``; a LoRA adapter is loaded onto its base and merged in.
+
+    ``device_map`` spreads a model that does not fit one device over several (``tailored.models.load``).
+    """
+    model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed, device_map=device_map)
     if entry.kind == "lora":
         model = lora.merge(lora.load_adapter(model, entry.adapter))
         model.eval()

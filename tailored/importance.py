@@ -363,12 +363,12 @@ def _params_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
-def _plan(model: torch.nn.Module, groups: Sequence[GroupSet], device: torch.device
+def _uses_by_param(model: torch.nn.Module, groups: Sequence[GroupSet], device: torch.device
           ) -> dict[str, list[_Use]]:
     """For each parameter (by its first name), the members that read it. Checks shapes and indices."""
     named = _params_by_name(model)
     canonical = {id(p): n for n, p in model.named_parameters()}
-    plan: dict[str, list[_Use]] = {}
+    uses_by_param: dict[str, list[_Use]] = {}
     for gi, g in enumerate(groups):
         if len(g.members) == 0:
             raise ValueError(f"group set {g.name!r} has no members")
@@ -395,8 +395,8 @@ def _plan(model: torch.nn.Module, groups: Sequence[GroupSet], device: torch.devi
             else:
                 unit = torch.repeat_interleave(torch.arange(g.units), torch.tensor([len(ix) for ix in m.index]))
                 use = _Use(key=(gi, mi), dim=m.dim, units=g.units, index=flat.to(device), unit=unit.to(device))
-            plan.setdefault(canonical[id(p)], []).append(use)
-    return plan
+            uses_by_param.setdefault(canonical[id(p)], []).append(use)
+    return uses_by_param
 
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
@@ -421,16 +421,16 @@ class _GradientFold:
     moment at most one parameter holds a ``.grad`` (plus autograd's own in-flight buffers).
     """
 
-    def __init__(self, plan: dict[str, list[_Use]], estimators: Sequence[str], n_samples: int,
+    def __init__(self, uses_by_param: dict[str, list[_Use]], estimators: Sequence[str], n_samples: int,
                  dtype: torch.dtype):
-        self.plan, self.estimators, self.n, self.dtype = plan, set(estimators), n_samples, dtype
+        self.uses_by_param, self.estimators, self.n, self.dtype = uses_by_param, set(estimators), n_samples, dtype
         self.acc: dict[str, dict[tuple[int, int], torch.Tensor]] = {e: {} for e in GRADIENT_ESTIMATORS}
         self.sum_g: dict[str, torch.Tensor] = {}  # Σ_c a_c g_c so far, per element
         self.sum_g2: dict[str, torch.Tensor] = {}  # Σ_j g_j² / N so far, per element (param_mix only)
         self.share, self.last = 1.0, True  # a_c of the current pass; is it the last one?
 
     def hook(self, name: str):
-        uses, est, acc = self.plan[name], self.estimators, self.acc
+        uses, est, acc = self.uses_by_param[name], self.estimators, self.acc
 
         def fold(p: torch.Tensor) -> None:
             with torch.no_grad():
@@ -915,7 +915,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
 
     device = next(model.parameters()).device
     batch = batch.to(device)
-    plan = _plan(model, groups, device)  # validates the graph against the model, before any compute
+    uses_by_param = _uses_by_param(model, groups, device)  # validates the graph against the model, before any compute
     params = dict(model.named_parameters())
     dtype = _acc_dtype(device)
     grad_est = [e for e in estimators if e in GRADIENT_ESTIMATORS]
@@ -923,7 +923,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     if not grad_est and "activation" not in estimators:
         passes = []  # weights alone: no pass at all
 
-    fold = _GradientFold(plan, grad_est, n, dtype)
+    fold = _GradientFold(uses_by_param, grad_est, n, dtype)
     acts = None
     pass_losses: list = []
     flags = {name: p.requires_grad for name, p in params.items()}
@@ -941,11 +941,11 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
                 layer.training = True  # the layer alone (not its children): transformers' switch to checkpoint
         model.zero_grad(set_to_none=True)
         for name, p in params.items():  # only scored parameters get gradients
-            p.requires_grad_(name in plan and bool(grad_est))
+            p.requires_grad_(name in uses_by_param and bool(grad_est))
         if grad_est:
-            handles = [params[name].register_post_accumulate_grad_hook(fold.hook(name)) for name in plan]
+            handles = [params[name].register_post_accumulate_grad_hook(fold.hook(name)) for name in uses_by_param]
         if "activation" in estimators:
-            acts = _ActivationNorms(model, {id(params[name]) for name in plan})
+            acts = _ActivationNorms(model, {id(params[name]) for name in uses_by_param})
         for c, ids in enumerate(bar):
             fold.share, fold.last = ids.shape[0] / n, c == len(passes) - 1
             with torch.set_grad_enabled(bool(grad_est)):
@@ -988,7 +988,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
         elif est in ("l1", "l2", "activation"):
             acc = {}
             with torch.no_grad():
-                for name, uses in plan.items():
+                for name, uses in uses_by_param.items():
                     w = params[name].detach().float()
                     e = w.abs() if est == "l1" else w.square() if est == "l2" else acts.element_scores(params[name])
                     _fold(e, uses, acc, dtype)

@@ -313,8 +313,8 @@ def load(spec: str = SMOLLM2, device: str = "cpu", dtype: str | torch.dtype = "f
         elif Path(spec).expanduser().is_dir():
             source = Path(spec).expanduser()
             if (source / RECORD).exists():
-                return load_pruned(source, device=str(dev), dtype=torch_dtype,
-                                   attn_implementation=attn_implementation)
+                return load_pruned(source, device="cpu" if device_map is not None else str(dev), dtype=torch_dtype,
+                                   attn_implementation=attn_implementation, device_map=device_map)
             if not (source / "config.json").exists():
                 raise ModelNotAvailable(f"{source} is a folder but holds no config.json: not an HF model directory")
             pickles = sorted(p.name for p in source.glob("*.bin"))

@@ -238,16 +238,17 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
                          "widen layer_range or lower the target")
     if allocation == "global" and mode == "block":
         _normalize(slots, normalize)
-    knob = "threshold" if allocation == "global" else "ratio"
+    setting = "threshold" if allocation == "global" else "ratio"
 
     # Step 1: attention and MLP together; this fixes the (coarse) attention units.
-    x = _bisect(lambda v: sum(s.cost(s.kept_at(knob, v)) for s in slots), goal, *_knob_range(knob, slots))
-    kept = {s.group.name: s.kept_at(knob, x) for s in slots}
+    x = _bisect(lambda v: sum(s.cost(s.kept_at(setting, v)) for s in slots), goal, *_setting_range(setting, slots))
+    kept = {s.group.name: s.kept_at(setting, x) for s in slots}
     # Step 2: the fine-grained kind alone closes the gap left by the rounding of heads.
-    fine = [s for s in slots if s.group.kind in ("mlp", "hidden")]
-    fixed = sum(s.cost(kept[s.group.name]) for s in slots if s not in fine)
-    x2 = _bisect(lambda v: sum(s.cost(s.kept_at(knob, v)) for s in fine), goal - fixed, *_knob_range(knob, fine))
-    kept.update({s.group.name: s.kept_at(knob, x2) for s in fine})
+    channels = [s for s in slots if s.group.kind in ("mlp", "hidden")]
+    fixed = sum(s.cost(kept[s.group.name]) for s in slots if s not in channels)
+    x_channels = _bisect(lambda v: sum(s.cost(s.kept_at(setting, v)) for s in channels), goal - fixed,
+                         *_setting_range(setting, channels))
+    kept.update({s.group.name: s.kept_at(setting, x_channels) for s in channels})
 
     keep = {s.group.name: s.keep_indices(kept[s.group.name]) for s in slots if kept[s.group.name] < s.group.units}
     plan = make_plan(graph, keep, **settings)
@@ -314,11 +315,11 @@ class _Prunable:
     def __init__(self, group: GroupSet, scores: torch.Tensor, graph: Graph, round_to: int, denominator: str):
         self.group = group
         self.scores = scores
-        ppu = _params_per_unit(group)
+        params_per_unit = _params_per_unit(group)
         if group.kind == "hidden" and denominator == "decoder":
             off = _non_decoder_per_hidden_unit(graph)
-            ppu = tuple(p - off for p in ppu)
-        self.ppu = ppu
+            params_per_unit = tuple(p - off for p in params_per_unit)
+        self.params_per_unit = params_per_unit
         self.norm = scores  # replaced by kind-normalized scores for global allocation
         if group.kind == "qheads":
             if group.parent is None:
@@ -335,10 +336,10 @@ class _Prunable:
         self.order = sorted(range(group.units), key=lambda i: (-float(scores[i]), i))
         self._cost: dict[int, int] = {}
 
-    def kept_at(self, knob: str, x: float) -> int:
+    def kept_at(self, setting: str, x: float) -> int:
         """Units kept at ratio ``x`` (local) or at threshold ``x`` on the normalized scores (global)."""
         u = self.group.units
-        raw = (1 - x) * u if knob == "ratio" else u - int((self.norm < x).sum())
+        raw = (1 - x) * u if setting == "ratio" else u - int((self.norm < x).sum())
         kept = self.step * math.floor(raw / self.step + 0.5)
         return u if raw >= u else max(self.min_keep, min(u, kept))
 
@@ -356,7 +357,7 @@ class _Prunable:
         """Parameters removed (as the denominator counts them) when ``kept`` units stay."""
         if kept not in self._cost:
             stay = set(self.keep_indices(kept))
-            self._cost[kept] = sum(p for i, p in enumerate(self.ppu) if i not in stay)
+            self._cost[kept] = sum(p for i, p in enumerate(self.params_per_unit) if i not in stay)
         return self._cost[kept]
 
 
@@ -370,7 +371,7 @@ def _normalize(slots: list[_Prunable], how: str) -> None:
             s.norm = (s.scores - s.scores.mean()) / spread if spread > 0 else torch.zeros_like(s.scores)
     elif how == "cost":
         for s in slots:
-            s.norm = s.scores / torch.tensor(s.ppu, dtype=s.scores.dtype).clamp_min(1)
+            s.norm = s.scores / torch.tensor(s.params_per_unit, dtype=s.scores.dtype).clamp_min(1)
     else:
         for s in slots:
             s.norm = s.scores
@@ -385,15 +386,15 @@ def _normalize_per_kind(slots: list[_Prunable]) -> None:
             s.norm = s.scores / mean
 
 
-def _knob_range(knob: str, slots: list[_Prunable]) -> tuple[float, float]:
-    if knob == "ratio":
+def _setting_range(setting: str, slots: list[_Prunable]) -> tuple[float, float]:
+    if setting == "ratio":
         return 0.0, 1.0
     allv = torch.cat([s.norm for s in slots])
     return float(allv.min()) - 1.0, float(allv.max()) + 1.0
 
 
 def _bisect(removed, goal: float, lo: float, hi: float, steps: int = 80) -> float:
-    """The knob value whose (monotone, stepwise) ``removed(knob)`` is closest to ``goal``."""
+    """The setting value whose (monotone, stepwise) ``removed(setting)`` is closest to ``goal``."""
     if removed(lo) >= goal:
         return lo
     if removed(hi) <= goal:
