@@ -100,8 +100,8 @@ def main_table(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_spe
       were); a row that covers only some of them (a tailored adapter trained for two tasks) averages those.
     - ``recovery %`` = 100 · avg / dense avg on the same tasks (the paper's measure: 95.68% at 20%).
     - ``recovery vs chance %`` = 100 · (avg − chance) / (dense avg − chance), over the tasks where the dense
-      model is *not* within two standard errors of chance (there the dense model's accuracy is noise, and
-      the ratio would divide by it).
+      model is above chance by more than two standard errors (elsewhere the dense model's accuracy is noise or
+      below chance, and the ratio would divide by it).
     - then SST-2 and other accuracy tasks, SQuAD EM/F1, XSum ROUGE (in %) and perplexity where evaluated.
 
     Returns ``(table, notes)``; ``notes`` has ``near_chance`` (tasks flagged for the dense model),
@@ -357,8 +357,8 @@ def claim_verdicts(examples: pd.DataFrame, models: pd.DataFrame, headline: tuple
     Claims and how each is decided (95% paired-bootstrap interval of the pooled statistic over ``tasks``):
 
     1. *pruning keeps most accuracy*: pruned vs dense, the share of above-chance accuracy kept,
-       ``mean(pruned − chance) / mean(dense − chance)`` over the tasks where the dense model is not within two
-       standard errors of chance (``near_chance``: there it has no accuracy to keep); supported when the whole
+       ``mean(pruned − chance) / mean(dense − chance)`` over the tasks where the dense model is above chance by more
+       than two standard errors (``near_chance`` lists the others: there it has no accuracy to keep); supported when the whole
        interval is above one half. The paper's measure, ``pruned / dense``, is reported beside it.
     2. *LoRA recovers accuracy*: each main adapter vs its pruned checkpoint, on the headline: above 0.
     3. *tailored beats generic*: the tailored vs the generic adapter of a checkpoint, on the tasks the tailored

@@ -209,11 +209,17 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
     if p.scoring != "generate":
         chance = info.chance if info.chance is not None else float(np.mean([1 / len(p.options(e)) for e in examples]))
         majority_label, majority = majority_baseline(train_examples, examples)
-        near_chance = bool(abs(scored["metrics"]["acc"] - chance) <= 2 * scored["stderr"]["acc"])
+        near_chance = not_above_chance(scored["metrics"]["acc"], chance, scored["stderr"]["acc"])
     return {**base, "prompt": p.name, "k": k, "k_used": prefix.k_used, "shot_ids": list(prefix.shot_ids),
             **scored, "chance": chance, "majority": majority, "majority_label": majority_label,
             "near_chance": near_chance, "prefix_tokens": prefix.n_tokens, "use_prefix_cache": use_prefix_cache,
             "seconds": time.perf_counter() - t0}
+
+
+def not_above_chance(value: float, chance: float, stderr: float) -> bool:
+    """True unless ``value`` is above ``chance`` by more than two standard errors: a model at chance, or below it
+    (a prompt it answers the wrong way), has no accuracy that pruning could keep (the † of notebook 05)."""
+    return bool(value - chance <= 2 * stderr)
 
 
 def result_rows(result: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
@@ -225,9 +231,9 @@ def result_rows(result: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
     rows = []
     for metric, value in result["metrics"].items():
         low, high = result["ci95"].get(metric, (None, None))
-        near = result.get("near_chance") if metric in ACCURACY_METRICS else None
-        if metric == "acc_norm" and result.get("chance") is not None:
-            near = bool(abs(value - result["chance"]) <= 2 * result["stderr"][metric])
+        near = None
+        if metric in ACCURACY_METRICS and result.get("chance") is not None and metric in result["stderr"]:
+            near = not_above_chance(value, result["chance"], result["stderr"][metric])
         rows.append({"model": model, "task": result["task"], "kind": result["kind"], "prompt": result["prompt"],
                      "k": result["k"], "k_used": result["k_used"], "n": result["n"], "metric": metric,
                      "value": value, "stderr": result["stderr"].get(metric), "ci_low": low, "ci_high": high,

@@ -74,3 +74,16 @@ def test_run_models_reads_pruned_checkpoints_and_adapter_index(tmp_path):
         {"name": "x", "base": "pruned/gone", "adapter": "adapters/gone/generic", "recipe": "generic"}]))
     with pytest.raises(FileNotFoundError, match="rerun notebook 03"):
         run_models(tmp_path, "tiny")
+
+
+def test_a_task_the_dense_model_scores_below_chance_is_marked_like_one_at_chance():
+    """The † rule is one-sided: 40% on a two-way task (below chance) is no accuracy to keep, like 52%."""
+    from tailored.evaluate import not_above_chance, result_rows
+
+    assert not_above_chance(0.40, 0.5, 0.049) and not_above_chance(0.58, 0.5, 0.049)
+    assert not not_above_chance(0.70, 0.5, 0.046)
+    result = {"task": "boolq", "kind": "multiple_choice", "prompt": "harness", "k": 0, "k_used": 0, "n": 100,
+              "metrics": {"acc": 0.40, "acc_norm": 0.71}, "stderr": {"acc": 0.049, "acc_norm": 0.045},
+              "ci95": {}, "chance": 0.5, "majority": 0.62, "near_chance": False, "seconds": 1.0}
+    near = {r["metric"]: r["near_chance"] for r in result_rows(result, "dense")}
+    assert near == {"acc": True, "acc_norm": False}  # recomputed from the values, whatever the stored flag says
