@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from tailored.anatomy import decoder_layers, set_checkpointing  # noqa: E402
 from tailored.graph import trace  # noqa: E402
 from tailored.importance import compute_importance  # noqa: E402
-from tailored.lora import IGNORE, LoraSettings, add_lora, completion_loss  # noqa: E402
+from tailored.lora import LoraSettings, measure_throughput  # noqa: E402
 from tailored.models import load  # noqa: E402
 from tailored.prune import apply, plan_pruning  # noqa: E402
 from tailored.speed import compare  # noqa: E402
@@ -130,33 +130,15 @@ def importance_memory(dense, graph, vocab: int, device, result: dict) -> None:
     result["importance_memory"] = rows
 
 
-def lora_steps(pruned, vocab: int, device, result: dict, batch: int = 16, seq: int = 256) -> None:
+def lora_steps(pruned, device, result: dict, batch: int = 16, seq: int = 256) -> None:
+    """LoRA steps of ``batch`` x ``seq`` with gradient checkpointing (``lora.measure_throughput``, the measure
+    notebook 04's budget uses), and their memory above the resident pruned weights."""
     settings = LoraSettings(batch_size=batch, micro_batch_size=batch, max_seq_len=seq, gradient_checkpointing=True,
-                            dropout=0.1, rank=8, alpha=16.0)
-    result["weights_pruned_GiB"] = resident(device)
-    peft = add_lora(pruned, settings)
-    set_checkpointing(peft, True)
-    peft.train()
-    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    labels = ids.clone()
-    labels[:, : seq * 3 // 4] = IGNORE  # answer-only loss on the last quarter, as completion_loss trains
-    rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    autocast = settings.autocast_dtype(device)
-    base = resident(device)
-    times = []
-    for _ in range(3):  # the first step warms up kernels; the median of the others
-        sync(device)
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss, _ = completion_loss(peft, rows, reduction="mean")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    result["lora"] = {"batch": batch, "seq_len": seq, "gradient_checkpointing": True, "step_s": sorted(times[1:])[0],
-                      "tokens_per_s": batch * seq / sorted(times[1:])[0],
+                            dropout=0.1, rank=8, alpha=16.0, lr=1e-4)
+    result["weights_pruned_GiB"] = base = resident(device)
+    measured = measure_throughput(pruned, settings, batch_size=batch, seq_len=seq, steps=2, warmup=1)
+    result["lora"] = {"batch": batch, "seq_len": seq, "gradient_checkpointing": True,
+                      "step_s": measured["s_per_step"], "tokens_per_s": measured["tokens_per_s"],
                       "own_peak_GiB": own_peak(device, base),
                       "notebook_04_peak_GiB": None if base is None else torch.cuda.max_memory_allocated() / GIB}
     log(f"LoRA {batch} x {seq}: {result['lora']['step_s']:.3f} s per step "
@@ -213,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
 
     # 3. LoRA steps on the pruned shape (the dense model gone, as in notebook 04)
-    lora_steps(pruned, vocab, device, result)
+    lora_steps(pruned, device, result)
 
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2, default=str)

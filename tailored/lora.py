@@ -1026,11 +1026,14 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
     """Tokens per second of one LoRA training step (forward, backward, AdamW) on random full-length tokens.
 
     For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
-    Answer-only loss on the last quarter of each sequence. The model is returned to its state (adapters
-    removed) afterwards.
+    Answer-only loss on the last quarter of each sequence; ``settings.gradient_checkpointing`` is honoured.
+    The model is returned to its state (adapters removed) afterwards. ``s_per_step`` is the median of the
+    ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
     peft_model = add_lora(model, settings)
+    if settings.gradient_checkpointing:  # as train_lora does: the step measured is the step trained
+        set_checkpointing(peft_model, True)
     device = next(peft_model.parameters()).device
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
     params = [p for _, p in _trainable(peft_model)]
@@ -1054,6 +1057,8 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     peft_model.unload()
+    if settings.gradient_checkpointing:
+        set_checkpointing(model, False)
     per_step = sorted(times)[len(times) // 2]
     return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
             "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),
