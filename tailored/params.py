@@ -5,9 +5,10 @@ rule in square brackets at the end of the comment says what values are allowed::
 
     targets = [0.2, 0.5]  # shares of the decoder layers' parameters to remove [shares]
     lr = 0.001  # peak learning rate [float > 0]
-    micro_batch_size = None  # sequences per forward pass [int >= 1 or None]
+    micro_batch_size = None  # sequences per forward pass [int ≥ 1 or None]
 
-The runner checks a whole profile against these rules before the first step runs (``check``), and the
+Bounds are written ``≥`` and ``≤`` in the cells (``>=`` and ``<=`` mean the same here): papermill reads a
+parameter line with a second ``=`` as no parameter at all. The runner checks a whole profile against these rules before the first step runs (``check``), and the
 first cell after the parameters runs the same check inside the notebook (``check_notebook``), so a typo
 in a parameters cell, in JupyterLab or under papermill, stops the notebook before any compute, with a
 message that names the step, the key, the value and what is allowed.
@@ -15,8 +16,8 @@ message that names the step, the key, the value and what is allowed.
 Rules (any may end with ``or None``):
 
 =====================  ======================================================================
-``int >= N``           an integer at least N (also ``int > N``)
-``float > X``          a number above X (also ``float >= X``, ``float >= 0 and < 1`` and the like)
+``int ≥ N``            an integer at least N (also ``int > N``)
+``float > X``          a number above X (also ``float ≥ X``, ``float ≥ 0 and < 1`` and the like)
 ``share`` / ``shares`` a share of parameters in (0, 1) / a non-empty list of them
 ``one of a, b, c``     one of these strings
 ``estimator(s)``       importance estimator(s) (``tailored.importance.ESTIMATORS``); ``from 02_importance.estimators``
@@ -29,7 +30,7 @@ Rules (any may end with ``or None``):
 ``prompts``            a list of prompt names (``harness``, ``general``, ``task_specific``)
 ``shots for NAME``     a number of shots k >= 0 (or a list of them) that every task of parameter NAME
                        with a train split can give
-``<= NAME``            an integer at most the value of parameter NAME
+``≤ NAME``             an integer at most the value of parameter NAME
 ``model``              a model spec (see ``tailored.models.load``)
 ``device`` / ``dtype`` a torch device (``cpu``, ``cuda``, ``auto``…) / ``float32``, ``bfloat16``…
 ``layer``              a decoder layer of ``model``; ``layer range``: ``[start, end]`` inside it
@@ -92,6 +93,12 @@ def parameters_cell(notebook: Path) -> str:
     raise ParamsError(f"{Path(notebook).name} has no cell tagged 'parameters'")
 
 
+def _ascii_rule(rule: str) -> str:
+    """Cells write bounds as ``≥`` / ``≤``: papermill skips a parameter line with a second ``=`` (it reads it as
+    two assignments), so ``# … [int >= 1]`` would hide the parameter from ``papermill --help-notebook``."""
+    return rule.strip().replace("≥", ">=").replace("≤", "<=")
+
+
 def declared(notebook: Path) -> dict[str, Declared]:
     """The parameters a notebook declares, in order: ``{name: Declared}``."""
     source = parameters_cell(notebook)
@@ -106,7 +113,7 @@ def declared(notebook: Path) -> dict[str, Declared]:
             comment = comments.get(node.end_lineno, "") if node.end_lineno <= len(lines) else ""
             rule = re.search(r"\[([^\[\]]+)\]\s*$", comment)
             out[name] = Declared(name, text, comment[: rule.start()].strip() if rule else comment,
-                                 rule.group(1).strip() if rule else "")
+                                 _ascii_rule(rule.group(1)) if rule else "")
     return out
 
 

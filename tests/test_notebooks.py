@@ -19,8 +19,11 @@ def test_notebook_is_stripped_and_parameterized(step):
         assert not cell.outputs and cell.execution_count is None, f"{step.name} is committed with outputs"
     declared = runner.notebook_parameters(step.path)
     assignments = [ln for ln in code[0].source.splitlines() if ln.strip() and not ln.startswith(("#", " "))]
-    assert len(declared) == len(assignments), (  # papermill silently drops a line it cannot parse
-        f"{step.name}: papermill parsed {sorted(declared)} out of {assignments}")
+    assert len(declared) == len(assignments), f"{step.name}: parsed {sorted(declared)} out of {assignments}"
+    from papermill.translators import PythonTranslator
+
+    seen = [p.name for p in PythonTranslator.inspect(code[0])]  # papermill drops a line it cannot parse
+    assert seen == list(declared), f"{step.name}: papermill sees {seen}, the cell declares {list(declared)}"
     for key in (*runner.INJECTED, "seed", "device"):
         assert key in declared, f"{step.name} does not declare {key!r}"
     assert nb.metadata["kernelspec"]["name"] == runner.KERNEL_NAME
