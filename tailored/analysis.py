@@ -356,6 +356,9 @@ def claim_verdicts(examples: pd.DataFrame, models: pd.DataFrame, headline: tuple
     ``examples``: ``example_frame`` of the evaluations; ``headline``: the main table's (prompt, k).
     Claims and how each is decided (95% paired-bootstrap interval of the pooled statistic over ``tasks``):
 
+    0. *pruning costs accuracy*: dense vs pruned, ``dense − pruned`` in points over the tasks where the dense model
+       is above chance: the largest effect a run can show; supported when the whole interval is above 0 (the
+       run has enough examples to see what pruning costs).
     1. *pruning keeps most accuracy*: pruned vs dense, the share of above-chance accuracy kept,
        ``mean(pruned − chance) / mean(dense − chance)`` over the tasks where the dense model is above chance by more
        than two standard errors (``near_chance`` lists the others: there it has no accuracy to keep); supported when the whole
@@ -394,6 +397,8 @@ def claim_verdicts(examples: pd.DataFrame, models: pd.DataFrame, headline: tuple
     if dense:
         for _, m in main[main["kind"] == "pruned"].iterrows():
             a, b = (dense[0], prompt, k), (m["model"], prompt, k)
+            add("pruning costs accuracy", f"dense vs {m['model']}", b, a, signal,
+                note="dense − pruned (points)")
             add("pruning keeps most accuracy", f"{m['model']} vs dense", a, b, signal, "recovery", 0.5,
                 note="share of above-chance accuracy kept (%)")
             add("pruning keeps most accuracy", f"{m['model']} vs dense", a, b, tasks, "ratio", 0.5,

@@ -98,6 +98,8 @@ def test_claim_verdicts_decide_each_claim_from_paired_examples():
     by = {(r.claim, r.measure.split(" (")[0]): r for r in pooled.itertuples()}
     kept = by[("pruning keeps most accuracy", "share of above-chance accuracy kept")]
     assert kept.verdict == "supported" and kept.low > 50  # keeps ~87% of what is above chance
+    cost = by[("pruning costs accuracy", "dense − pruned")]
+    assert cost.verdict == "supported" and cost.low > 0 and cost.tasks == 2  # losing 10% of right answers shows
     assert by[("LoRA recovers accuracy", "difference")].verdict == "supported"
     assert by[("LoRA recovers accuracy", "difference")].tasks == 1  # trained for piqa: scored on piqa
     assert set(per_task["task"]) == {"piqa", "arc_easy"}
