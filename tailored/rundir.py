@@ -255,15 +255,20 @@ class EvalStore:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.folder = Path(run_dir) / EVAL
+        self.reused = 0  # results found again, and the seconds they took when they were computed:
+        self.reused_seconds = 0.0  # what a run from scratch would have spent on them (runner.write_durations)
 
     def get(self, key: str) -> dict | None:
         path = self.folder / f"{key}.json"
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            result = json.loads(path.read_text())
         except json.JSONDecodeError:  # a damaged result is evaluated again
             return None
+        self.reused += 1
+        self.reused_seconds += float(result.get("seconds") or 0.0)
+        return result
 
     def put(self, key: str, result: dict) -> None:
         write_json(self.folder / f"{key}.json", result, indent=None)

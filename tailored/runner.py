@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from tailored import data, paths, rundir
-from tailored.artifacts import ArtifactError, embed_tables, read_json, stat_fingerprint, write_json
+from tailored.artifacts import ArtifactError, embed_tables, metrics_path, read_json, stat_fingerprint, write_json
 from tailored.lock import run_lock
 from tailored.models import RANDOM_PREFIX, RANDOM_SHAPES, SMOLLM2, TINY_VARIANTS
 from tailored.params import INJECTED, Declared, ParamsError, declared
@@ -390,7 +390,8 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
                                             "source_sha256": src, "finished": _now(),
                                             "duration_s": round(time.time() - started, 2), "output": out_nb.name,
                                             "load1": round(os.getloadavg()[0], 2),
-                                            "outputs": _outputs_state(run_dir, step.name)}
+                                            "outputs": _outputs_state(run_dir, step.name),
+                                            **_reused(run_dir, step.name)}
             write_json(manifest_path, manifest)
             log(f"[{step.name}] done in {time.time() - started:.1f} s")
             if committed:
@@ -401,17 +402,40 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
     return manifest
 
 
+def _reused(run_dir: Path, step: str) -> dict:
+    """``{"reused": {"results": n, "seconds": s}}`` when the step's metrics say it found finished work of an earlier
+    run (notebook 05's stored evaluations); else ``{}``."""
+    path = metrics_path(run_dir, step)
+    try:
+        reused = read_json(path).get("reused") if path.exists() else None
+    except (ArtifactError, AttributeError):
+        return {}
+    return {"reused": reused} if isinstance(reused, dict) and reused.get("results") else {}
+
+
 def write_durations(manifest: dict, figures_dir: Path) -> Path:
     """``run_durations.md`` (and ``.csv``): each step's wall time, when it finished and the machine's load then,
-    from the manifest, for the profiles whose figures are committed (what a reader needs to plan a rerun)."""
+    from the manifest, for the profiles whose figures are committed (what a reader needs to plan a rerun).
+
+    A step that resumed from an earlier run's finished work (notebook 05's stored evaluations) ran shorter than
+    a run from scratch would: its row says how much it reused and what that took when it was computed, and the
+    last row adds it back (``from scratch``)."""
     cpus = os.cpu_count()
-    rows = [(name, s["duration_s"] / 60, s.get("finished", ""), s.get("load1"))
+    rows = [(name, s["duration_s"] / 60, s.get("finished", ""), s.get("load1"), s.get("reused") or {})
             for name, s in sorted(manifest["steps"].items()) if s.get("status") == "ok" and "duration_s" in s]
     total = sum(r[1] for r in rows)
-    md = ["| step | minutes | finished (UTC) | load average after |", "|---|---|---|---|"]
-    md += [f"| {n} | {m:.1f} | {f} | {'' if load is None else load} |" for n, m, f, load in rows]
-    md += [f"| all steps | {total:.1f} | | {cpus} CPUs |"]
-    csv = ["step,minutes,finished,load1"] + [f"{n},{m:.2f},{f},{'' if load is None else load}" for n, m, f, load in rows]
+    scratch = total + sum(r[4].get("seconds", 0.0) for r in rows) / 60
+
+    def reused(r):
+        return f"{r['results']} results, {r['seconds'] / 60:.1f} min when computed" if r else ""
+
+    md = ["| step | minutes | finished (UTC) | load average after | reused from an earlier run |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {m:.1f} | {f} | {'' if load is None else load} | {reused(r)} |" for n, m, f, load, r in rows]
+    md += [f"| all steps | {total:.1f} | | {cpus} CPUs | " + (f"from scratch: {scratch:.1f} min |" if scratch > total
+                                                                   else "|")]
+    csv = ["step,minutes,finished,load1,reused_results,reused_minutes"] + [
+        f"{n},{m:.2f},{f},{'' if load is None else load},{r.get('results', 0)},{r.get('seconds', 0.0) / 60:.2f}"
+        for n, m, f, load, r in rows]
     Path(figures_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(figures_dir) / "run_durations.csv", "\n".join(csv) + "\n")
     out = Path(figures_dir) / "run_durations.md"

@@ -97,5 +97,6 @@ def test_an_interrupted_evaluation_resumes_from_the_store(tmp_path, monkeypatch)
     done = evaluate.evaluate_jobs(None, None, jobs, data, store=store, model_id="m1", progress=False)
     assert calls == [("sst2", "harness", 0), ("sst2", "general", 0), ("sst2", "general", 0)]  # harness reused
     assert [r["prompt"] for r in done] == ["harness", "general"]
+    assert store.reused == 1  # counted for the run's durations table (what a run from scratch would add)
     evaluate.evaluate_jobs(None, None, jobs[:1], data, store=store, model_id="m2", progress=False)
     assert calls[-1] == ("sst2", "harness", 0)  # other weights: evaluated afresh

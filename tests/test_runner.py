@@ -207,6 +207,22 @@ def test_durations_table_lists_each_finished_step_and_the_total(tmp_path):
                           "01_trace_graph": {"status": "ok", "duration_s": 30.0, "finished": "t1"},
                           "03_prune": {"status": "failed"}}}
     md = runner.write_durations(manifest, tmp_path).read_text().splitlines()
-    assert md[2].startswith("| 01_trace_graph | 0.5 | t1 |") and md[3] == "| 02_importance | 2.0 | t2 | 1.1 |"
+    assert md[2].startswith("| 01_trace_graph | 0.5 | t1 |") and md[3] == "| 02_importance | 2.0 | t2 | 1.1 |  |"
     assert md[-1].startswith("| all steps | 2.5 |") and len(md) == 5  # the failed step is not counted
-    assert (tmp_path / "run_durations.csv").read_text().startswith("step,minutes,finished,load1\n01_trace_graph,0.50")
+    assert "from scratch" not in md[-1]
+    assert (tmp_path / "run_durations.csv").read_text().startswith("step,minutes,finished,load1,reused_results,"
+                                                                   "reused_minutes\n01_trace_graph,0.50")
+
+
+def test_a_step_that_resumed_says_what_it_reused_and_the_total_adds_it_back(tmp_path):
+    """Notebook 05 found 40 stored results (10 min when computed): its 3 minutes are not a run from scratch."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "05_evaluate.json").write_text('{"reused": {"results": 40, "seconds": 600.0}}')
+    assert runner._reused(tmp_path, "05_evaluate") == {"reused": {"results": 40, "seconds": 600.0}}
+    assert runner._reused(tmp_path, "04_lora_tune") == {}
+    manifest = {"steps": {"04_lora_tune": {"status": "ok", "duration_s": 120.0, "finished": "t4"},
+                          "05_evaluate": {"status": "ok", "duration_s": 180.0, "finished": "t5",
+                                          **runner._reused(tmp_path, "05_evaluate")}}}
+    md = runner.write_durations(manifest, tmp_path).read_text().splitlines()
+    assert md[3] == "| 05_evaluate | 3.0 | t5 |  | 40 results, 10.0 min when computed |"
+    assert md[-1].startswith("| all steps | 5.0 |") and md[-1].endswith("from scratch: 15.0 min |")
