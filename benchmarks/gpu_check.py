@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. speed, side by side
     scores = {g.name: torch.rand(g.units, generator=torch.Generator().manual_seed(0)) for g in graph.groups}
-    plan = plan_pruning(graph, scores, target=args.share)
+    try:
+        plan = plan_pruning(graph, scores, target=args.share)
+    except ValueError as err:  # a small model's LLM-Pruner layer range cannot reach the share
+        parser.error(f"{err} (a smaller --share, e.g. 0.3, fits the tiny models)")
     pruned = apply(plan, copy.deepcopy(dense), graph)
     result["plan"] = {"share_decoder": plan.share_decoder, "share_model": plan.share_model,
                       "llm_pruner_ratio": plan.llm_pruner_ratio, "params_after": plan.params_after}
