@@ -33,7 +33,14 @@ from pathlib import Path
 import yaml
 
 from tailored import data, paths, rundir
-from tailored.artifacts import ArtifactError, embed_tables, metrics_path, read_json, stat_fingerprint, write_json
+from tailored.artifacts import (
+    ArtifactError,
+    embed_tables,
+    metrics_path,
+    read_json,
+    stat_fingerprint,
+    write_json,
+)
 from tailored.lock import run_lock
 from tailored.models import RANDOM_PREFIX, RANDOM_SHAPES, SMOLLM2, TINY_VARIANTS
 from tailored.params import INJECTED, Declared, ParamsError, declared
@@ -417,7 +424,8 @@ def write_durations(manifest: dict, figures_dir: Path) -> Path:
     """``run_durations.md`` (and ``.csv``): each step's wall time, when it finished and the machine's load then,
     from the manifest, for the profiles whose figures are committed (what a reader needs to plan a rerun).
 
-    A step that resumed from an earlier run's finished work (notebook 05's stored evaluations) ran shorter than
+    A step that resumed from an earlier run's finished work (notebook 04's trained adapters, notebook 05's stored
+    evaluations: their metrics' ``reused``) ran shorter than
     a run from scratch would: its row says how much it reused and what that took when it was computed, and the
     last row adds it back (``from scratch``)."""
     cpus = os.cpu_count()
@@ -427,7 +435,7 @@ def write_durations(manifest: dict, figures_dir: Path) -> Path:
     scratch = total + sum(r[4].get("seconds", 0.0) for r in rows) / 60
 
     def reused(r):
-        return f"{r['results']} results, {r['seconds'] / 60:.1f} min when computed" if r else ""
+        return f"{r['results']} {r.get('what', 'results')}, {r['seconds'] / 60:.1f} min when computed" if r else ""
 
     md = ["| step | minutes | finished (UTC) | load average after | reused from an earlier run |", "|---|---|---|---|---|"]
     md += [f"| {n} | {m:.1f} | {f} | {'' if load is None else load} | {reused(r)} |" for n, m, f, load, r in rows]
