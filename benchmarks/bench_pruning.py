@@ -284,6 +284,21 @@ def print_table(doc: dict) -> None:
             cells.append(f"{r['perplexity']:.1f} ({r['x_dense']:.2f}×, {floor.get(s, float('nan')) / r['perplexity']:.1f}× better "
                          f"than random){mark}")
         print(f"| {m} | " + " | ".join(cells) + " |")
+    if doc.get("sweep_correlation"):
+        print("\nCalibration sweep: Spearman correlation of the unit scores between successive calibration sizes "
+              "(windows × tokens)\n")
+        print("| source | estimator | from | to | all units | attention | MLP |")
+        print("|---|---|---|---|---|---|---|")
+        for r in doc["sweep_correlation"]:
+            print(f"| {r['source']} | {r['estimator']} | {r['from'][0]}×{r['from'][1]} | {r['to'][0]}×{r['to'][1]} | "
+                  f"{r['spearman_all_units']:.4f} | {r['spearman_attention']:.3f} | {r['spearman_mlp']:.4f} |")
+    if doc.get("sweep"):
+        print("\nCalibration sweep: perplexity after pruning with each calibration\n")
+        print("| source | calibration | tokens | method | share | perplexity | × dense |")
+        print("|---|---|---|---|---|---|---|")
+        for r in doc["sweep"]:
+            print(f"| {r['source']} | {r['size'][0]}×{r['size'][1]} | {r['tokens']} | {r['method']} | {r['target']:.0%} | "
+                  f"{r['perplexity']:.1f} | {r['x_dense']:.2f}× |")
 
 
 if __name__ == "__main__":
