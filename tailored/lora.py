@@ -1027,10 +1027,11 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
 
     For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
     Answer-only loss on the last quarter of each sequence; ``settings.gradient_checkpointing`` is honoured.
-    The model is returned to its state (adapters removed) afterwards. ``s_per_step`` is the median of the
+    The model is returned to its state (adapters removed, train or eval mode as before) afterwards. ``s_per_step`` is the median of the
     ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
+    was_training = model.training
     peft_model = add_lora(model, settings)
     if settings.gradient_checkpointing:  # as train_lora does: the step measured is the step trained
         set_checkpointing(peft_model, True)
@@ -1059,6 +1060,7 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
     peft_model.unload()
     if settings.gradient_checkpointing:
         set_checkpointing(model, False)
+    model.train(was_training)  # e.g. evaluation next: dropout stays off as it was
     per_step = sorted(times)[len(times) // 2]
     return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
             "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),

@@ -343,3 +343,16 @@ def test_flattened_at_finds_where_a_validation_curve_stopped_improving():
     assert flattened_at([(10, 2.0), (20, 1.8), (30, 1.6)]) == 30
     # a late dip counts: step 20 is beaten by more than 1% at step 40
     assert flattened_at([(10, 2.0), (20, 1.5), (30, 1.52), (40, 1.4)]) == 40
+
+
+def test_measure_throughput_leaves_the_model_as_it_found_it():
+    """A throughput probe before evaluation must not leave adapters, checkpointing or dropout behind."""
+    model, _ = tiny()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16,
+                                  steps=1, warmup=0)
+    assert out["tokens_per_s"] > 0 and out["batch_size"] == 2
+    assert not model.training and not model.is_gradient_checkpointing
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
