@@ -360,9 +360,9 @@ def claim_verdicts(examples: pd.DataFrame, models: pd.DataFrame, headline: tuple
        is above chance: the largest effect a run can show; supported when the whole interval is above 0 (the
        run has enough examples to see what pruning costs).
     1. *pruning keeps most accuracy*: pruned vs dense, the share of above-chance accuracy kept,
-       ``mean(pruned − chance) / mean(dense − chance)`` over the tasks where the dense model is above chance by more
-       than two standard errors (``near_chance`` lists the others: there it has no accuracy to keep); supported when the whole
-       interval is above one half. The paper's measure, ``pruned / dense``, is reported beside it.
+       ``mean(pruned − chance) / mean(dense − chance)`` over the tasks where the dense model is above chance by
+       more than two standard errors (``near_chance`` lists the others: there it has no accuracy to keep);
+       supported when the whole interval is above one half. The paper's measure, ``pruned / dense``, is reported beside it.
     2. *LoRA recovers accuracy*: each main adapter vs its pruned checkpoint, on the headline: above 0.
     3. *tailored beats generic*: the tailored vs the generic adapter of a checkpoint, on the tasks the tailored
        one was trained for, with the task-specific prompt both were scored with: above 0.

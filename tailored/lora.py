@@ -1027,8 +1027,8 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
 
     For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
     Answer-only loss on the last quarter of each sequence; ``settings.gradient_checkpointing`` is honoured.
-    The model is returned to its state (adapters removed, train or eval mode as before) afterwards. ``s_per_step`` is the median of the
-    ``steps`` timed after ``warmup``.
+    The model is returned to its state (adapters removed, train or eval mode as before) afterwards.
+    ``s_per_step`` is the median of the ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
     was_training = model.training

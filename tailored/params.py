@@ -8,7 +8,9 @@ rule in square brackets at the end of the comment says what values are allowed::
     micro_batch_size = None  # sequences per forward pass [int ≥ 1 or None]
 
 Bounds are written ``≥`` and ``≤`` in the cells (``>=`` and ``<=`` mean the same here): papermill reads a
-parameter line with a second ``=`` as no parameter at all. The runner checks a whole profile against these rules before the first step runs (``check``), and the
+parameter line with a second ``=`` as no parameter at all.
+
+The runner checks a whole profile against these rules before the first step runs (``check``), and the
 first cell after the parameters runs the same check inside the notebook (``check_notebook``), so a typo
 in a parameters cell, in JupyterLab or under papermill, stops the notebook before any compute, with a
 message that names the step, the key, the value and what is allowed.

@@ -410,8 +410,8 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
 
 
 def _reused(run_dir: Path, step: str) -> dict:
-    """``{"reused": {"results": n, "seconds": s}}`` when the step's metrics say it found finished work of an earlier
-    run (notebook 05's stored evaluations); else ``{}``."""
+    """``{"reused": {"results": n, "seconds": s, "what": ...}}`` when the step's metrics say it found finished work
+    of an earlier run (notebook 04's adapters, notebook 05's stored evaluations); else ``{}``."""
     path = metrics_path(run_dir, step)
     try:
         reused = read_json(path).get("reused") if path.exists() else None
@@ -425,9 +425,8 @@ def write_durations(manifest: dict, figures_dir: Path) -> Path:
     from the manifest, for the profiles whose figures are committed (what a reader needs to plan a rerun).
 
     A step that resumed from an earlier run's finished work (notebook 04's trained adapters, notebook 05's stored
-    evaluations: their metrics' ``reused``) ran shorter than
-    a run from scratch would: its row says how much it reused and what that took when it was computed, and the
-    last row adds it back (``from scratch``)."""
+    evaluations: their metrics' ``reused``) ran shorter than a run from scratch would: its row says how much it
+    reused and what that took when it was computed, and the last row adds it back (``from scratch``)."""
     cpus = os.cpu_count()
     rows = [(name, s["duration_s"] / 60, s.get("finished", ""), s.get("load1"), s.get("reused") or {})
             for name, s in sorted(manifest["steps"].items()) if s.get("status") == "ok" and "duration_s" in s]
