@@ -629,6 +629,25 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     a few heads make the point in seconds.
     """
     prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
+    # The module holding both (``…self_attn``) runs in float32 during the probe: in bfloat16 a nudge can
+    # move an attention output by less than its rounding step, and the probe would miss a real dependency
+    # (seen at LLaMA-7B shape: 201 of 32,768 k_proj -> o_proj pairs). Its input is the same in every pass,
+    # so the upcast is exact where it matters; bf16 -> fp32 -> bf16 restores the weights bit for bit.
+    owner_name = ".".join(p for p, q in zip(producer.split("."), consumer.split(".")) if p == q)
+    owner = model.get_submodule(owner_name)
+    dtypes = {name: p.dtype for name, p in owner.named_parameters()}
+    upcast = any(dt != torch.float32 and dt.is_floating_point for dt in dtypes.values())
+
+    def to_fp32(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.float()
+        if isinstance(x, (tuple, list)):
+            return type(x)(to_fp32(v) for v in x)
+        return x
+
+    def owner_inputs(_module, args, kwargs):
+        return to_fp32(args), {k: to_fp32(v) for k, v in kwargs.items()}
+
     nudge: list[int | None] = [None]
     seen: list[torch.Tensor] = []
 
@@ -649,9 +668,13 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     attn = getattr(model.config, "_attn_implementation", None)
     switch = attn is not None and attn != "eager"
     handles = [prod.register_forward_hook(add_one), cons.register_forward_pre_hook(record)]
+    if upcast:
+        handles.append(owner.register_forward_pre_hook(owner_inputs, with_kwargs=True))
     was_training = model.training
     try:
         model.eval()
+        if upcast:
+            owner.float()
         if switch:
             model.set_attn_implementation("eager")
         with torch.no_grad():
@@ -664,6 +687,9 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     finally:
         for h in handles:
             h.remove()
+        if upcast:
+            for name, p in owner.named_parameters():
+                p.data = p.data.to(dtypes[name])
         if switch:
             model.set_attn_implementation(attn)
         model.train(was_training)
