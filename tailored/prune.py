@@ -661,12 +661,13 @@ def _compensate(linear: torch.nn.Linear, name: str, removed: Sequence[int], how:
     if name not in acts.mean:
         raise ValueError(f"the activations hold no statistics for {name}: compute them on this model "
                          "(activation_statistics(model, graph, batch))")
-    mu = acts.mean[name].to(torch.float64)
+    dev = w.device  # statistics are kept on the CPU; the solve runs where the weight lives
+    mu = acts.mean[name].to(device=dev, dtype=torch.float64)
     if mu.numel() != w.shape[1]:
         raise ValueError(f"the activations of {name} have {mu.numel()} input channels but its weight has "
                          f"{w.shape[1]}: they were computed on another (differently pruned) model")
-    b = linear.bias.detach().to(torch.float64) if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    r = torch.tensor(removed, dtype=torch.long)
+    b = linear.bias.detach().to(torch.float64) if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
+    r = torch.tensor(removed, dtype=torch.long, device=dev)
     w_r = w[:, r]  # (out, |R|)
     if how == "bias":
         b = b + w_r @ mu[r]
@@ -675,10 +676,10 @@ def _compensate(linear: torch.nn.Linear, name: str, removed: Sequence[int], how:
         if second.dim() != 2:
             raise ValueError(f"compensation='refit' needs the full second moments of {name}'s input: collect them "
                              "with activation_statistics(..., full=True)")
-        m = second.to(torch.float64)
-        k = torch.tensor(sorted(set(range(w.shape[1])) - set(removed)), dtype=torch.long)
+        m = second.to(device=dev, dtype=torch.float64)
+        k = torch.tensor(sorted(set(range(w.shape[1])) - set(removed)), dtype=torch.long, device=dev)
         d = len(k)
-        gram = torch.empty(d + 1, d + 1, dtype=torch.float64)  # E[z zᵀ], z = [x_K; 1]
+        gram = torch.empty(d + 1, d + 1, dtype=torch.float64, device=dev)  # E[z zᵀ], z = [x_K; 1]
         gram[:d, :d] = m[k][:, k]
         gram[:d, :d].diagonal().add_(damping * float(m[k, k].mean()))
         gram[:d, d] = gram[d, :d] = mu[k]
