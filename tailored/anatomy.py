@@ -92,6 +92,14 @@ def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
         switch()
 
 
+def checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether the decoder layers are checkpointed now (``set_checkpointing``'s state; either name of the flag)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    name = "is_activation_checkpointing" if hasattr(cls, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(base, name, False))
+
+
 def dispatch(model: torch.nn.Module, device_map: str | dict, dtype: torch.dtype | None = None,
              offload_dir: str | None = None) -> torch.nn.Module:
     """Spread a materialized ``model`` over devices with accelerate's dispatch; hooks move the activations.

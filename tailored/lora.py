@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tailored.anatomy import set_checkpointing, weights_fingerprint
+from tailored.anatomy import checkpointing_on, set_checkpointing, weights_fingerprint
 from tailored.artifacts import read_json, write_json
 from tailored.data import load_task
 from tailored.lock import pid_alive
@@ -1027,11 +1027,11 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
 
     For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
     Answer-only loss on the last quarter of each sequence; ``settings.gradient_checkpointing`` is honoured.
-    The model is returned to its state (adapters removed, train or eval mode as before) afterwards.
+    The model is returned to its state (adapters removed, train or eval mode and checkpointing as before).
     ``s_per_step`` is the median of the ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
-    was_training = model.training
+    was_training, was_checkpointing = model.training, checkpointing_on(model)
     peft_model = add_lora(model, settings)
     if settings.gradient_checkpointing:  # as train_lora does: the step measured is the step trained
         set_checkpointing(peft_model, True)
@@ -1058,8 +1058,8 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     peft_model.unload()
-    if settings.gradient_checkpointing:
-        set_checkpointing(model, False)
+    if checkpointing_on(model) != was_checkpointing:
+        set_checkpointing(model, was_checkpointing)
     model.train(was_training)  # e.g. evaluation next: dropout stays off as it was
     per_step = sorted(times)[len(times) // 2]
     return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,

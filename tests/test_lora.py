@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tailored import lora, models
+from tailored.anatomy import checkpointing_on, set_checkpointing
 from tailored.lora import LoraSettings, TrainExample
 
 FRUIT = ("apple", "pear", "plum", "fig")
@@ -353,6 +354,16 @@ def test_measure_throughput_leaves_the_model_as_it_found_it():
     out = lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16,
                                   steps=1, warmup=0)
     assert out["tokens_per_s"] > 0 and out["batch_size"] == 2
-    assert not model.training and not model.is_gradient_checkpointing
+    assert not model.training and not checkpointing_on(model)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_measure_throughput_keeps_checkpointing_the_caller_switched_on():
+    model, _ = tiny()
+    set_checkpointing(model, True)
+    lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16, steps=1, warmup=0)
+    assert checkpointing_on(model)
+    lora.measure_throughput(model, LoraSettings(gradient_checkpointing=False), batch_size=2, seq_len=16, steps=1,
+                            warmup=0)
+    assert checkpointing_on(model)
