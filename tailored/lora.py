@@ -783,6 +783,29 @@ def validation_losses(model, tokenizer, by_task: dict[str, Sequence[TrainExample
     return out | {"all": sum(out[t] * counts[t] for t in out) / max(1, sum(counts.values()))}
 
 
+def _world() -> tuple[int, int]:
+    """``(rank, processes)`` of a data-parallel run (``accelerate launch``, see ``tailored.lora_launch``);
+    ``(0, 1)`` in a plain process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    """Wait for every process of a data-parallel run (the first one writes, the others then read)."""
+    if _world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _same_start(params: Sequence[torch.nn.Parameter]) -> None:
+    """Every process starts from process 0's adapter weights (LoRA's random A matrices)."""
+    if _world()[1] > 1:
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
 def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings | None = None,
                out_dir: str | Path = "adapter", validation: Sequence[TrainExample] | None = None,
                progress: bool = True, stop_after: int | None = None, teacher=None) -> TrainResult:
@@ -810,6 +833,11 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     ``teacher``: the model to distill from when ``settings.distill`` > 0 (the dense model; frozen, eval
     mode, on the same device and tokenizer). The validation loss stays the answer-token cross-entropy, so
     plain and distilled runs are measured alike.
+
+    Data parallel: started by ``accelerate launch`` (``tailored.lora_launch``), every process runs this same
+    function on the same examples. Each takes every n-th row of each step's batch, the gradients are summed
+    over the processes, and every process makes the same update, so a step is the one-process step up to the
+    order of floating-point sums. Process 0 alone writes to ``out_dir``.
     """
     settings = settings or LoraSettings()
     out_dir = Path(out_dir)
@@ -828,6 +856,8 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
         teacher.eval()
         teacher.requires_grad_(False)
     t_start = time.perf_counter()
+    rank, _ = _world()
+    main = rank == 0  # the one process that writes out_dir
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in examples]
     val_encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in validation or ()]
@@ -843,7 +873,9 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     params = [p for _, p in _trainable(peft_model)]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
-    _clean_leftovers(out_dir)
+    if main:
+        _clean_leftovers(out_dir)
+    _barrier()
 
     # ---- finished before? load and return; unfinished? continue from the last checkpoint; made from
     # anything else (settings, examples, base weights)? set it aside and train afresh
@@ -854,7 +886,10 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             _load_adapter_weights(peft_model, out_dir)
             peft_model.eval()
             return dataclasses.replace(TrainResult.from_dict(done, model=peft_model), adapter_dir=out_dir)
-        _set_aside(out_dir, reason)
+        _barrier()  # every process has read the old metrics before process 0 moves them
+        if main:
+            _set_aside(out_dir, reason)
+        _barrier()
     state = {"step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0, "losses": [], "validation": [],
              "best": None, "settings": settings.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base,
              "total_steps": total}
@@ -862,17 +897,25 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     if ckpt is not None:
         reason = _changed(read_json(ckpt / "trainer_state.json"), settings, fingerprint, base)
         if reason is not None:
-            _set_aside(out_dir, reason)
+            _barrier()
+            if main:
+                _set_aside(out_dir, reason)
+            _barrier()
             ckpt = None
     if ckpt is not None:
         state = _load_checkpoint(ckpt, peft_model, optimizer)
+        if rank:  # the saved RNG is process 0's: the others draw their own dropout masks from here on
+            torch.manual_seed(settings.seed + rank + 7919 * state["step"])
     else:
-        torch.manual_seed(settings.seed)  # dropout masks from here on are a function of the seed
+        _same_start(params)
+        # dropout masks from here on are a function of the seed (and, data-parallel, of the process)
+        torch.manual_seed(settings.seed + rank)
     resumed_from = state["step"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     def diverged(step: int, problem: str) -> TrainingDiverged:
-        for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"]:  # nothing to resume a blown-up run from
+        for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"] if main else ():  # nothing to resume from
             shutil.rmtree(old, ignore_errors=True)
         return TrainingDiverged(
             f"LoRA training diverged at step {step} of {total} (lr {lr_at(step, total, warmup, settings.lr):.3g}): "
@@ -890,14 +933,18 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             state["validation"].append([step, v])
             if state["best"] is None or v < state["best"][1]:
                 state["best"] = [step, v]
-                _write_adapter(peft_model, out_dir / "best")
+                if main:
+                    _write_adapter(peft_model, out_dir / "best")
         state["wall_s"] += time.perf_counter() - t0
-        _save_checkpoint(out_dir, step, peft_model, optimizer, state)
+        if main:
+            _save_checkpoint(out_dir, step, peft_model, optimizer, state)
+        _barrier()
 
     last = total if stop_after is None else min(total, stop_after)
     perms: dict = {}
     peft_model.train()
-    bar = tqdm(total=total, initial=resumed_from, desc=f"LoRA {out_dir.name}", disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=resumed_from, desc=f"LoRA {out_dir.name}", disable=not progress or not main,
+               unit="step")
     t_part = t_start  # wall time is booked at each checkpoint, so a resumed run adds to it
     try:
         for step in range(resumed_from + 1, last + 1):
@@ -925,9 +972,11 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     if finished:  # out_dir gets the chosen adapter, then the metrics (written last: the run is done)
         if settings.select == "validation" and state["best"] is not None:
             selected = state["best"][0]
-            _install_adapter(out_dir / "best", out_dir)
+            if main:
+                _install_adapter(out_dir / "best", out_dir)
+            _barrier()
             _load_adapter_weights(peft_model, out_dir)  # the returned model carries the chosen adapter too
-        else:
+        elif main:
             _install_adapter(latest_checkpoint(out_dir), out_dir)
     result = TrainResult(
         adapter_dir=out_dir, steps=state["step"], tokens=state["tokens"], train_s=state["train_s"],
@@ -935,10 +984,11 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
         losses=tuple((s, v) for s, v in state["losses"]), validation=tuple((s, v) for s, v in state["validation"]),
         selected_step=selected, resumed_from=resumed_from, n_examples=len(examples),
         trainable_params=sum(p.numel() for p in params), settings=settings, model=peft_model)
-    if finished:
+    if finished and main:
         write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base})
         for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"]:
             shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     peft_model.eval()
     return result
 
@@ -955,9 +1005,12 @@ def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, setti
     n_answer = sum(sum(loss_mask(e)) for e in rows)  # the loss is a mean over all answer tokens of the batch
     alpha = settings.distill if teacher is not None else 0.0
     n_kl = sum(_distill_positions(e, settings.distill_tokens) for e in rows) if alpha else 1
+    rank, processes = _world()
+    mine = rows[rank::processes]  # data parallel: every n-th row; the normalizers above count the whole batch
     total = 0.0
-    for i in range(0, len(rows), micro):
-        batch = {k: v.to(device) for k, v in collate(rows[i: i + micro], pad_id).items()}
+    bad = None
+    for i in range(0, len(mine), micro):
+        batch = {k: v.to(device) for k, v in collate(mine[i: i + micro], pad_id).items()}
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             if alpha > 0:
                 ce_sum, kl_sum, _ = _student_losses(peft_model, teacher, batch, settings.temperature,
@@ -967,11 +1020,24 @@ def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, setti
                 loss_sum, _ = completion_loss(peft_model, batch, reduction="sum")
                 loss = loss_sum / n_answer
         if not torch.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            return float(loss.detach())
+            bad = float(loss.detach())
+            break
         loss.backward()
         total += float(loss.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if processes > 1:  # sum the losses and gradients of every process's rows: the whole batch's
+        status = torch.tensor([total, 0.0 if bad is None else 1.0], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(status)
+        total, bad = float(status[0]), (float("nan") if status[1] > 0 else None)
+        if bad is None:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            for p, g in zip(params, torch.split(flat, [g.numel() for g in grads])):
+                p.grad = g.view_as(p).to(p.dtype)
+    if bad is not None:
+        optimizer.zero_grad(set_to_none=True)
+        return bad
     if settings.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     optimizer.step()

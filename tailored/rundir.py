@@ -8,7 +8,8 @@ path by hand or parses a name::
         importance.safetensors       02  scores per unit (tailored.importance.Importance)
         calibration.safetensors      02  the calibration windows; 03 prunes on the very same ones
         pruned/<mode>_<pct>/         03  one pruned checkpoint per target (tailored.checkpoint)
-        adapters/<checkpoint>/<run>/ 04  one LoRA adapter per run (tailored.lora)
+        adapters/<checkpoint>/<run>/ 04  one LoRA adapter per run (tailored.lora); beside it <run>.job.json,
+                                         the job of a data-parallel run (tailored.lora_launch)
         adapters/index.json          04  every adapter: its checkpoint, recipe, tasks, prompt, data size
         eval/<key>.json              05  one finished evaluation each, so an interrupted run resumes
         retired/                     what a changed plan no longer makes, moved aside (never read again)
@@ -179,6 +180,11 @@ def lora_runs(shares: Mapping[str, float], tailored_tasks: Sequence[str], tailor
 
 def adapter_dir(run_dir: str | Path, run: AdapterRun) -> Path:
     return Path(run_dir) / run.folder
+
+
+def lora_job_path(run_dir: str | Path, run: AdapterRun) -> Path:
+    """Where notebook 04 writes a run's job for ``tailored.lora_launch`` (``processes`` > 1), beside its adapter."""
+    return Path(run_dir) / f"{run.folder}.job.json"
 
 
 def write_adapter_index(run_dir: str | Path, runs: Sequence[AdapterRun]) -> Path:

@@ -1,0 +1,110 @@
+"""One LoRA run over several processes (data parallel), started by accelerate's launcher.
+
+A job file says what to train; ``launch`` starts ``accelerate launch --multi_gpu --num_processes N -m
+tailored.lora_launch job.json``, and each process loads the base model onto its own device and calls
+``lora.train_lora`` on the same examples. ``train_lora`` splits every step's batch between the processes and
+sums their gradients, so the N processes make the one-process step; process 0 writes the adapter. Notebook 04
+does this for each run when ``processes`` > 1, then calls ``train_lora`` in its own kernel, which finds the
+adapter finished (same settings, examples and base weights) and loads it::
+
+    job = lora_launch.write_job("job.json", base="runs/paper/pruned/block_20", examples=train, settings=s,
+                                out_dir="runs/paper/adapters/block_20+generic", device="cuda", dtype="bfloat16")
+    lora_launch.launch(job, processes=8)
+
+On a machine without GPUs the processes run on the CPU and talk through gloo (how the tests run it); with
+GPUs, process i uses ``cuda:i`` and NCCL.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tailored import models
+from tailored.artifacts import read_json, write_json
+from tailored.lora import LoraSettings, TrainExample, train_lora
+
+
+def write_job(path: str | Path, base: str, examples: Sequence[TrainExample], settings: LoraSettings,
+              out_dir: str | Path, validation: Sequence[TrainExample] | None = None, device: str = "cpu",
+              dtype: str = "float32", seed: int = 0) -> Path:
+    """Write what one run trains: ``base`` (a pruned checkpoint's folder, or a model spec), the examples,
+    the settings and where the adapter goes. Returns ``path``."""
+    if not examples:
+        raise ValueError("no training examples")
+    if not str(device).startswith(("cpu", "cuda")):
+        raise ValueError(f"device must be cpu or cuda for a data-parallel run, not {device!r}")
+    write_json(path, {"base": str(base), "device": str(device), "dtype": str(dtype), "seed": seed,
+                      "out_dir": str(out_dir), "settings": settings.to_dict(),
+                      "examples": [dataclasses.asdict(e) for e in examples],
+                      "validation": [dataclasses.asdict(e) for e in validation] if validation else None})
+    return Path(path)
+
+
+def command(job: str | Path, processes: int) -> list[str]:
+    """The launcher's command line (accelerate's ``multi_gpu`` launcher: one process per device, torchrun's
+    environment; on a CPU-only machine the same launcher starts CPU processes)."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+            "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "tailored.lora_launch", str(job)]
+
+
+def launch(job: str | Path, processes: int, env: dict | None = None) -> None:
+    """Run the job in ``processes`` processes and wait, printing their output as it comes (process 0's
+    progress bar every 30 s); raises ``RuntimeError`` with the end of the output if one fails (the adapter
+    folder then holds the last checkpoint, and a rerun resumes from it)."""
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with subprocess.Popen(command(job, processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "TQDM_MININTERVAL": "30", **(env or {})}) as proc:
+        for line in proc.stdout:  # text mode reads a progress bar's carriage returns as line ends
+            if line.strip():
+                print(line, end="" if line.endswith("\n") else "\n", flush=True)
+                tail.append(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the data-parallel LoRA run of {job} failed (exit {proc.returncode}); its last "
+                           "lines:\n" + "".join(tail)[-3000:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: accelerate launch --multi_gpu --num_processes N -m tailored.lora_launch JOB.json",
+              file=sys.stderr)
+        return 2
+    job = read_json(args[0])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = job["device"]
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        torch.manual_seed(job["seed"])
+        # a pruned checkpoint's folder or any model spec (models.load reads both)
+        model, tokenizer = models.load(job["base"], device=device, dtype=job["dtype"], seed=job["seed"])
+        examples = [TrainExample(**e) for e in job["examples"]]
+        validation = [TrainExample(**e) for e in job["validation"]] if job["validation"] else None
+        result = train_lora(model, tokenizer, examples, LoraSettings.from_dict(job["settings"]), job["out_dir"],
+                            validation=validation, progress=local == 0)
+        if local == 0:
+            print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.1f} s "
+                  f"on {max(1, int(os.environ.get('WORLD_SIZE', '1')))} processes -> {job['out_dir']}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
