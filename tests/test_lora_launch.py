@@ -41,8 +41,12 @@ def test_two_processes_make_the_one_process_run(tmp_path, env):
     a, b = load_file(str(tmp_path / "single" / "adapter_model.safetensors")), load_file(
         str(tmp_path / "dp" / "adapter_model.safetensors"))
     assert set(a) == set(b) and a
-    for k in a:  # the same start (process 0's LoRA init is broadcast), the same summed gradients, the same steps
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    # the same start (process 0's LoRA init is broadcast), the same summed gradients, the same steps: equal up to
+    # the order of float sums, which Adam's step (g / sqrt(v)) can magnify to ~1e-5 on a weight
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
+    diff = torch.cat([(b[k] - a[k]).abs().reshape(-1) for k in a])
+    assert float(diff.mean()) < 1e-6, float(diff.mean())
     moved = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)
     assert moved > 1e-3  # B starts at zero: the comparison is about trained weights
     dp = lora.read_train_metrics(tmp_path / "dp")
