@@ -9,7 +9,8 @@
 #                                       # writes .gpu/home (a data sample, ~5 MB) and .gpu/wheels (what the GPU
 #                                       # image lacks: papermill, ipykernel and their pure-Python needs, the
 #                                       # transformers and peft versions the project is tested with)
-#   bash benchmarks/gpu_all.sh          # THERE, on the GPU machine (.gpu carried along): about 8-10 minutes
+#   bash benchmarks/gpu_all.sh          # THERE, on the GPU machine (.gpu carried along): about 6 minutes
+#                                       # on an H200 (2026-11-30: wheels + gpu_check 95 s, paper_scale 245 s)
 #
 # With the device tool: run(command="bash benchmarks/gpu_all.sh", carry=[".gpu"], timeout_s=600).
 set -uo pipefail
