@@ -18,6 +18,7 @@ Data model (what ``graph.json`` stores):
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -633,9 +634,12 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     # move an attention output by less than its rounding step, and the probe would miss a real dependency
     # (seen at LLaMA-7B shape: 201 of 32,768 k_proj -> o_proj pairs). Its input is the same in every pass,
     # so the upcast is exact where it matters; bf16 -> fp32 -> bf16 restores the weights bit for bit.
-    owner_name = ".".join(p for p, q in zip(producer.split("."), consumer.split(".")) if p == q)
-    owner = model.get_submodule(owner_name)
-    dtypes = {name: p.dtype for name, p in owner.named_parameters()}
+    # the innermost module holding both that runs a forward of its own (a ModuleList of layers does not)
+    common = [p for p, _ in itertools.takewhile(lambda pq: pq[0] == pq[1], zip(producer.split("."), consumer.split(".")))]
+    while common and isinstance(model.get_submodule(".".join(common)), (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        common.pop()
+    owner = model.get_submodule(".".join(common))
+    dtypes = {name: t.dtype for name, t in [*owner.named_parameters(), *owner.named_buffers()]}
     upcast = any(dt != torch.float32 and dt.is_floating_point for dt in dtypes.values())
 
     def to_fp32(x):
@@ -688,8 +692,8 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
         for h in handles:
             h.remove()
         if upcast:
-            for name, p in owner.named_parameters():
-                p.data = p.data.to(dtypes[name])
+            for name, t in [*owner.named_parameters(), *owner.named_buffers()]:
+                t.data = t.data.to(dtypes[name])
         if switch:
             model.set_attn_implementation(attn)
         model.train(was_training)

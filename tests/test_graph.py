@@ -276,3 +276,15 @@ def test_the_probe_by_hand_holds_in_bfloat16_and_leaves_the_weights_as_they_were
     for n, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
 
+
+def test_the_probe_by_hand_across_layers_upcasts_a_module_that_runs():
+    """Producer and consumer in different layers share only ``model.layers``, a list that never runs a forward
+    of its own: the probe upcasts the model around it, and gives every tensor back in bf16."""
+    from tailored.graph import reference_dependency
+
+    model, _ = load("tiny")
+    model.to(torch.bfloat16)
+    dep = reference_dependency(model, "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", channels=4)
+    assert dep.shape[1] == 4 and dep.all()  # the next layer's RMSNorm mixes every hidden channel
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
