@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -35,14 +36,23 @@ from tailored.lora import LoraSettings, TrainExample, train_lora
 
 def write_job(path: str | Path, base: str, examples: Sequence[TrainExample], settings: LoraSettings,
               out_dir: str | Path, validation: Sequence[TrainExample] | None = None, device: str = "cpu",
-              dtype: str = "float32", seed: int = 0) -> Path:
+              dtype: str = "float32", seed: int = 0, threads: int | None = None) -> Path:
     """Write what one run trains: ``base`` (a pruned checkpoint's folder, or a model spec), the examples,
-    the settings and where the adapter goes. Returns ``path``."""
+    the settings and where the adapter goes. Returns ``path``.
+
+    ``threads``: torch threads of each process on a CPU (default: this process's). The base weights'
+    fingerprint, which decides whether the calling kernel may reuse the adapter, sums in float64 in
+    thread-sized chunks, so the processes compute it with the caller's thread count.
+    """
     if not examples:
         raise ValueError("no training examples")
+    if settings.distill > 0:
+        raise ValueError("distillation needs the dense teacher in every process: not supported in a "
+                         "data-parallel run (processes = 1 trains it)")
     if not str(device).startswith(("cpu", "cuda")):
         raise ValueError(f"device must be cpu or cuda for a data-parallel run, not {device!r}")
     write_json(path, {"base": str(base), "device": str(device), "dtype": str(dtype), "seed": seed,
+                      "threads": threads or torch.get_num_threads(),
                       "out_dir": str(out_dir), "settings": settings.to_dict(),
                       "examples": [dataclasses.asdict(e) for e in examples],
                       "validation": [dataclasses.asdict(e) for e in validation] if validation else None})
@@ -61,18 +71,28 @@ def command(job: str | Path, processes: int) -> list[str]:
 
 def launch(job: str | Path, processes: int, env: dict | None = None) -> None:
     """Run the job in ``processes`` processes and wait, printing their output as it comes (process 0's
-    progress bar every 30 s); raises ``RuntimeError`` with the end of the output if one fails (the adapter
-    folder then holds the last checkpoint, and a rerun resumes from it)."""
+    progress bar every 30 s) and keeping all of it in ``<job>.log``. Raises ``RuntimeError`` with the end of
+    the output if one fails (the adapter folder then holds the last checkpoint, and a rerun resumes from it).
+    An interrupt stops the processes before it is passed on: none keeps writing into the adapter folder."""
+    log_path = Path(f"{job}.log")
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    with subprocess.Popen(command(job, processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "TQDM_MININTERVAL": "30", **(env or {})}) as proc:
-        for line in proc.stdout:  # text mode reads a progress bar's carriage returns as line ends
-            if line.strip():
-                print(line, end="" if line.endswith("\n") else "\n", flush=True)
-                tail.append(line)
+    env = {**os.environ, "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+            command(job, processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace", env=env) as proc:
+        try:
+            for line in proc.stdout:  # text mode reads a progress bar's carriage returns as line ends
+                log.write(line)
+                if line.strip():
+                    print(line, end="" if line.endswith("\n") else "\n", flush=True)
+                    tail.append(line)
+        except BaseException:  # KeyboardInterrupt in a notebook: the launcher stops its workers on SIGTERM
+            proc.terminate()
+            proc.wait()
+            raise
     if proc.returncode != 0:
-        raise RuntimeError(f"the data-parallel LoRA run of {job} failed (exit {proc.returncode}); its last "
-                           "lines:\n" + "".join(tail)[-3000:])
+        raise RuntimeError(f"the data-parallel LoRA run of {job} failed (exit {proc.returncode}); the whole "
+                           f"output is in {log_path}; its last lines:\n" + "".join(tail)[-3000:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,8 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if job.get("threads") and not device.startswith("cuda"):
+        torch.set_num_threads(job["threads"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # loading 8 copies of a 7B checkpoint can take minutes
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
     try:
         torch.manual_seed(job["seed"])
         # a pruned checkpoint's folder or any model spec (models.load reads both)

@@ -66,6 +66,7 @@ def test_a_bad_job_fails_with_the_processes_output(tmp_path, env):
     with pytest.raises(RuntimeError, match="failed"):
         lora_launch.launch(job, processes=2, env=env)
     assert not (tmp_path / "dp" / lora.METRICS_FILE).exists()
+    assert "no-such-model" in (tmp_path / "job.json.log").read_text()  # the whole output, kept beside the job
 
 
 def test_write_job_refuses_what_cannot_run(tmp_path):
@@ -73,5 +74,7 @@ def test_write_job_refuses_what_cannot_run(tmp_path):
         lora_launch.write_job(tmp_path / "j.json", "tiny", [], SETTINGS, tmp_path / "o")
     with pytest.raises(ValueError, match="cpu or cuda"):
         lora_launch.write_job(tmp_path / "j.json", "tiny", EXAMPLES, SETTINGS, tmp_path / "o", device="mps")
+    with pytest.raises(ValueError, match="distillation"):
+        lora_launch.write_job(tmp_path / "j.json", "tiny", EXAMPLES, LoraSettings(distill=0.5), tmp_path / "o")
     with pytest.raises(ValueError, match="at least 1"):
         lora_launch.command(tmp_path / "j.json", 0)
