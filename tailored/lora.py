@@ -877,6 +877,12 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
         _clean_leftovers(out_dir)
     _barrier()
 
+    def set_aside(reason: str) -> None:  # every process has read the old run before process 0 moves it
+        _barrier()
+        if main:
+            _set_aside(out_dir, reason)
+        _barrier()
+
     # ---- finished before? load and return; unfinished? continue from the last checkpoint; made from
     # anything else (settings, examples, base weights)? set it aside and train afresh
     if (out_dir / METRICS_FILE).exists():
@@ -886,10 +892,7 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             _load_adapter_weights(peft_model, out_dir)
             peft_model.eval()
             return dataclasses.replace(TrainResult.from_dict(done, model=peft_model), adapter_dir=out_dir)
-        _barrier()  # every process has read the old metrics before process 0 moves them
-        if main:
-            _set_aside(out_dir, reason)
-        _barrier()
+        set_aside(reason)
     state = {"step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0, "losses": [], "validation": [],
              "best": None, "settings": settings.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base,
              "total_steps": total}
@@ -897,10 +900,7 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     if ckpt is not None:
         reason = _changed(read_json(ckpt / "trainer_state.json"), settings, fingerprint, base)
         if reason is not None:
-            _barrier()
-            if main:
-                _set_aside(out_dir, reason)
-            _barrier()
+            set_aside(reason)
             ckpt = None
     if ckpt is not None:
         state = _load_checkpoint(ckpt, peft_model, optimizer)

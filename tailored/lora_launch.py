@@ -102,14 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     job = read_json(args[0])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = job["device"]
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if job.get("threads") and not device.startswith("cuda"):
         torch.set_num_threads(job["threads"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # loading 8 copies of a 7B checkpoint can take minutes
+    if world > 1:  # loading 8 copies of a 7B checkpoint can take minutes
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
     try:
         torch.manual_seed(job["seed"])
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             validation=validation, progress=local == 0)
         if local == 0:
             print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.1f} s "
-                  f"on {max(1, int(os.environ.get('WORLD_SIZE', '1')))} processes -> {job['out_dir']}")
+                  f"on {world} processes -> {job['out_dir']}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
