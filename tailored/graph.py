@@ -632,9 +632,9 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     prod, cons = model.get_submodule(producer), model.get_submodule(consumer)
     # The innermost module holding both that runs a forward of its own (``…self_attn``; a ModuleList of layers
     # does not) runs in float32 during the probe: in bfloat16 a nudge can move an attention output by less than
-    # its rounding step, and the probe would miss a real dependency (notebook 01 failed at LLaMA-7B shape; at llama-1b shape, 201 of 32,768
-    # k_proj -> o_proj pairs). Its input is the same in every pass, so the upcast is exact where it matters;
-    # bf16 -> fp32 -> bf16 restores the weights bit for bit.
+    # its rounding step, and the probe would miss a real dependency (notebook 01 failed at LLaMA-7B shape; at
+    # llama-1b shape 201 of 32,768 k_proj -> o_proj pairs were missed). Its input is the same in every pass, so
+    # the upcast is exact where it matters; bf16 -> fp32 -> bf16 restores the weights bit for bit.
     common = [p for p, _ in itertools.takewhile(lambda pq: pq[0] == pq[1], zip(producer.split("."), consumer.split(".")))]
     while common and isinstance(model.get_submodule(".".join(common)), (torch.nn.ModuleList, torch.nn.ModuleDict)):
         common.pop()
