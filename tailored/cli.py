@@ -4,7 +4,8 @@ Errors the user can fix (a missing package, a misspelled parameter or broken par
 ``tasks.yaml`` or ``prompts.yaml``, a failing notebook, a run directory another run holds, a damaged artifact,
 a full disk) are printed as one line naming the file, with exit status 1 or 2 (2: the params and the registry),
 not as a stack trace. ``tailored lab [OPTIONS]`` hands every option on to JupyterLab (``tailored lab
---no-browser --port=8899``; ``tailored lab -- --help`` for JupyterLab's own).
+--no-browser --port=8899``; ``tailored lab -- --help`` for JupyterLab's own); it saves the study's notebooks
+without outputs (their executed copies go to ``runs/lab/``), so a session leaves the repository clean.
 """
 
 from __future__ import annotations
@@ -53,14 +54,54 @@ def _cmd_run(args) -> None:
                progress=not args.quiet)
 
 
+# What a JupyterLab session adds to a notebook that the committed notebooks do not hold: nbstripout's own defaults
+# (outputs and execution counts go anyway), and the kernel's full language_info. The git filter of `make install`
+# strips the same keys (the Makefile reads them from here).
+NOTEBOOK_EXTRA_KEYS = ("metadata.signature", "metadata.widgets", "cell.metadata.collapsed", "cell.metadata.ExecuteTime",
+                       "cell.metadata.execution", "cell.metadata.heading_collapsed", "cell.metadata.hidden",
+                       "cell.metadata.scrolled", "metadata.language_info.codemirror_mode",
+                       "metadata.language_info.file_extension", "metadata.language_info.mimetype",
+                       "metadata.language_info.nbconvert_exporter", "metadata.language_info.pygments_lexer",
+                       "metadata.language_info.version", "metadata.papermill", "cell.metadata.papermill")
+LAB_NOTEBOOKS = paths.REPO_ROOT / "notebooks"  # the study's notebooks: saved from JupyterLab without outputs...
+LAB_RUN_DIR = paths.run_dir("lab")  # ... and with them here, where their run by hand writes (run_dir = ../runs/lab)
+
+
+def strip_notebook(nb):
+    """The notebook as it is committed: no outputs, no execution counts, none of ``NOTEBOOK_EXTRA_KEYS``."""
+    import nbformat
+    from nbstripout import strip_output
+
+    return strip_output(nbformat.from_dict(nb), keep_output=False, keep_count=False, keep_id=True,
+                        extra_keys=list(NOTEBOOK_EXTRA_KEYS))
+
+
+def save_notebook_hook(model: dict, path: str, contents_manager, **kwargs) -> None:
+    """JupyterLab's pre-save hook (``tailored lab`` sets it): a notebook of ``notebooks/`` is written there as it is
+    committed, so a session leaves ``git status`` clean, and with its outputs to ``runs/lab/<name>.ipynb``, the
+    executed copy, as ``tailored run`` keeps ``runs/<profile>/<name>.ipynb``. The open session keeps showing its
+    outputs; other notebooks are saved untouched."""
+    import nbformat
+
+    if model.get("type") != "notebook" or not model.get("content"):
+        return
+    where = (Path(contents_manager.root_dir) / path).resolve()
+    if where.parent != LAB_NOTEBOOKS.resolve():
+        return
+    executed = nbformat.from_dict(model["content"])
+    paths.atomic_write_text(LAB_RUN_DIR / where.name, nbformat.writes(executed) + "\n")
+    model["content"] = strip_notebook(executed)
+
+
 def lab_command(lab_args: list[str]) -> list[str]:
-    """The JupyterLab command ``tailored lab`` runs: the notebooks folder, the project's kernels started with
-    CurveZMQ transport encryption where pyzmq has it, then the user's own options (a leading ``--`` dropped)."""
+    """The JupyterLab command ``tailored lab`` runs: the notebooks folder; kernels started with CurveZMQ transport
+    encryption where pyzmq has it; ``save_notebook_hook``; then the user's own options (a leading ``--`` dropped)."""
     import zmq
 
     lab_args = lab_args[1:] if lab_args[:1] == ["--"] else lab_args
     encrypt = ["--KernelManager.transport_encryption=auto"] if zmq.has("curve") else []
-    return [sys.executable, "-m", "jupyter", "lab", str(paths.REPO_ROOT / "notebooks"), *encrypt, *lab_args]
+    return [sys.executable, "-m", "jupyter", "lab", str(LAB_NOTEBOOKS), *encrypt,
+            "--ContentsManager.pre_save_hook=tailored.cli.save_notebook_hook", *lab_args]
 
 
 def _cmd_lab(args) -> None:
