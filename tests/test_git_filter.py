@@ -24,12 +24,12 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-@pytest.fixture
-def clone(tmp_path):
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
     """The notebooks, Makefile, .gitattributes and .gitignore in a fresh repository, with the filter installed by make."""
     if shutil.which("make") is None or not (BIN / "nbstripout").exists():
         pytest.fail("make and the venv's nbstripout are needed (`make install` installs nbstripout)")
-    repo = tmp_path / "repo"
+    repo = tmp_path_factory.mktemp("filter") / "repo"
     (repo / "notebooks").mkdir(parents=True)
     for name in ("Makefile", ".gitattributes", ".gitignore"):
         shutil.copy(REPO_ROOT / name, repo / name)
@@ -40,6 +40,14 @@ def clone(tmp_path):
     git(repo, "add", "-A")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "notebooks")
     return repo
+
+
+@pytest.fixture
+def clone(repository):
+    """The repository, put back as committed after each test (the filter runs once per notebook: seconds)."""
+    yield repository
+    git(repository, "reset", "-q", "--hard")
+    git(repository, "clean", "-qfdx")
 
 
 def test_committed_notebooks_are_what_the_filter_makes_of_them(clone):
