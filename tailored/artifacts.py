@@ -106,7 +106,7 @@ def read_metrics(run_dir: str | Path, step: str) -> dict:
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The sha256 of a file's bytes, hex (about 1 GB/s on this machine's CPU: ~1.5 s for the class run's checkpoints)."""
+    """The sha256 of a file's bytes, hex (about 1 GB/s on one core of this machine's CPU)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -239,7 +239,8 @@ _DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF
            "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64"}
 
 
-def safetensors_header(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[str]]:
+def safetensors_header(tensors: Mapping[str, Any],
+                       metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[str]]:
     """The header of a safetensors file of ``tensors`` (name -> contiguous CPU tensor), and the order of the data.
 
     The same tensors and metadata give the same bytes: metadata keys sorted (``safetensors.torch.save`` writes

@@ -310,7 +310,8 @@ def _architecture_problem(config_file: Path) -> str | None:
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind not in LLAMA_FAMILY:
         return (f"{config_file.parent}: architecture {kind or 'unknown (no model_type)'} is not LLaMA-family; "
-                f"supported: {', '.join(LLAMA_FAMILY)} (the layouts the tracer and the pruned checkpoints are built for)")
+                f"supported: {', '.join(LLAMA_FAMILY)} (the layouts the tracer and the pruned checkpoints are built "
+                "for)")
     return None
 
 
@@ -381,9 +382,10 @@ def reach_problems(prune_params: dict) -> list[str]:
     out = [t for t in prune_params.get("targets") or () if isinstance(t, (int, float)) and t > most + TOLERANCE]
     if not out:
         return []
+    wide = ", ".join(n for n, m in METHODS.items() if m.layer_range == "all" and m.mode == "block")
     return [f"03_prune.targets = {out}: method {prune_params['method']!r} prunes layers {span[0]}..{span[1] - 1} of "
             f"{layers}, which removes at most {most:.1%} of the decoder; lower the target or choose a method whose "
-            f"layer_range is 'all' ({', '.join(n for n, m in METHODS.items() if m.layer_range == 'all')})"]
+            f"layer_range is 'all' ({wide})"]
 
 
 # ----------------------------------------------------------------------------------------- fingerprints

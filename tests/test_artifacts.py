@@ -138,8 +138,9 @@ def test_a_file_size_limit_during_a_save_names_the_file_and_leaves_no_temporary(
             except OSError as err:
                 print(type(err).__name__ + ": " + str(err))
     """)
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
     assert len(out) == 2, out
     for line, name in zip(out, ("tensors.safetensors", "bytes.json")):
         assert line.startswith(f"WriteFailed: cannot write {tmp_path / name}: the file is larger than this process "

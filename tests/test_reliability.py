@@ -296,7 +296,8 @@ def _fake_study(tmp_path):
                         "a = pathlib.Path(run_dir, 'adapters', 'block_20', 'tailored')\n"
                         "if not (a / 'adapter_model.safetensors').exists():\n"
                         "    a.mkdir(parents=True, exist_ok=True)\n"
-                        "    write_safetensors(a / 'adapter_model.safetensors', {'w': torch.arange(256.0)}, sealed=False)\n"
+                        "    write_safetensors(a / 'adapter_model.safetensors', {'w': torch.arange(256.0)},\n"
+                        "                      sealed=False)\n"
                         "    log = pathlib.Path(run_dir, 'trained.txt')\n"
                         "    log.write_text((log.read_text() if log.exists() else '') + 'trained\\n')",
     }
