@@ -374,18 +374,15 @@ def _describe_source(src: Mapping[str, str]) -> str:
 
 def task_fields(name: str) -> tuple[str, ...] | None:
     """The text fields a task's examples have, the names its prompt templates may use: from ``tasks.yaml`` for a
-    common-format task, from the first prepared example for one built in Python (preparing it first where needed);
-    ``None`` when that cannot be known (a builder task whose source package is missing, an unknown task)."""
+    common-format task, from the first prepared example for one built in Python; ``None`` when that is not known
+    (a builder task before ``tailored prepare``, an unknown task)."""
     info = TASKS.get(name)
     if info is None:
         return None
     if info.recipe:
         return tuple(info.recipe["fields"])
-    try:
-        meta = _meta(name)  # built into the cache if it is not there yet, as the first step would build it
-    except DataNotAvailable:
-        return None
-    if not meta.get("splits"):
+    meta = _cached_meta(name)  # never built here: checking a profile must not take the minutes preparing does
+    if not meta or not meta.get("splits"):
         return None
     split = info.eval_split if info.eval_split in meta["splits"] else next(iter(meta["splits"]))
     with open(_split_path(name, split), encoding="utf-8") as fh:

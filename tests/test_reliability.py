@@ -348,8 +348,9 @@ def test_runner_rebuilds_a_damaged_adapter_and_calibration_even_with_their_mtime
 
 
 def test_a_prompt_template_naming_a_field_the_task_lacks_is_refused_before_any_step(tmp_path, monkeypatch):
-    from tailored import prompts
+    from tailored import data, prompts
 
+    data.load_task("sst2", limit=1)  # prepared, as `tailored prepare` leaves it: its fields are known
     text = prompts.PROMPTS_FILE.read_text()
     harness = '"{sentence}\\nQuestion: Is this sentence positive or negative?'  # sst2's, in a smoke task
     assert text.count(harness) == 1
