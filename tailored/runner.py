@@ -492,6 +492,7 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
             raise ArtifactError(f"{manifest_path} is damaged (not a mapping with 'steps'): delete it, and every "
                                 "step reruns (`tailored run --force` does the same)")
         manifest.setdefault("steps", {})
+        _refuse_damaged_inputs(run_dir, manifest, steps_all, steps)
         manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
         kernel = kernel_name()
 
@@ -635,6 +636,20 @@ def _output_changes(run_dir: Path, recorded: dict) -> tuple[list[str], dict[Path
             if f in now and f in files:
                 damaged.setdefault(rundir.artifact_unit(run_dir, f), f)
     return problems, damaged
+
+
+def _refuse_damaged_inputs(run_dir: Path, manifest: dict, steps_all: list[Step], selected: list[Step]) -> None:
+    """``ArtifactError`` (one line: the file, the step that rebuilds it) when a step that is not selected but comes
+    before a selected one left an artifact that is now damaged or gone: ``--steps 05`` never scores a damaged
+    checkpoint. (The selected steps' own outputs are checked, retired and rebuilt as they run.)"""
+    last = max(s.number for s in selected) if selected else ""
+    for step in steps_all:
+        if step in selected or step.number > last:
+            continue
+        problems, _ = _output_changes(run_dir, manifest["steps"].get(step.name, {}).get("outputs", {}))
+        bad = [p for p in problems if p.endswith("is missing") or " is damaged: " in p]
+        if bad:
+            raise ArtifactError(f"{bad[0]}; notebook {step.number} rebuilds it: `tailored run --from {step.number}`")
 
 
 def _retire_damaged(run_dir: Path, damaged: dict[Path, str], log) -> None:

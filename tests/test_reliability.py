@@ -433,3 +433,18 @@ def test_tailored_lab_hands_its_options_to_jupyterlab(monkeypatch):
     with pytest.raises(SystemExit) as done:
         cli.main(["lab", "--no-browser", "--port=8899"])
     assert done.value.code == 0 and calls[0][-2:] == ["--no-browser", "--port=8899"]
+
+
+def test_a_damaged_input_of_the_selected_step_is_refused_naming_the_step_that_rebuilds_it(tmp_path, capsys):
+    run_dir, run = _fake_study(tmp_path)
+    run(lambda *_: None)
+    calibration = run_dir / "calibration.safetensors"
+    flip = bytearray(calibration.read_bytes())
+    flip[-1] ^= 0x01
+    calibration.write_bytes(bytes(flip))
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    with pytest.raises(ArtifactError) as err:  # only 04 asked for: 02's output is not rebuilt behind the user's back
+        runner.run(profile="t", only="04", run_root=tmp_path / "runs", notebooks_dir=nbs, params_dir=params,
+                   progress=False, log=lambda *_: None)
+    assert str(err.value) == ("calibration.safetensors is damaged: its content differs from the sha256 recorded when "
+                              "the step wrote it; notebook 02 rebuilds it: `tailored run --from 02`")
