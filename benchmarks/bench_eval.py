@@ -36,7 +36,7 @@ from tailored.evaluate import _longest_request, evaluate_task
 from tailored.metrics import choice_predictions
 from tailored.models import load
 from tailored.prompts import get_prompt
-from tailored.scoring import BATCH_TOKENS, build_fewshot_prefix, score_token_requests
+from tailored.scoring import build_fewshot_prefix, score_token_requests
 from tailored.speed import machine_load
 from tailored.tokens import encode_request, padding_id
 
@@ -48,17 +48,17 @@ CONFIGS = {
     "before": (OFF, 1, "float32"),
     "head": (OFF | dict(scored_head=True), 1, "float32"),
     "packed": (OFF | dict(scored_head=True, grouped=True), 1, "float32"),
-    "budget": (OFF | dict(scored_head=True, grouped=True, batch_size=256, batch_tokens=BATCH_TOKENS), 1, "float32"),
-    "shared": (OFF | dict(scored_head=True, grouped=True, batch_size=256, batch_tokens=BATCH_TOKENS,
+    "budget": (OFF | dict(scored_head=True, grouped=True, batch_size=64, batch_tokens="auto"), 1, "float32"),
+    "shared": (OFF | dict(scored_head=True, grouped=True, batch_size=64, batch_tokens="auto",
                           shared_prefix=True), 1, "float32"),
-    "final": (OFF | dict(scored_head=True, grouped=True, batch_size=256, batch_tokens=BATCH_TOKENS,
+    "final": (OFF | dict(scored_head=True, grouped=True, batch_size=64, batch_tokens="auto",
                          shared_prefix=True), 2, "float32"),
-    "bf16": (OFF | dict(scored_head=True, grouped=True, batch_size=256, batch_tokens=BATCH_TOKENS,
+    "bf16": (OFF | dict(scored_head=True, grouped=True, batch_size=64, batch_tokens="auto",
                         shared_prefix=True, score_dtype="bfloat16"), 2, "float32"),
-    "bf16_weights": (OFF | dict(scored_head=True, grouped=True, batch_size=256, batch_tokens=BATCH_TOKENS,
+    "bf16_weights": (OFF | dict(scored_head=True, grouped=True, batch_size=64, batch_tokens="auto",
                                 shared_prefix=True), 2, "bfloat16"),
 }
-FINAL = dict(batch_size=256, batch_tokens=BATCH_TOKENS)  # evaluate_task's settings for --costs
+FINAL = dict(batch_size=64, batch_tokens="auto")  # evaluate_task's settings for --costs
 
 
 def task_requests(task: str, prompt_name: str, k: int, limit: int, seed: int, tokenizer, max_tokens: int):

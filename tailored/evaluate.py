@@ -48,7 +48,6 @@ from tailored.metrics import (
 from tailored.models import load
 from tailored.prompts import ExampleLike, Prompt, get_prompt
 from tailored.scoring import (
-    BATCH_TOKENS,
     FewShotPrefix,
     build_fewshot_prefix,
     greedy_generate,
@@ -82,7 +81,7 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
                       share_context: bool = True,
                       max_new_tokens: int | None = None, progress: bool = False,
                       details: bool = False, score_dtype: str = "float32",
-                      batch_tokens: int | None = BATCH_TOKENS) -> dict[str, Any]:
+                      batch_tokens: int | str | None = "auto") -> dict[str, Any]:
     """Score examples with a prompt and a shared prefix: per-example values and their means.
 
     Returns ``{"n", "metrics": {name: mean}, "stderr": {name: se}, "ci95": {name: (lo, hi)}, "per_example"}``
@@ -155,7 +154,7 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
                   examples: Sequence[ExampleLike] | None = None,
                   train_examples: Sequence[ExampleLike] | None = None,
                   details: bool = False, score_dtype: str = "float32",
-                  batch_tokens: int | None = BATCH_TOKENS) -> dict[str, Any]:
+                  batch_tokens: int | str | None = "auto") -> dict[str, Any]:
     """Evaluate a model on one task with one prompt and k shots; a dict ready for ``metrics.json``.
 
     - ``task``: a name from ``tailored.data.TASKS``; a ``text`` task (WikiText) is scored by perplexity

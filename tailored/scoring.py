@@ -123,7 +123,10 @@ def prefix_token_ids(tokenizer, prefix: FewShotPrefix | str | Sequence[int] = ""
 
 # =========================================================================================== model plumbing
 SCORE_DTYPES = ("float32", "bfloat16")
-BATCH_TOKENS = 2048  # default budget of padded tokens per forward pass (rows x width); see benchmarks/README.md
+# padded tokens per forward pass (rows x width) by device type: on the CPU, passes of about 512 tokens were the
+# fastest (benchmarks/README.md: larger ones spill the activations out of the caches); elsewhere, more
+BATCH_TOKENS = {"cpu": 512}
+BATCH_TOKENS_ELSEWHERE = 8192
 SHARED_PREFIX = "tailored_shared_prefix"  # the attention implementation that reads the cached prefix once per batch
 
 
@@ -409,7 +412,7 @@ def score_token_requests(model: torch.nn.Module, prefix_ids: Sequence[int],
                          requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0,
                          batch_size: int = 16, use_prefix_cache: bool = True, share_context: bool = True,
                          progress: bool = False, desc: str = "log-likelihood",
-                         groups: Sequence[Sequence[int]] | None = None, batch_tokens: int | None = BATCH_TOKENS,
+                         groups: Sequence[Sequence[int]] | None = None, batch_tokens: int | str | None = "auto",
                          score_dtype: str = "float32", shared_prefix: bool = True,
                          scored_head: bool = True) -> np.ndarray:
     """Log-likelihood of each continuation given prefix + context, in nats: (n_requests,) float64.
@@ -426,7 +429,7 @@ def score_token_requests(model: torch.nn.Module, prefix_ids: Sequence[int],
       continuing after the common part). An ARC question reads its context once for its four answers;
       WinoGrande's two options share the sentence before the blank.
     - rows are sorted longest first; a pass takes at most ``batch_size`` rows and ``batch_tokens`` padded tokens
-      (``None``: always ``batch_size`` rows).
+      (``"auto"``: ``BATCH_TOKENS`` for the model's device type; ``None``: always ``batch_size`` rows).
     - ``scored_head``: the LM head (and log-softmax, float32) only on the positions that predict a continuation
       token; without it, on every position from the batch's first scored one.
     - ``score_dtype="bfloat16"``: the decoder's matrix products in bf16 (faster on CPUs with AVX-512 BF16 and on
@@ -437,6 +440,8 @@ def score_token_requests(model: torch.nn.Module, prefix_ids: Sequence[int],
         return scores
     dev = _device(model)
     dtype = next(model.parameters()).dtype  # of the additive attention mask
+    if batch_tokens == "auto":
+        batch_tokens = BATCH_TOKENS.get(dev.type, BATCH_TOKENS_ELSEWHERE)
     with _eval_mode(model), _precision(model, score_dtype):
         cached, prefix_kv = _split_prefix(model, list(prefix_ids), use_prefix_cache)
         rows = _pack_rows(prefix_ids, requests, _groups(requests, share_context, groups), cached)
