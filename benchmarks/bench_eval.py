@@ -81,10 +81,11 @@ def predictions(prompt, examples, groups, lls) -> list[tuple[int, int]]:
     return [choice_predictions(lls[g[0]:g[-1] + 1], prompt.choice_texts(ex)) for ex, g in zip(examples, groups)]
 
 
-def time_config(models, name: str, prefix_ids, requests, groups, pad_id) -> tuple[float, np.ndarray]:
-    settings, threads, weights = CONFIGS[name]
+def time_config(models, name: str, prefix_ids, requests, groups, pad_id,
+                threads: int | None = None) -> tuple[float, np.ndarray]:
+    settings, own_threads, weights = CONFIGS[name]
     settings = dict(settings)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or own_threads)
     grouped = settings.pop("grouped")
     t0 = time.perf_counter()
     lls = score_token_requests(models[weights], prefix_ids, requests, pad_id=pad_id,
@@ -110,7 +111,7 @@ def levers(args, models, tokenizer) -> dict:
         load = [machine_load()]
         for _ in range(args.rounds):
             for name in configs:
-                wall, lls[name] = time_config(models, name, list(prefix.token_ids), requests, groups, pad)
+                wall, lls[name] = time_config(models, name, list(prefix.token_ids), requests, groups, pad, args.threads)
                 walls[name].append(wall)
         load.append(machine_load())
         ref = predictions(prompt, examples, groups, lls[configs[0]])
@@ -129,6 +130,8 @@ def levers(args, models, tokenizer) -> dict:
                                  "prefix_tokens": prefix.n_tokens, "load": load, "configs": rows}
         print(f"\n{task} ({args.prompt}, k = {prefix.k_used}, {len(examples)} examples, {len(requests)} requests; "
               f"load {load[0]['load1']} -> {load[1]['load1']})")
+        if args.json:  # after every task, so that an interrupted run keeps what it measured
+            write(args, record)
         for name, r in rows.items():
             print(f"  {name:>12}: {r['examples_per_s']:7.2f} ex/s  {r['vs_previous']:5.2f}x previous   acc "
                   f"{r['acc']:.3f} acc_norm {r['acc_norm']:.3f}   vs {configs[0]}: max |dll| {r['max_abs_dll']:.1e}, "
@@ -160,6 +163,43 @@ def costs(args, model, tokenizer) -> dict:
     return {"threads": torch.get_num_threads(), "score_dtype": args.score_dtype, "rows": rows}
 
 
+def table(record: dict) -> str:
+    """A saved record as a Markdown table: examples per second per task and configuration (x the previous one),
+    or seconds per example (``--costs``), with the load."""
+    if "rows" in record:
+        lines = ["| task | prompt | k (used) | n | s / example | load |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['prompt']} | {r['k']} ({r['k_used']}) | {r['n']} | {r['s_per_example']:.3f} | "
+                  f"{r['load_before']['load1']} |" for r in record["rows"]]
+        return "\n".join(lines)
+    configs = list(next(iter(record["tasks"].values()))["configs"])
+    lines = ["| task (n) | " + " | ".join(configs) + " | predictions differing (acc / acc_norm) | load |",
+             "|---|" + "---|" * (len(configs) + 2)]
+    for task, t in record["tasks"].items():
+        cells = [f"{c['examples_per_s']:.2f}" + (f" ({c['vs_previous']:.2f}×)" if i else "")
+                 for i, c in enumerate(t["configs"].values())]
+        differing = ", ".join(f"{name} {c['acc_differing']}/{c['acc_norm_differing']}"
+                              for name, c in list(t["configs"].items())[1:] if c["acc_differing"] or c["acc_norm_differing"])
+        lines.append(f"| {task} ({t['n']}) | " + " | ".join(cells) + f" | {differing or 'none'} | "
+                     f"{t['load'][0]['load1']}–{t['load'][1]['load1']} |")
+    return "\n".join(lines)
+
+
+def agreement(record: dict, other: str = "bf16", share: float = 0.99, points: float = 0.5) -> str:
+    """bf16 (``other``) against the record's first configuration, per task, as a Markdown table with a verdict:
+    kept when at least ``share`` of the predictions are identical and every accuracy is within ``points``."""
+    lines = ["| task | n | acc fp32 → bf16 | acc_norm fp32 → bf16 | identical predictions (acc / acc_norm) | "
+             "max Δ log-lik | verdict |", "|---|---|---|---|---|---|---|"]
+    for task, t in record["tasks"].items():
+        ref, got, n = next(iter(t["configs"].values())), t["configs"][other], t["n"]
+        same = [1 - got[f"{m}_differing"] / n for m in ("acc", "acc_norm")]
+        close = all(abs(100 * (got[m] - ref[m])) <= points for m in ("acc", "acc_norm"))
+        verdict = "keeps predictions" if min(same) >= share and close else "**changes predictions**"
+        lines.append(f"| {task} | {n} | {100 * ref['acc']:.1f} → {100 * got['acc']:.1f} | {100 * ref['acc_norm']:.1f} → "
+                     f"{100 * got['acc_norm']:.1f} | {100 * same[0]:.1f}% / {100 * same[1]:.1f}% | "
+                     f"{got['max_abs_dll']:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a spec for tailored.models.load (a pruned folder too)")
@@ -173,21 +213,33 @@ def main() -> None:
                         help=f"comma-separated, timed in this order; from {list(CONFIGS)}")
     parser.add_argument("--costs", action="store_true", help="seconds per example of evaluate_task instead")
     parser.add_argument("--score-dtype", default="float32", help="with --costs")
-    parser.add_argument("--threads", type=int, default=None, help="with --costs (default 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every configuration (default: each its own; --costs: 2)")
     parser.add_argument("--json", type=Path, default=None, help="write the record here")
+    parser.add_argument("--table", type=Path, default=None, metavar="RECORD", help="only print a saved record's table")
+    parser.add_argument("--agreement", type=Path, default=None, metavar="RECORD",
+                        help="only print a saved record's bf16-against-fp32 agreement table")
     args = parser.parse_args()
+    if args.table or args.agreement:
+        record = json.loads((args.table or args.agreement).read_text(encoding="utf-8"))
+        print(table(record) if args.table else agreement(record))
+        return
 
     model, tokenizer = load(args.model)
     models = {"float32": model}
     if not args.costs and any(CONFIGS[c][2] == "bfloat16" for c in args.configs.split(",") if c in CONFIGS):
         models["bfloat16"] = copy.deepcopy(model).to(torch.bfloat16)
     record = costs(args, model, tokenizer) if args.costs else levers(args, models, tokenizer)
+    if args.json:
+        write(args, record)
+        print(f"wrote {args.json}")
+
+
+def write(args, record: dict) -> None:
     record = {"command": "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:]), "model": args.model,
               "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **record}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
