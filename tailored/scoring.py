@@ -10,12 +10,12 @@ How a task is scored follows lm-evaluation-harness (Gao et al.):
 
 k-shot evaluation puts k solved training examples in front of every evaluated one (``build_fewshot_prefix``).
 Here the same k shots (drawn once by seed) serve every example of a task, so the model reads that prefix
-**once**: its keys and values are cached and reused for every example and every answer, expanded along the
-batch. With k = 25 the ARC-Easy prefix is ~700 tokens and each request ~30, so this is where the speed comes
-from; the naive path (``use_prefix_cache=False``) re-encodes the whole sequence per request and scores
-identical token ids. The answers of one question share their context too: they are packed in one row, the
-context read once and each answer attending to it and to itself only (``share_context``; see
-``score_token_requests``).
+**once**: its keys and values are cached, and every batch attends to that one copy (``shared_prefix_attention``:
+never copied into each row). With k = 25 the ARC-Easy prefix is ~700 tokens and each request ~30, so this is
+where the speed comes from; the naive path (``use_prefix_cache=False``) re-encodes the whole sequence per
+request and scores identical token ids. The answers of one question share a row too: their common token prefix
+is read once and each answer attends to it and to itself only (``share_context``; see ``score_token_requests``,
+which also batches by a token budget and runs the LM head only where an answer token is predicted).
 
 Tokenization is ``tailored.tokens``' contract. The few-shot prefix is encoded on its own and its ids are
 concatenated in front (``prefix_ids + ctx + cont``) in *both* paths, which makes the prefix a token prefix of
