@@ -4,6 +4,11 @@
     python scripts/compare_lm_eval.py --n 500        # SmolLM2-135M, the study's 500-example subsets, CPU
     python scripts/compare_lm_eval.py --n 0          # the full evaluation splits
 
+    # in a venv of its own (torch first, so that pip does not pull a CUDA build), our scorer beside it:
+    python -m venv /work/lmeval-venv && /work/lmeval-venv/bin/pip install torch==2.13.0 && \
+        /work/lmeval-venv/bin/pip install lm-eval==0.4.13 transformers==5.24.0 peft accelerate gguf ...
+    PYTHONPATH=. /work/lmeval-venv/bin/python scripts/compare_lm_eval.py --n 150 --threads 2
+
 Offline, like the rest of the study. Each task's examples are written back in the harness dataset's raw
 columns to a local JSONL file (BoolQ: passage, question, label; PIQA: goal, sol1, sol2, label; WinoGrande:
 sentence, option1, option2, answer; ARC: question, choices, answerKey; OpenBookQA: question_stem, choices,
@@ -19,7 +24,9 @@ For every task and metric the harness reports, the script writes our value, the 
 points, how many examples got a different prediction, how many had the very same (context, continuation)
 strings in both, and the largest log-likelihood difference to ``figures/lm_eval_agreement.{md,csv}``
 (byte-stable: no timings; a caption line under the .md's table says how it was made). Timings, the machine's
-load and the versions go to ``benchmarks/results/lm_eval_agreement.json``; ``--render`` rewrites the table
+load and the versions go to ``benchmarks/results/lm_eval_agreement.json``: task by task, our scorer and then the
+harness on the same examples, each timed after a warm-up, so that their examples per second stand side by side
+(``timings.examples_per_s``); ``--render`` rewrites the table
 from that record alone. The exit status is 1 when a headline metric (``acc`` for BoolQ, PIQA, WinoGrande,
 ARC-e; ``acc_norm`` for HellaSwag, ARC-c, OBQA) differs by more than ``--tolerance`` points.
 """
@@ -238,7 +245,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=500,
                         help="examples per task (the seeded subset evaluate_task draws); 0 = the full split")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="the harness's batch size")
+    parser.add_argument("--our-batch-size", type=int, default=64,
+                        help="our most rows per pass (passes also hold at most scoring.BATCH_TOKENS tokens)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="points a headline metric may differ by")
@@ -280,22 +289,38 @@ def main() -> int:
               "tasks": {}}
     timings: dict = {"tailored_s": {}}
     folder = args.keep or Path(tempfile.mkdtemp(prefix="lm_eval_tasks_"))
+    timings["lm_eval_s"], timings["load"] = {}, {}
     try:
-        examples, ours, names, configs = {}, {}, {}, {}
+        examples, ours, names, configs, out = {}, {}, {}, {}, {"samples": {}, "results": {}}
         for task in args.tasks:
             examples[task] = data.load_task(task, "eval", limit=args.n or None, seed=args.seed)
             names[task], configs[task] = write_task(task, examples[task], folder / task)
-            t0 = time.perf_counter()
-            ours[task] = evaluate_task(model, tokenizer, task, prompt="harness", k=0, examples=examples[task],
-                                       batch_size=args.batch_size, details=True, progress=True)
-            timings["tailored_s"][task] = round(time.perf_counter() - t0, 1)
-
-        t0 = time.perf_counter()
+        manager = TaskManager(include_path=str(folder))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
-        out = simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=0,
-                              task_manager=TaskManager(include_path=str(folder)), bootstrap_iters=0,
-                              log_samples=True)
-        timings["lm_eval_all_tasks_s"] = round(time.perf_counter() - t0, 1)
+
+        def harness(task: str, limit: int | None = None) -> dict:
+            return simple_evaluate(model=lm, tasks=[names[task]], num_fewshot=0, task_manager=manager,
+                                   bootstrap_iters=0, log_samples=True, limit=limit)
+
+        # task by task, ours then the harness's, each timed after a warm-up on 4 examples (first-call allocations;
+        # the harness builds its dataset from the JSONL once and reads it from the cache afterwards)
+        for task in args.tasks:
+            ours_kwargs = dict(prompt="harness", k=0, batch_size=args.our_batch_size, progress=False)
+            evaluate_task(model, tokenizer, task, examples=examples[task][:4], **ours_kwargs)
+            harness(task, limit=4)
+            load_now = machine_load()
+            t0 = time.perf_counter()
+            ours[task] = evaluate_task(model, tokenizer, task, examples=examples[task], details=True, **ours_kwargs)
+            timings["tailored_s"][task] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            got = harness(task)
+            timings["lm_eval_s"][task] = round(time.perf_counter() - t0, 2)
+            timings["load"][task] = [load_now, machine_load()]
+            out["samples"][names[task]], out["results"][names[task]] = got["samples"][names[task]], got["results"][names[task]]
+            n = len(examples[task])
+            print(f"{task}: tailored {n / timings['tailored_s'][task]:.2f} examples/s, lm-eval "
+                  f"{n / timings['lm_eval_s'][task]:.2f} ({timings['lm_eval_s'][task] / timings['tailored_s'][task]:.2f}x)"
+                  f"; load {load_now['load1']}", flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -313,6 +338,9 @@ def main() -> int:
 
     render(report, command, args.figures)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
+    timings["examples_per_s"] = {t: {"tailored": len(examples[t]) / timings["tailored_s"][t],
+                                     "lm_eval": len(examples[t]) / timings["lm_eval_s"][t],
+                                     "speedup": timings["lm_eval_s"][t] / timings["tailored_s"][t]} for t in args.tasks}
     record = {"command": command, "argv": sys.argv[1:], "threads": torch.get_num_threads(),
               "load_before": load_before, "load_after": machine_load(), "timings": timings,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -80,13 +80,15 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
                       prefix: FewShotPrefix | str = "", batch_size: int = 16, use_prefix_cache: bool = True,
                       share_context: bool = True,
                       max_new_tokens: int | None = None, progress: bool = False,
-                      details: bool = False) -> dict[str, Any]:
+                      details: bool = False, score_dtype: str = "float32",
+                      batch_tokens: int | str | None = "auto") -> dict[str, Any]:
     """Score examples with a prompt and a shared prefix: per-example values and their means.
 
     Returns ``{"n", "metrics": {name: mean}, "stderr": {name: se}, "ci95": {name: (lo, hi)}, "per_example"}``
     (``per_example``: the example ids and each metric's value per example, in order: what paired statistics
     between two models read) and, with ``details``, ``"examples"``: one record per example (log-likelihoods
-    and predictions, or generations).
+    and predictions, or generations). ``score_dtype`` and ``batch_tokens``: see ``scoring.score_token_requests``
+    (log-likelihood tasks; generation runs in the weights' dtype).
     """
     if not examples:
         raise ValueError(f"no examples to evaluate for task {prompt.task!r}")
@@ -95,8 +97,11 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
     if prompt.scoring in ("choices", "partial"):
         requests = [prompt.requests(ex) for ex in examples]
         flat = [r for reqs in requests for r in reqs]
+        starts = np.cumsum([0] + [len(reqs) for reqs in requests])
         lls = loglikelihood(model, tokenizer, flat, prefix=prefix, batch_size=batch_size,
-                            use_prefix_cache=use_prefix_cache, share_context=share_context, progress=progress)
+                            use_prefix_cache=use_prefix_cache, share_context=share_context, progress=progress,
+                            groups=[range(a, b) for a, b in zip(starts[:-1], starts[1:])],  # one row per example
+                            batch_tokens=batch_tokens, score_dtype=score_dtype)
         at = 0
         for ex, reqs in zip(examples, requests):
             ex_lls = lls[at:at + len(reqs)]
@@ -148,7 +153,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
                   max_length: int = 128, stride: int | None = None, ppl_tokens: int | None = None,
                   examples: Sequence[ExampleLike] | None = None,
                   train_examples: Sequence[ExampleLike] | None = None,
-                  details: bool = False) -> dict[str, Any]:
+                  details: bool = False, score_dtype: str = "float32",
+                  batch_tokens: int | str | None = "auto") -> dict[str, Any]:
     """Evaluate a model on one task with one prompt and k shots; a dict ready for ``metrics.json``.
 
     - ``task``: a name from ``tailored.data.TASKS``; a ``text`` task (WikiText) is scored by perplexity
@@ -165,6 +171,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
       every answer (same scores, slower).
     - ``max_new_tokens`` (generation; default the prompt's) and ``details`` (add per-example records under
       ``"examples"``: log-likelihoods and predictions, or generated answers).
+    - ``score_dtype`` (``"float32"`` or ``"bfloat16"``) and ``batch_tokens``: how log-likelihoods are computed
+      (``scoring.score_token_requests``); the result records ``score_dtype`` and the weights' ``dtype``.
 
     Returns ``task, kind, prompt, k, k_used, n, metrics, stderr, ci95`` (normal approximation), ``chance``
     and ``majority`` (accuracy of always answering the most frequent train label), ``near_chance``
@@ -174,7 +182,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
         raise ValueError(f"limit = {limit}: give a positive number of examples, or None for all")
     info = task_info(task)
     t0 = time.perf_counter()
-    base = {"task": task, "kind": info.kind, "seed": seed, "limit": limit}
+    base = {"task": task, "kind": info.kind, "seed": seed, "limit": limit,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "score_dtype": score_dtype}
     if info.kind == "text":
         texts = list(examples) if examples is not None else data.text_corpus("perplexity")
         texts = texts[:limit] if limit else texts
@@ -204,7 +213,8 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
                                   longest_request=longest, exclude_ids=[ex.id for ex in examples])
     scored = evaluate_examples(model, tokenizer, p, examples, prefix=prefix, batch_size=batch_size,
                                use_prefix_cache=use_prefix_cache, share_context=share_context,
-                               max_new_tokens=budget, progress=progress, details=details)
+                               max_new_tokens=budget, progress=progress, details=details, score_dtype=score_dtype,
+                               batch_tokens=batch_tokens)
     chance = majority = majority_label = near_chance = None
     if p.scoring != "generate":
         chance = info.chance if info.chance is not None else float(np.mean([1 / len(p.options(e)) for e in examples]))
@@ -295,7 +305,8 @@ def evaluate_jobs(model: torch.nn.Module, tokenizer, jobs: Sequence[EvalJob],
         evaluated, train = examples(job.task)
         if job.limit is not None:
             evaluated = evaluated[: job.limit]
-        key = result_key(model_id, job, evaluated, seed, task_kwargs) if store is not None and model_id else None
+        settings = {k: v for k, v in task_kwargs.items() if k != "score_dtype"} | _precision(model, task_kwargs)
+        key = result_key(model_id, job, evaluated, seed, settings) if store is not None and model_id else None
         result = store.get(key) if key else None
         if result is None:
             result = evaluate_task(model, tokenizer, job.task, prompt=job.prompt or "task_specific", k=job.k,
@@ -304,6 +315,14 @@ def evaluate_jobs(model: torch.nn.Module, tokenizer, jobs: Sequence[EvalJob],
                 store.put(key, result)
         out.append(result)
     return out
+
+
+def _precision(model: torch.nn.Module, task_kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """The weights' dtype and ``score_dtype`` for a result's key, so that an evaluation stored in one precision is
+    never reused for another; empty for float32 weights scored in float32 (keys stored before this was recorded)."""
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    scored = task_kwargs.get("score_dtype", "float32")
+    return {} if (weights, scored) == ("float32", "float32") else {"weights_dtype": weights, "score_dtype": scored}
 
 
 def grid(tasks: Sequence[str], prompts: Sequence[str] = ("task_specific",), ks: Sequence[int] = (0,)) -> list[EvalJob]:

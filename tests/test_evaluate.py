@@ -153,7 +153,7 @@ def test_shared_context_rows_handle_one_token_answers_and_distinct_contexts(tiny
                 ("The cat sat on the", " mat today"), ("The dog sat on the", " mat today"),
                 ("Is the sky blue? Answer:", " maybe not")]
     encoded = [tokens.encode_request(tok, c, a) for c, a in requests]
-    assert [len(r) for r in scoring._pack_rows(encoded, True)] == [3, 1, 1]
+    assert [len(g) for g in scoring._groups(encoded, True, None)] == [3, 1, 1]
     shared = scoring.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=2)
     apart = scoring.loglikelihood(model, tok, requests, prefix="Q and A.\n", batch_size=1, share_context=False,
                              use_prefix_cache=False)
