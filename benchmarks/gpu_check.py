@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from tailored.anatomy import decoder_layers, set_checkpointing  # noqa: E402
+from tailored.anatomy import decoder_layers, preserved, set_checkpointing  # noqa: E402
 from tailored.graph import trace  # noqa: E402
 from tailored.importance import compute_importance  # noqa: E402
 from tailored.lora import LoraSettings, measure_throughput  # noqa: E402
@@ -90,17 +90,13 @@ def bandwidth_gbs(device) -> float | None:
 
 def plain_forward_backward(model, ids: torch.Tensor, checkpointing: bool) -> None:
     """One forward + backward over ``ids`` keeping every gradient, in eval mode like ``compute_importance``."""
-    model.eval()
-    if checkpointing:
-        set_checkpointing(model, True)
-        for layer in decoder_layers(model):
-            layer.training = True  # as compute_importance does: checkpoint the layers, no dropout
-    try:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    finally:
-        if checkpointing:
-            set_checkpointing(model, False)
+    with preserved(model):
         model.eval()
+        if checkpointing:
+            set_checkpointing(model, True)
+            for layer in decoder_layers(model):
+                layer.training = True  # as compute_importance does: checkpoint the layers, no dropout
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
 
 def importance_memory(dense, graph, vocab: int, device, result: dict) -> None:

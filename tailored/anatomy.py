@@ -7,6 +7,8 @@ models) can stand on it without import cycles.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -98,6 +100,34 @@ def checkpointing_on(model: torch.nn.Module) -> bool:
     cls = type(base)
     name = "is_activation_checkpointing" if hasattr(cls, "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(base, name, False))
+
+
+@contextmanager
+def preserved(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a block that changes the model's mode or flags, and find them as they were afterwards::
+
+        with preserved(model):
+            model.eval()
+            model.requires_grad_(False)
+            ...                                   # however the block ends, even by an exception
+
+    Restored: the train/eval mode of every module (a block may flag single layers as training, as
+    ``compute_importance`` does to have them recomputed), each parameter's ``requires_grad``, and whether the
+    decoder layers recompute their activations in the backward pass (``set_checkpointing``). Weights, buffers
+    and ``.grad`` are not touched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    recomputing = checkpointing_on(model)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if checkpointing_on(model) != recomputing:
+            set_checkpointing(model, recomputing)
+        for m, mode in modes:
+            m.training = mode
 
 
 def dispatch(model: torch.nn.Module, device_map: str | dict, dtype: torch.dtype | None = None,

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters
+from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters, preserved
 from tailored.artifacts import ArtifactError, write_json
 
 KINDS = ("attention", "qheads", "mlp", "hidden")
@@ -300,6 +302,23 @@ def _classify(mod: _Module) -> str:
     )
 
 
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Run a block with HF's eager attention (plain matrix products), then switch back to the model's own.
+
+    Fused kernels (SDPA, flash) have no per-op autograd graph to walk and no output channel to nudge.
+    """
+    attn = getattr(model.config, "_attn_implementation", None)
+    switch = attn is not None and attn != "eager"
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(attn)
+
+
 def trace(model, tokens: int = 6, seed: int = 0) -> Graph:
     """Trace the coupled groups of a decoder-only LM from one forward pass on ``tokens`` random tokens.
 
@@ -333,35 +352,25 @@ def trace(model, tokens: int = 6, seed: int = 0) -> Graph:
             executed.append(mod)
         return hook
 
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
     threads = torch.get_num_threads()
-    attn = getattr(model.config, "_attn_implementation", None)
-    switch = attn is not None and attn != "eager"
     handles = [m.module.register_forward_hook(hook_for(m), with_kwargs=True) for m in mods]
     try:
         torch.set_num_threads(1)  # 6 tokens: threads only add synchronization (10x slower on a busy CPU)
-        model.eval()
-        model.requires_grad_(True)
-        if switch:
-            model.set_attn_implementation("eager")  # fused kernels have no per-op autograd graph to walk
-        vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
-        with torch.enable_grad():
-            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)  # step 1
-        missing = [m.name for m in mods if m.y is None]
-        if missing:
-            raise NotImplementedError(f"modules with parameters that the forward never ran: {missing[:5]}")
-        graph = _build(model, executed)
-        check(graph, model)
+        with preserved(model), eager_attention(model):
+            model.eval()
+            model.requires_grad_(True)
+            vocab = model.get_input_embeddings().num_embeddings
+            ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+            with torch.enable_grad():
+                model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)  # step 1
+            missing = [m.name for m in mods if m.y is None]
+            if missing:
+                raise NotImplementedError(f"modules with parameters that the forward never ran: {missing[:5]}")
+            graph = _build(model, executed)
+            check(graph, model)
     finally:
         for h in handles:
             h.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        if switch:
-            model.set_attn_implementation(attn)
-        model.train(was_training)
         torch.set_num_threads(threads)
     return replace(graph, num_layers=len(layers), total_params=count_parameters(model),
                    decoder_params=decoder_parameters(model))
@@ -669,19 +678,14 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
-    attn = getattr(model.config, "_attn_implementation", None)
-    switch = attn is not None and attn != "eager"
     handles = [prod.register_forward_hook(add_one), cons.register_forward_pre_hook(record)]
     if upcast:
         handles.append(owner.register_forward_pre_hook(owner_inputs, with_kwargs=True))
-    was_training = model.training
     try:
-        model.eval()
-        if upcast:
-            owner.float()
-        if switch:
-            model.set_attn_implementation("eager")
-        with torch.no_grad():
+        with preserved(model), eager_attention(model), torch.no_grad():
+            model.eval()
+            if upcast:
+                owner.float()
             for j in [None, *range(min(channels or prod.weight.shape[0], prod.weight.shape[0]))]:
                 nudge[0] = j
                 try:
@@ -694,9 +698,6 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
         if upcast:
             for name, t in [*owner.named_parameters(), *owner.named_buffers()]:
                 t.data = t.data.to(dtypes[name])
-        if switch:
-            model.set_attn_implementation(attn)
-        model.train(was_training)
     base = seen[0]
     return torch.stack([(x != base).reshape(-1, base.shape[-1]).any(0) for x in seen[1:]], dim=1).cpu()
 

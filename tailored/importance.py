@@ -62,7 +62,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from tailored.anatomy import decoder_layers, set_checkpointing
+from tailored.anatomy import decoder_layers, preserved, set_checkpointing
 from tailored.artifacts import ArtifactError
 from tailored.graph import KINDS, Graph, GroupSet
 from tailored.paths import atomic_write_bytes
@@ -596,8 +596,6 @@ class Activations:
 
     def save(self, path: str | Path) -> Path:
         """Write ``activations.safetensors`` atomically: ``mean/<name>``, ``second/<name>``, ``fisher/<name>``."""
-        from safetensors.torch import save
-
         tensors = {f"{kind}/{name}": t.detach().to("cpu", torch.float32).contiguous()
                    for kind, d in (("mean", self.mean), ("second", self.second), ("fisher", self.fisher))
                    for name, t in d.items()}
@@ -609,8 +607,6 @@ class Activations:
 
     @classmethod
     def load(cls, path: str | Path) -> Activations:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
@@ -693,33 +689,27 @@ def activation_statistics(model: torch.nn.Module, graph: Graph, batch: torch.Ten
     device = next(model.parameters()).device
     dtype = _acc_dtype(device)
     batch = batch.to(device)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
     hooks = _ReaderHooks(model, names, gradients, dtype)
     passes = [batch[i:i + micro_batch] for i in range(0, batch.shape[0], micro_batch)]
-    from tqdm.auto import tqdm
-
     bar = tqdm(passes, desc="activation statistics", unit="pass", disable=not progress)
     try:
-        model.eval()
-        model.requires_grad_(False)
-        embed = model.get_input_embeddings()
-        for ids in bar:
-            if gradients:
-                with torch.enable_grad():
-                    x = embed(ids).detach().requires_grad_(True)  # the graph starts at the embeddings
-                    loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
-                    hooks.scale = float(ids.shape[0] * (ids.shape[1] - 1))  # mean loss -> summed loss
-                    loss.backward()
-            else:
-                with torch.no_grad():
-                    model(input_ids=ids, use_cache=False)
+        with preserved(model):
+            model.eval()
+            model.requires_grad_(False)
+            embed = model.get_input_embeddings()
+            for ids in bar:
+                if gradients:
+                    with torch.enable_grad():
+                        x = embed(ids).detach().requires_grad_(True)  # the graph starts at the embeddings
+                        loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
+                        hooks.scale = float(ids.shape[0] * (ids.shape[1] - 1))  # mean loss -> summed loss
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False)
     finally:
         bar.close()
         hooks.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        model.train(was_training)
     n = batch.numel()
     return Activations(
         tokens=n, mean={k: (v / n).float().cpu() for k, v in hooks.sum.items()},
@@ -795,18 +785,15 @@ def block_influence(model: torch.nn.Module, batch: torch.Tensor, micro_batch: in
             total[i] += float(cos.sum())
         return hook
 
-    was_training = model.training
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    from tqdm.auto import tqdm
-
     try:
-        model.eval()
-        for i in tqdm(range(0, batch.shape[0], micro_batch), desc="block influence", disable=not progress):
-            model(input_ids=batch[i:i + micro_batch].to(device), use_cache=False)
+        with preserved(model):
+            model.eval()
+            for i in tqdm(range(0, batch.shape[0], micro_batch), desc="block influence", disable=not progress):
+                model(input_ids=batch[i:i + micro_batch].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return (1 - total / batch.numel()).float()
 
 
@@ -893,18 +880,8 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     Returns an ``Importance``: float32 (units,) per (estimator, reduction, group set).
     """
     estimators, reductions = _check_names(estimators, reductions)
-    if kinds is not None:
-        bad = [k for k in kinds if k not in KINDS]
-        if bad:
-            raise ValueError(f"unknown kind(s) {bad}; kinds are {list(KINDS)}")
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
-        raise ValueError(f"batch must be a LongTensor (n_samples, seq_len) of token ids, got "
-                         f"{getattr(batch, 'dtype', type(batch).__name__)} {tuple(getattr(batch, 'shape', ()))}")
+    _check_batch(batch, kinds, micro_batch)
     n, seq_len = batch.shape
-    if n < 1 or seq_len < 2:
-        raise ValueError(f"batch has shape {tuple(batch.shape)}: need at least one sample of at least 2 tokens")
-    if not isinstance(micro_batch, int) or micro_batch < 1:
-        raise ValueError(f"micro_batch={micro_batch!r}: give a number of samples per pass, at least 1")
     fisher_est = [e for e in estimators if e in FISHER_ESTIMATORS]
     if fisher_est and micro_batch != 1 and n > 1:
         raise ValueError(f"{fisher_est} need each sample's own gradient (F = mean of per-sample g²): "
@@ -916,70 +893,128 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     device = next(model.parameters()).device
     batch = batch.to(device)
     uses_by_param = _uses_by_param(model, groups, device)  # validates the graph against the model, before any compute
-    params = dict(model.named_parameters())
     dtype = _acc_dtype(device)
     grad_est = [e for e in estimators if e in GRADIENT_ESTIMATORS]
-    passes = [batch[i:i + micro_batch] for i in range(0, n, micro_batch)]
-    if not grad_est and "activation" not in estimators:
-        passes = []  # weights alone: no pass at all
-
-    fold = _GradientFold(uses_by_param, grad_est, n, dtype)
-    acts = None
-    pass_losses: list = []
-    flags = {name: p.requires_grad for name, p in params.items()}
-    was_training = model.training
-    was_checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     checkpointing = checkpointing and bool(grad_est)  # without a backward pass there is nothing to recompute
-    handles = []
-    bar = tqdm(passes, desc="importance (forward + backward)" if grad_est else "importance (forward)",
-               unit="pass", disable=not progress or not passes)
-    try:
-        model.eval()  # no dropout: the scores are a function of the weights and the batch
-        if checkpointing:
-            set_checkpointing(model, True)
-            for layer in decoder_layers(model):
-                layer.training = True  # the layer alone (not its children): transformers' switch to checkpoint
-        model.zero_grad(set_to_none=True)
-        for name, p in params.items():  # only scored parameters get gradients
-            p.requires_grad_(name in uses_by_param and bool(grad_est))
-        if grad_est:
-            handles = [params[name].register_post_accumulate_grad_hook(fold.hook(name)) for name in uses_by_param]
-        if "activation" in estimators:
-            acts = _ActivationNorms(model, {id(params[name]) for name in uses_by_param})
-        for c, ids in enumerate(bar):
-            fold.share, fold.last = ids.shape[0] / n, c == len(passes) - 1
-            with torch.set_grad_enabled(bool(grad_est)):
-                loss = _lm_loss(model, ids)
-                if grad_est:
-                    if acts is not None:
-                        acts.active = False
-                    loss.backward()
-                    if acts is not None:
-                        acts.active = True
-            pass_losses.append(loss.detach())  # a tensor: float() here would wait for the GPU each pass
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
-        if acts is not None:
-            acts.remove()
-        for name, p in params.items():
-            p.requires_grad_(flags[name])
-        if checkpointing and not was_checkpointing:
-            set_checkpointing(model, False)
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-        fold.sum_g.clear()
-        fold.sum_g2.clear()
+    passes = _Passes(batch, micro_batch, needed=bool(grad_est) or "activation" in estimators)  # weights alone: none
+    fold, norms = _score_passes(model, passes, uses_by_param, grad_est, "activation" in estimators, dtype,
+                                checkpointing, progress)
 
-    pass_losses = [float(x) for x in pass_losses]
     reader_est = [e for e in estimators if e in READER_ESTIMATORS]
     if reader_est and activations is None:
         activations = activation_statistics(model, graph, batch, kinds=sorted({g.kind for g in groups}),
                                             gradients="fisher_fluctuation" in reader_est, micro_batch=micro_batch,
                                             progress=progress)
+    member_scores = _weight_member_scores(model, estimators, fold, norms, uses_by_param, dtype)
+    reader_members = {gi: readers(model, g) for gi, g in enumerate(groups)} if reader_est else {}
+    for est in reader_est:
+        member_scores[est] = {(gi, mi): _reader_scores(est, model.get_submodule(name).weight, activations, name,
+                                                       groups[gi].members[mi], groups[gi].units, dtype)
+                              for gi, found in reader_members.items() for mi, name in found}
+    scores = _unit_scores(estimators, reductions, groups, member_scores, reader_members, seed, dtype, device)
 
-    # per-member scores (members, units) for every estimator
+    settings = {
+        "estimators": list(estimators), "reductions": list(reductions),
+        "definitions": {e: ESTIMATORS[e] for e in estimators}, "reduction_definitions": {r: REDUCTIONS[r] for r in reductions},
+        "n_samples": n, "seq_len": seq_len, "micro_batch": min(micro_batch, n), "seed": seed,
+        "checkpointing": checkpointing, **passes.losses(),
+        "kinds": sorted({g.kind for g in groups}),
+        "groupsets": {g.name: {"kind": g.kind, "layer": g.layer, "units": g.units} for g in groups},
+        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "batch_sha256": _batch_hash(batch),
+    }
+    if reader_est:
+        settings["activations"] = {"tokens": activations.tokens, **activations.settings}
+    return Importance(scores=scores, settings=settings)
+
+
+def _check_batch(batch: torch.Tensor, kinds: Sequence[str] | None, micro_batch: int) -> None:
+    """Refuse a calibration batch, a kind or a pass size that ``compute_importance`` cannot use."""
+    if kinds is not None:
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown kind(s) {bad}; kinds are {list(KINDS)}")
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
+        raise ValueError(f"batch must be a LongTensor (n_samples, seq_len) of token ids, got "
+                         f"{getattr(batch, 'dtype', type(batch).__name__)} {tuple(getattr(batch, 'shape', ()))}")
+    if batch.shape[0] < 1 or batch.shape[1] < 2:
+        raise ValueError(f"batch has shape {tuple(batch.shape)}: need at least one sample of at least 2 tokens")
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch={micro_batch!r}: give a number of samples per pass, at least 1")
+
+
+class _Passes:
+    """The calibration batch cut into passes of ``micro_batch`` samples, and the loss each pass measured."""
+
+    def __init__(self, batch: torch.Tensor, micro_batch: int, needed: bool = True):
+        self.n = batch.shape[0]
+        self.chunks = [batch[i:i + micro_batch] for i in range(0, self.n, micro_batch)] if needed else []
+        self.measured: list[torch.Tensor] = []  # tensors: float() in the loop would wait for the GPU each pass
+
+    def losses(self) -> dict:
+        """``loss`` (the whole batch's mean, passes weighted by their samples) and ``pass_losses``."""
+        values = [float(x) for x in self.measured]
+        mean = sum(x * len(ids) / self.n for x, ids in zip(values, self.chunks)) if values else None
+        return {"loss": mean, "pass_losses": values}
+
+
+def _score_passes(model: torch.nn.Module, passes: _Passes, uses_by_param: dict[str, list[_Use]],
+                  grad_est: Sequence[str], norms_wanted: bool, dtype: torch.dtype, checkpointing: bool,
+                  progress: bool) -> tuple[_GradientFold, _ActivationNorms | None]:
+    """Forward (+ backward) passes that fold gradients and activation norms into per-unit sums as they arrive.
+
+    Only the scored parameters get gradients; the model's mode, flags and recomputation switch are restored
+    (``preserved``), and any ``.grad`` it held is dropped.
+    """
+    params = dict(model.named_parameters())
+    fold = _GradientFold(uses_by_param, grad_est, passes.n, dtype)
+    norms, handles = None, []
+    bar = tqdm(passes.chunks, desc="importance (forward + backward)" if grad_est else "importance (forward)",
+               unit="pass", disable=not progress or not passes.chunks)
+    try:
+        with preserved(model):
+            model.eval()  # no dropout: the scores are a function of the weights and the batch
+            if checkpointing:
+                set_checkpointing(model, True)
+                for layer in decoder_layers(model):
+                    layer.training = True  # the layer alone (not its children): transformers' switch to checkpoint
+            model.zero_grad(set_to_none=True)
+            for name, p in params.items():  # only scored parameters get gradients
+                p.requires_grad_(name in uses_by_param and bool(grad_est))
+            if grad_est:
+                handles = [params[name].register_post_accumulate_grad_hook(fold.hook(name)) for name in uses_by_param]
+            if norms_wanted:
+                norms = _ActivationNorms(model, {id(params[name]) for name in uses_by_param})
+            for c, ids in enumerate(bar):
+                fold.share, fold.last = ids.shape[0] / passes.n, c == len(passes.chunks) - 1
+                with torch.set_grad_enabled(bool(grad_est)):
+                    loss = _lm_loss(model, ids)
+                    if grad_est:
+                        if norms is not None:
+                            norms.active = False  # a recomputed layer must not count twice
+                        loss.backward()
+                        if norms is not None:
+                            norms.active = True
+                passes.measured.append(loss.detach())
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+        if norms is not None:
+            norms.remove()
+        model.zero_grad(set_to_none=True)
+        fold.sum_g.clear()
+        fold.sum_g2.clear()
+    return fold, norms
+
+
+def _weight_member_scores(model: torch.nn.Module, estimators: Sequence[str], fold: _GradientFold,
+                          norms: _ActivationNorms | None, uses_by_param: dict[str, list[_Use]],
+                          dtype: torch.dtype) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+    """Per-member scores ``{estimator: {(group set, member): (units,)}}`` of the estimators that read weights,
+    gradients or activation norms (the gradient ones were folded during the passes)."""
+    params = dict(model.named_parameters())
     member_scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     for est in estimators:
         if est in GRADIENT_ESTIMATORS:
@@ -990,16 +1025,17 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
             with torch.no_grad():
                 for name, uses in uses_by_param.items():
                     w = params[name].detach().float()
-                    e = w.abs() if est == "l1" else w.square() if est == "l2" else acts.element_scores(params[name])
+                    e = w.abs() if est == "l1" else w.square() if est == "l2" else norms.element_scores(params[name])
                     _fold(e, uses, acc, dtype)
             member_scores[est] = acc
+    return member_scores
 
-    reader_members = {gi: readers(model, g) for gi, g in enumerate(groups)} if reader_est else {}
-    for est in reader_est:
-        member_scores[est] = {(gi, mi): _reader_scores(est, model.get_submodule(name).weight, activations, name,
-                                                       groups[gi].members[mi], groups[gi].units, dtype)
-                              for gi, found in reader_members.items() for mi, name in found}
 
+def _unit_scores(estimators: Sequence[str], reductions: Sequence[str], groups: Sequence[GroupSet],
+                 member_scores: Mapping[str, Mapping[tuple[int, int], torch.Tensor]],
+                 reader_members: Mapping[int, list[tuple[int, str]]], seed: int, dtype: torch.dtype,
+                 device: torch.device) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Each unit's score per (estimator, reduction, group set): its members' scores reduced (float32, CPU)."""
     gen = torch.Generator().manual_seed(seed)
     scores: dict[tuple[str, str, str], torch.Tensor] = {}
     for est in estimators:
@@ -1021,23 +1057,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
                                    for mi in range(len(g.members))]).cpu()  # (members, units)
             for red in reductions:
                 scores[(est, red, g.name)] = reduce_members(stacked, red, g.root).float()
-
-    settings = {
-        "estimators": list(estimators), "reductions": list(reductions),
-        "definitions": {e: ESTIMATORS[e] for e in estimators}, "reduction_definitions": {r: REDUCTIONS[r] for r in reductions},
-        "n_samples": n, "seq_len": seq_len, "micro_batch": min(micro_batch, n), "seed": seed,
-        "checkpointing": checkpointing,
-        "loss": sum(x * len(ids) / n for x, ids in zip(pass_losses, passes)) if pass_losses else None,
-        "pass_losses": pass_losses,
-        "kinds": sorted({g.kind for g in groups}),
-        "groupsets": {g.name: {"kind": g.kind, "layer": g.layer, "units": g.units} for g in groups},
-        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "batch_sha256": _batch_hash(batch),
-    }
-    if reader_est:
-        settings["activations"] = {"tokens": activations.tokens, **activations.settings}
-    return Importance(scores=scores, settings=settings)
+    return scores
 
 
 def _batch_hash(batch: torch.Tensor) -> str:
@@ -1078,18 +1098,12 @@ def reference_taylor(model: torch.nn.Module, groupset: GroupSet, batch: torch.Te
     """
     params = _params_by_name(model)
     weights = [params[m.param] for m in groupset.members]
-    flags = [w.requires_grad for w in weights]
-    was_training = model.training
-    try:
+    with preserved(model):
         model.eval()
         for w in weights:
             w.requires_grad_(True)
         loss = _lm_loss(model, batch.to(weights[0].device))
         grads = torch.autograd.grad(loss, weights)
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-        model.train(was_training)
     scores = torch.zeros(groupset.units, dtype=torch.float64)
     for member, w, g in zip(groupset.members, weights, grads):
         per_weight = (w.detach() * g).abs().double()  # |w · g|, element by element

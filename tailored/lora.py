@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tailored.anatomy import checkpointing_on, set_checkpointing, weights_fingerprint
+from tailored.anatomy import preserved, set_checkpointing, weights_fingerprint
 from tailored.artifacts import read_json, write_json
 from tailored.data import load_task
 from tailored.lock import pid_alive
@@ -756,16 +756,15 @@ def divergence(losses: Sequence[float], vocab_size: int, validation: float | Non
 def validation_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 8,
                     autocast: torch.dtype | None = None) -> float:
     """Mean completion-only loss per answer token over ``encoded`` (eval mode: no dropout)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], pad_id).items()}
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss, n = completion_loss(model, batch, reduction="sum")
-        total, count = total + float(loss), count + n
-    model.train(was_training)
+    with preserved(model):
+        model.eval()
+        for i in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], pad_id).items()}
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss, n = completion_loss(model, batch, reduction="sum")
+            total, count = total + float(loss), count + n
     return total / max(count, 1)
 
 
@@ -1097,8 +1096,18 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
     ``s_per_step`` is the median of the ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
-    was_training, was_checkpointing = model.training, checkpointing_on(model)
-    peft_model = add_lora(model, settings)
+    with preserved(model):
+        times = _timed_steps(add_lora(model, settings), settings, batch_size, seq_len, steps, warmup)
+    per_step = sorted(times)[len(times) // 2]
+    device = next(model.parameters()).device
+    return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
+            "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),
+            "device": str(device)}
+
+
+def _timed_steps(peft_model, settings: LoraSettings, batch_size: int, seq_len: int, steps: int,
+                 warmup: int) -> list[float]:
+    """Seconds of each of ``steps`` LoRA training steps after ``warmup``, on random tokens; adapters removed after."""
     if settings.gradient_checkpointing:  # as train_lora does: the step measured is the step trained
         set_checkpointing(peft_model, True)
     device = next(peft_model.parameters()).device
@@ -1112,22 +1121,18 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
     autocast = settings.autocast_dtype(device)
     peft_model.train()
     times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss, n = completion_loss(peft_model, batch, reduction="mean")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    peft_model.unload()
-    if checkpointing_on(model) != was_checkpointing:
-        set_checkpointing(model, was_checkpointing)
-    model.train(was_training)  # e.g. evaluation next: dropout stays off as it was
-    per_step = sorted(times)[len(times) // 2]
-    return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
-            "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),
-            "device": str(device)}
+    try:
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss, n = completion_loss(peft_model, batch, reduction="mean")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    finally:
+        peft_model.unload()
+    return times
