@@ -60,6 +60,37 @@ def decoder_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in decoder_layers(model).parameters())
 
 
+def sync_module_attributes(model: torch.nn.Module) -> None:
+    """Make every module's size attributes agree with its (possibly pruned) weights.
+
+    The forward pass reads ``head_dim`` (unchanged by pruning) and ``num_key_value_groups`` (query heads
+    per kv head, used by ``repeat_kv``); the rest (``in_features``, ``intermediate_size``, ...) is kept
+    true so that ``print(model)``, PEFT and anyone else reading them see the real sizes.
+    """
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "head_dim")):
+            n_q = mod.q_proj.weight.shape[0] // mod.head_dim
+            n_kv = mod.k_proj.weight.shape[0] // mod.head_dim
+            if n_kv == 0 or n_q % n_kv:
+                raise ValueError(f"attention with {n_q} query heads and {n_kv} kv heads: query heads must be a "
+                                 "multiple of kv heads")
+            mod.num_key_value_groups = n_q // n_kv
+            for attr, val in (("num_heads", n_q), ("num_key_value_heads", n_kv)):
+                if hasattr(mod, attr):
+                    setattr(mod, attr, val)
+        if all(hasattr(mod, a) for a in ("gate_proj", "down_proj")):
+            if hasattr(mod, "intermediate_size"):
+                mod.intermediate_size = mod.gate_proj.weight.shape[0]
+            if hasattr(mod, "hidden_size"):
+                mod.hidden_size = mod.gate_proj.weight.shape[1]
+        if hasattr(mod, "input_layernorm") and hasattr(mod, "hidden_size"):
+            mod.hidden_size = mod.input_layernorm.weight.shape[0]
+
+
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     """A fingerprint of a model's weights: every tensor's name, shape, dtype, sum and sum of squares (float64),
