@@ -79,7 +79,7 @@ def split_name(name: str, default: tuple[int, int]) -> tuple[str, tuple[int, int
     """``"param_first@10x128"`` -> ("param_first", (10, 128)); no ``@``: the default calibration."""
     method, _, size = name.partition("@")
     if method not in METHODS:
-        raise SystemExit(f"unknown method {method!r}; tailored.recipes.METHODS has {list(METHODS)}")
+        raise SystemExit(f"unknown method {method!r}; tailored.methods.METHODS has {list(METHODS)}")
     return method, parse_size(size) if size else default
 
 
@@ -204,7 +204,7 @@ def run_sweep(args, res: Results, dense, tok, text: str, batches: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default=None, help="comma-separated names of tailored.recipes.METHODS (name@NxL "
+    ap.add_argument("--methods", default=None, help="comma-separated names of tailored.methods.METHODS (name@NxL "
                                                     "for another calibration size)")
     ap.add_argument("--shares", default="0.2,0.35,0.5")
     ap.add_argument("--all-shares", action="store_true", help="run the expensive methods at every share too")

@@ -64,33 +64,10 @@ from tqdm.auto import tqdm
 
 from tailored.anatomy import decoder_layers, preserved, set_checkpointing
 from tailored.artifacts import ArtifactError
+from tailored.choices import ESTIMATORS, FISHER_ESTIMATORS, GRADIENT_ESTIMATORS, READER_ESTIMATORS, REDUCTIONS
 from tailored.graph import KINDS, Graph, GroupSet
 from tailored.paths import atomic_write_bytes
 
-# name -> equation (the docstring line above); the order is the order of figures and tables
-ESTIMATORS: dict[str, str] = {
-    "param_first": "|w·g|",
-    "param_second": "½·w²·F",
-    "param_mix": "|w·g − ½·w²·F|",
-    "vectorize": "|Σ_slice w·g|",
-    "random": "U(0,1) per unit",
-    "l1": "|w|",
-    "l2": "w²",
-    "activation": "|w|·‖X‖₂",
-    "fluctuation": "Σ_j Var(x_j)·‖W_:,j‖² (readers)",
-    "flap": "mean_j z(Var(x_j)·‖W_:,j‖²) (readers; squared for heads)",
-    "fisher_fluctuation": "½·Σ_h F_h·Var(W_h,S x_S) (readers)",
-}
-GRADIENT_ESTIMATORS = ("param_first", "param_second", "param_mix", "vectorize")
-FISHER_ESTIMATORS = ("param_second", "param_mix")  # need one backward pass per calibration sample
-READER_ESTIMATORS = ("fluctuation", "flap", "fisher_fluctuation")  # from Activations: statistics of the readers' inputs
-REDUCTIONS: dict[str, str] = {
-    "sum": "Σ over members",
-    "mean": "mean over members",
-    "max": "max over members",
-    "prod": "Π over members, as the geometric mean (Π)^(1/members), computed in log space",
-    "root": "the root member alone (LLM-Pruner's 'first')",
-}
 FORMAT = "tailored.importance/1"
 
 

@@ -22,10 +22,10 @@ Rules (any may end with ``or None``):
 ``float > X``          a number above X (also ``float ≥ X``, ``float ≥ 0 and < 1`` and the like)
 ``share`` / ``shares`` a share of parameters in (0, 1) / a non-empty list of them
 ``one of a, b, c``     one of these strings
-``estimator(s)``       importance estimator(s) (``tailored.importance.ESTIMATORS``); ``from 02_importance.estimators``
+``estimator(s)``       importance estimator(s) (``tailored.choices.ESTIMATORS``); ``from 02_importance.estimators``
                        adds: among those notebook 02 computes (checked for a whole profile)
-``reduction(s)``       group reduction(s) (``tailored.importance.REDUCTIONS``)
-``method(s)``          named pruning method(s) (``tailored.recipes.METHODS``)
+``reduction(s)``       group reduction(s) (``tailored.choices.REDUCTIONS``)
+``method(s)``          named pruning method(s) (``tailored.methods.METHODS``)
 ``windows``            calibration sizes, a list of ``[windows, tokens]`` pairs
 ``tasks``              a list of known task names (``tailored/tasks.yaml``); ``train tasks``: each with a
                        train split
@@ -55,11 +55,10 @@ from typing import Any
 
 from tailored import data
 from tailored.anatomy import DTYPES, resolve_device
-from tailored.importance import ESTIMATORS, REDUCTIONS
+from tailored.choices import ESTIMATORS, PROMPT_NAMES, REDUCTIONS
+from tailored.methods import METHODS
 from tailored.models import model_layers
 from tailored.paths import REPO_ROOT
-from tailored.prompts import PROMPT_NAMES
-from tailored.recipes import METHODS
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 INJECTED = ("profile", "run_dir", "figures_dir")  # set by the runner into every notebook
@@ -160,7 +159,7 @@ def _check_rule(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> 
             return problem
         return _choices(value, list(computed), base == "estimators", f"estimators {step} computes ({key})")
     if rule in ("method", "methods"):
-        return _choices(value, list(METHODS), rule == "methods", "pruning methods (tailored.recipes.METHODS)")
+        return _choices(value, list(METHODS), rule == "methods", "pruning methods (tailored.methods.METHODS)")
     if rule == "windows":
         ok = isinstance(value, list) and all(isinstance(w, list) and len(w) == 2 and all(
             _number(x, "int") and x >= 1 for x in w) for w in value)

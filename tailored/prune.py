@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tailored.choices import ALLOCATIONS, ATTENTION, COMPENSATIONS, DENOMINATORS, MODES, NORMALIZATIONS
 from tailored.graph import Graph, GroupSet
 from tailored.importance import Activations, readers
 from tailored.removal import (
@@ -55,12 +56,6 @@ from tailored.removal import (
     planned_cuts,
 )
 
-MODES = ("block", "channel", "layer")
-ALLOCATIONS = ("local", "global")
-ATTENTION = ("kv", "qheads")
-DENOMINATORS = ("decoder", "model")
-NORMALIZATIONS = ("kind", "layer", "cost", "none")  # how global allocation makes scores comparable
-COMPENSATIONS = ("none", "bias", "refit")  # what apply gives back to the readers of removed units
 TOLERANCE = 0.01  # the achieved share must be within 1 percentage point of the target
 
 

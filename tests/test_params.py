@@ -34,7 +34,7 @@ def _refused(tmp_path, steps: dict, needle: str) -> str:
     ({"05_evaluate": {"main_k": 100000}}, "05_evaluate.main_k = 100000: must be at most the train split"),
     ({"05_evaluate": {"limit": 0}}, "05_evaluate.limit = 0: must be an integer >= 1"),
     ({"03_prune": {"method": "taylor"}}, "03_prune.method = 'taylor'"),
-    ({"03_prune": {"curve_methods": ["random", "flap_bias"]}}, "pruning methods (tailored.recipes.METHODS)"),
+    ({"03_prune": {"curve_methods": ["random", "flap_bias"]}}, "pruning methods (tailored.methods.METHODS)"),
     ({"05_evaluate": {"tasks": ["sst2", "sst-2"]}}, "05_evaluate.tasks = ['sst2', 'sst-2']"),
     ({"02_importance": {"calibration_sweep": [[10, 128], [0, 64]]}}, "a list of [windows, tokens] pairs"),
     ({"01_trace_graph": {"layer_to_draw": 99}}, "01_trace_graph.layer_to_draw = 99: must be a decoder layer index in 0..3"),
