@@ -17,7 +17,7 @@ Sections:
   times better than chance). Depth pruning removes whole layers (3.3% of the decoder each), so at 0.35 it
   lands on 33.3% or 36.7% and its row says so.
 - *sweep*: calibration size (windows × tokens) and source (Wikipedia, or the tasks' own training data
-  written with their prompts, ``lora.calibration_texts``): Spearman correlation of the unit scores of each
+  written with their prompts, ``recovery_data.calibration_texts``): Spearman correlation of the unit scores of each
   estimator in ``--sweep-estimators`` between successive sizes (over all attention and MLP units), and the
   perplexity after pruning ``--sweep-share`` with the method ``--sweep-method`` calibrated on each.
 
@@ -50,9 +50,9 @@ from tailored.importance import (  # noqa: E402
     compute_importance,
     spearman,
 )
-from tailored.lora import calibration_texts  # noqa: E402
 from tailored.models import load  # noqa: E402
 from tailored.recipes import METHODS, prune_model  # noqa: E402
+from tailored.recovery_data import calibration_texts  # noqa: E402
 
 DEFAULT_METHODS = [  # the most telling first, so that a partial run already answers the question
     "random", "param_first@10x128", "fisher_refit", "fisher_bias", "flap", "flap_no_bias", "param_first",

@@ -71,7 +71,7 @@ def test_04_trained_adapters_listed_in_index(smoke_run):
         run = m["runs"][e["name"]]
         assert run["steps"] == m["settings"]["max_steps"] and run["tokens"] > 0 and run["tokens_per_s"] > 0
         assert 0 < run["validation"]["all"] < float("inf") and 0 < run["final_train_loss"] < float("inf")
-        assert not list((run_dir / e["adapter"]).glob("checkpoint-*")), "a finished run keeps no checkpoints"
+        assert not list((run_dir / e["adapter"]).glob("snapshot-*")), "a finished run keeps no snapshots"
     assert m["settings"]["seed"] == m["seed"] and set(m["validation_before"]) == {"dense", *pruned}
 
 
