@@ -108,13 +108,14 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     return h.hexdigest()[:24]
 
 
-def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
-    """Turn activation (gradient) checkpointing of the decoder layers on or off.
+def set_recompute_activations(model: torch.nn.Module, enable: bool = True) -> None:
+    """Have the decoder layers recompute their activations in the backward pass (or keep them, ``enable=False``).
 
-    A checkpointed layer keeps only its input for the backward pass and recomputes the rest there: about one
-    more forward pass of time for activation memory of one layer instead of all of them. transformers 5.x
-    renamed the switch (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``);
-    either is used. Non-reentrant checkpointing, so frozen inputs need no ``requires_grad`` trick.
+    A recomputing layer keeps only its input for the backward pass and recomputes the rest there: about one
+    more forward pass of time for activation memory of one layer instead of all of them. This is what
+    transformers calls gradient (or activation) checkpointing; 5.x renamed its switch
+    (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``), and either is used.
+    Non-reentrant, so frozen inputs need no ``requires_grad`` trick.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if enable:
@@ -125,8 +126,9 @@ def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
         switch()
 
 
-def checkpointing_on(model: torch.nn.Module) -> bool:
-    """Whether the decoder layers are checkpointed now (``set_checkpointing``'s state; either name of the flag)."""
+def recomputes_activations(model: torch.nn.Module) -> bool:
+    """Whether the decoder layers recompute their activations now (``set_recompute_activations``'s state, read
+    from transformers' flag under either of its names)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cls = type(base)
     name = "is_activation_checkpointing" if hasattr(cls, "is_activation_checkpointing") else "is_gradient_checkpointing"
@@ -144,19 +146,19 @@ def preserved(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     Restored: the train/eval mode of every module (a block may flag single layers as training, as
     ``compute_importance`` does to have them recomputed), each parameter's ``requires_grad``, and whether the
-    decoder layers recompute their activations in the backward pass (``set_checkpointing``). Weights, buffers
+    decoder layers recompute their activations in the backward pass (``set_recompute_activations``). Weights, buffers
     and ``.grad`` are not touched.
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    recomputing = checkpointing_on(model)
+    recomputing = recomputes_activations(model)
     try:
         yield model
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        if checkpointing_on(model) != recomputing:
-            set_checkpointing(model, recomputing)
+        if recomputes_activations(model) != recomputing:
+            set_recompute_activations(model, recomputing)
         for m, mode in modes:
             m.training = mode
 

@@ -62,7 +62,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from tailored.anatomy import decoder_layers, preserved, set_checkpointing
+from tailored.anatomy import decoder_layers, preserved, set_recompute_activations
 from tailored.artifacts import ArtifactError
 from tailored.choices import ESTIMATORS, FISHER_ESTIMATORS, GRADIENT_ESTIMATORS, READER_ESTIMATORS, REDUCTIONS
 from tailored.graph import KINDS, Graph, GroupSet
@@ -459,7 +459,7 @@ class _ActivationNorms:
         self.tokens: dict[int, int] = {}  # id(module) -> tokens seen
         self.roles: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # id(param) -> (module, attr)
         self.handles = []
-        self.active = True  # off during backward: a checkpointed layer's recompute must not count twice
+        self.active = True  # off during backward: a layer recomputed there must not count twice
         for module in model.modules():
             mine = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in wanted]
             if not mine:
@@ -815,7 +815,7 @@ def _check_names(estimators: Sequence[str], reductions: Sequence[str]) -> tuple[
 def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor,
                        estimators: Sequence[str] = ("param_first",), reductions: Sequence[str] = ("sum",),
                        kinds: Sequence[str] | None = None, micro_batch: int = 1, seed: int = 0,
-                       progress: bool = True, checkpointing: bool = False,
+                       progress: bool = True, recompute_activations: bool = False,
                        activations: Activations | None = None) -> Importance:
     """Score every unit of the graph's group sets with each estimator and group reduction.
 
@@ -842,11 +842,11 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     forward + backward, and takes 1.11 (CPU, 16 threads) / 1.33 (H100) times as long as the same
     per-sample passes without hooks.
 
-    ``checkpointing=True`` recomputes each decoder layer's activations in the backward pass (about one more
-    forward of time) instead of keeping them: with ``micro_batch=len(batch)`` (one pass, no per-element
-    buffer) that is what keeps LLaMA-7B's first-order scores for 10 × 128 tokens near the size of its
-    weights. transformers checkpoints only layers in training mode, so the decoder layers alone are flagged
-    as training during the passes; their attention and MLP stay in eval mode (no dropout).
+    ``recompute_activations=True`` recomputes each decoder layer's activations in the backward pass (about
+    one more forward of time) instead of keeping them: with ``micro_batch=len(batch)`` (one pass, no
+    per-element buffer) that is what keeps LLaMA-7B's first-order scores for 10 × 128 tokens near the size of
+    its weights. transformers recomputes only layers in training mode, so the decoder layers alone are
+    flagged as training during the passes; their attention and MLP stay in eval mode (no dropout).
 
     ``fluctuation`` and ``fisher_fluctuation`` read statistics of the units' readers: ``activations``
     (from ``activation_statistics`` on this model and batch), or, when not given, statistics collected
@@ -872,10 +872,10 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     uses_by_param = _uses_by_param(model, groups, device)  # validates the graph against the model, before any compute
     dtype = _acc_dtype(device)
     grad_est = [e for e in estimators if e in GRADIENT_ESTIMATORS]
-    checkpointing = checkpointing and bool(grad_est)  # without a backward pass there is nothing to recompute
+    recompute = recompute_activations and bool(grad_est)  # without a backward pass there is nothing to recompute
     passes = _Passes(batch, micro_batch, needed=bool(grad_est) or "activation" in estimators)  # weights alone: none
     fold, norms = _score_passes(model, passes, uses_by_param, grad_est, "activation" in estimators, dtype,
-                                checkpointing, progress)
+                                recompute, progress)
 
     reader_est = [e for e in estimators if e in READER_ESTIMATORS]
     if reader_est and activations is None:
@@ -894,7 +894,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
         "estimators": list(estimators), "reductions": list(reductions),
         "definitions": {e: ESTIMATORS[e] for e in estimators}, "reduction_definitions": {r: REDUCTIONS[r] for r in reductions},
         "n_samples": n, "seq_len": seq_len, "micro_batch": min(micro_batch, n), "seed": seed,
-        "checkpointing": checkpointing, **passes.losses(),
+        "recompute_activations": recompute, **passes.losses(),
         "kinds": sorted({g.kind for g in groups}),
         "groupsets": {g.name: {"kind": g.kind, "layer": g.layer, "units": g.units} for g in groups},
         "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
@@ -937,7 +937,7 @@ class _Passes:
 
 
 def _score_passes(model: torch.nn.Module, passes: _Passes, uses_by_param: dict[str, list[_Use]],
-                  grad_est: Sequence[str], norms_wanted: bool, dtype: torch.dtype, checkpointing: bool,
+                  grad_est: Sequence[str], norms_wanted: bool, dtype: torch.dtype, recompute: bool,
                   progress: bool) -> tuple[_GradientFold, _ActivationNorms | None]:
     """Forward (+ backward) passes that fold gradients and activation norms into per-unit sums as they arrive.
 
@@ -952,10 +952,10 @@ def _score_passes(model: torch.nn.Module, passes: _Passes, uses_by_param: dict[s
     try:
         with preserved(model):
             model.eval()  # no dropout: the scores are a function of the weights and the batch
-            if checkpointing:
-                set_checkpointing(model, True)
+            if recompute:
+                set_recompute_activations(model, True)
                 for layer in decoder_layers(model):
-                    layer.training = True  # the layer alone (not its children): transformers' switch to checkpoint
+                    layer.training = True  # the layer alone (not its children): transformers recomputes only then
             model.zero_grad(set_to_none=True)
             for name, p in params.items():  # only scored parameters get gradients
                 p.requires_grad_(name in uses_by_param and bool(grad_est))

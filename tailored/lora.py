@@ -55,7 +55,7 @@ from tailored.adapters import (
     trainable,
     write_adapter,
 )
-from tailored.anatomy import preserved, set_checkpointing, weights_fingerprint
+from tailored.anatomy import preserved, set_recompute_activations, weights_fingerprint
 from tailored.artifacts import read_json, write_json
 from tailored.recovery_data import IGNORE, Encoded, TrainExample, collate, encode, loss_mask
 from tailored.snapshots import (
@@ -91,7 +91,7 @@ class LoraSettings:
     budget takes (known in advance: the data order is fixed by ``seed``).
 
     ``precision="auto"`` trains under bf16 autocast on a CUDA device that supports it, else in fp32.
-    ``gradient_checkpointing`` recomputes each decoder layer in the backward pass instead of keeping its
+    ``recompute_activations`` recomputes each decoder layer in the backward pass instead of keeping its
     activations: about one more forward pass per step, for the memory of one layer's activations instead of
     all of them (the paper profile's 16 × 256 micro-batches at LLaMA-7B). It changes memory and time, not the
     result, so a run may be continued with it switched.
@@ -120,7 +120,7 @@ class LoraSettings:
     seed: int = 0
     save_every: int = 50  # steps between saved (resumable) snapshots; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
-    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: less memory
+    recompute_activations: bool = False  # recompute layer activations in the backward pass: less memory
     distill: float = 0.0  # weight of the KL to a teacher's next-token distribution (0: plain LM loss; 1: KL alone)
     temperature: float = 1.0  # softens both distributions in the KL (Hinton et al.); the KL is scaled by T²
     distill_tokens: str = "answer"  # where the KL is taken: the answer tokens, or every token ("all")
@@ -167,8 +167,8 @@ class LoraSettings:
             bad(f"seed {self.seed!r} must be an integer >= 0")
         if self.select not in SELECTIONS:
             bad(f"select {self.select!r} is not one of {SELECTIONS}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            bad(f"gradient_checkpointing {self.gradient_checkpointing!r} must be True or False")
+        if not isinstance(self.recompute_activations, bool):
+            bad(f"recompute_activations {self.recompute_activations!r} must be True or False")
         if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
             bad(f"distill {self.distill!r} is outside [0, 1]: it is the weight of the KL to the teacher "
                 "(0: the plain LM loss, 1: the KL alone)")
@@ -355,7 +355,7 @@ def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -
 
     A run is the same when its settings, its training examples and its base model's weights are: a pruned
     checkpoint re-pruned with another estimator is another base, even under the same name. Settings that
-    change memory and time but not the result (``save_every``, ``gradient_checkpointing``) may differ; so may
+    change memory and time but not the result (``save_every``, ``recompute_activations``) may differ; so may
     a setting the saved run predates, when it has its default value now. A setting this version no longer
     knows (a run saved before a rename) makes it another run: it is trained again rather than misread.
     """
@@ -363,7 +363,7 @@ def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -
     retired = sorted(set(saved["settings"]) - set(now))
     if retired:
         return f"settings this version does not know ({', '.join(retired)}: an older version of tailored)"
-    free = {"save_every", "gradient_checkpointing"}
+    free = {"save_every", "recompute_activations"}
     defaults = LoraSettings.__dataclass_fields__
     diff = sorted(k for k in now if k not in free and saved["settings"].get(k, defaults[k].default) != now[k])
     if diff:
@@ -582,8 +582,8 @@ class _Run:
         self.autocast = settings.autocast_dtype(next(model.parameters()).device)
         self.base = weights_fingerprint(model)  # what the adapter is made for: reused only on these very weights
         self.peft_model = add_lora(model, settings)
-        if settings.gradient_checkpointing:
-            set_checkpointing(self.peft_model, True)
+        if settings.recompute_activations:
+            set_recompute_activations(self.peft_model, True)
         self.params = [p for _, p in trainable(self.peft_model)]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.vocab = self.peft_model.get_base_model().get_output_embeddings().weight.shape[0]
@@ -785,8 +785,8 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
     """Tokens per second of one LoRA training step (forward, backward, AdamW) on random full-length tokens.
 
     For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
-    Answer-only loss on the last quarter of each sequence; ``settings.gradient_checkpointing`` is honoured.
-    The model is returned to its state (adapters removed, train or eval mode and checkpointing as before).
+    Answer-only loss on the last quarter of each sequence; ``settings.recompute_activations`` is honoured.
+    The model is returned to its state (adapters removed, train or eval mode and recomputation as before).
     ``s_per_step`` is the median of the ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
@@ -802,8 +802,8 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
 def _timed_steps(peft_model, settings: LoraSettings, batch_size: int, seq_len: int, steps: int,
                  warmup: int) -> list[float]:
     """Seconds of each of ``steps`` LoRA training steps after ``warmup``, on random tokens; adapters removed after."""
-    if settings.gradient_checkpointing:  # as train_lora does: the step measured is the step trained
-        set_checkpointing(peft_model, True)
+    if settings.recompute_activations:  # as train_lora does: the step measured is the step trained
+        set_recompute_activations(peft_model, True)
     device = next(peft_model.parameters()).device
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
     params = [p for _, p in trainable(peft_model)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tailored import models
-from tailored.anatomy import checkpointing_on, decoder_layers, preserved, set_checkpointing
+from tailored.anatomy import decoder_layers, preserved, recomputes_activations, set_recompute_activations
 
 
 def test_preserved_restores_modes_flags_and_recomputation_even_after_an_error(one_thread):
@@ -20,12 +20,12 @@ def test_preserved_restores_modes_flags_and_recomputation_even_after_an_error(on
         with preserved(model):
             model.eval()
             model.requires_grad_(True)
-            set_checkpointing(model, True)
+            set_recompute_activations(model, True)
             raise RuntimeError("inside")
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags and not frozen.requires_grad
-    assert not checkpointing_on(model)
-    set_checkpointing(model, True)
+    assert not recomputes_activations(model)
+    set_recompute_activations(model, True)
     with preserved(model):
-        set_checkpointing(model, False)
-    assert checkpointing_on(model), "a recomputation the caller switched on stays on"
+        set_recompute_activations(model, False)
+    assert recomputes_activations(model), "a recomputation the caller switched on stays on"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tailored import adapters, lora, models, recovery_data
-from tailored.anatomy import checkpointing_on, set_checkpointing
+from tailored.anatomy import recomputes_activations, set_recompute_activations
 from tailored.lora import LoraSettings, TrainExample
 
 FRUIT = ("apple", "pear", "plum", "fig")
@@ -258,10 +258,10 @@ def test_figures_draw_curves_and_accuracy_against_n(tmp_path):
     assert save_figure(fig, tmp_path, "acc").stat().st_size > 0
 
 
-def test_gradient_checkpointing_trains_the_same_adapter_and_may_be_switched_on_resume(tmp_path):
-    # dropout on: the recomputed forward must draw the same masks (checkpointing keeps the random state)
+def test_recomputed_activations_train_the_same_adapter_and_may_be_switched_on_resume(tmp_path):
+    # dropout on: the recomputed forward must draw the same masks (recomputation keeps the random state)
     plain = LoraSettings(max_steps=4, dropout=0.1, **{**QUICK, "save_every": 2})
-    ckpt = LoraSettings(**{**plain.to_dict(), "gradient_checkpointing": True})
+    ckpt = LoraSettings(**{**plain.to_dict(), "recompute_activations": True})
     a = lora.train_lora(*tiny(), EXAMPLES, plain, tmp_path / "plain", progress=False)
     b = lora.train_lora(*tiny(), EXAMPLES, ckpt, tmp_path / "ckpt", progress=False)
     assert [v for _, v in a.losses] == pytest.approx([v for _, v in b.losses], rel=1e-5)
@@ -347,23 +347,23 @@ def test_flattened_at_finds_where_a_validation_curve_stopped_improving():
 
 
 def test_measure_throughput_leaves_the_model_as_it_found_it():
-    """A throughput probe before evaluation must not leave adapters, checkpointing or dropout behind."""
+    """A throughput probe before evaluation must not leave adapters, recomputation or dropout behind."""
     model, _ = tiny()
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16,
+    out = lora.measure_throughput(model, LoraSettings(recompute_activations=True), batch_size=2, seq_len=16,
                                   steps=1, warmup=0)
     assert out["tokens_per_s"] > 0 and out["batch_size"] == 2
-    assert not model.training and not checkpointing_on(model)
+    assert not model.training and not recomputes_activations(model)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_measure_throughput_keeps_checkpointing_the_caller_switched_on():
+def test_measure_throughput_keeps_the_recomputation_the_caller_switched_on():
     model, _ = tiny()
-    set_checkpointing(model, True)
-    lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16, steps=1, warmup=0)
-    assert checkpointing_on(model)
-    lora.measure_throughput(model, LoraSettings(gradient_checkpointing=False), batch_size=2, seq_len=16, steps=1,
+    set_recompute_activations(model, True)
+    lora.measure_throughput(model, LoraSettings(recompute_activations=True), batch_size=2, seq_len=16, steps=1, warmup=0)
+    assert recomputes_activations(model)
+    lora.measure_throughput(model, LoraSettings(recompute_activations=False), batch_size=2, seq_len=16, steps=1,
                             warmup=0)
-    assert checkpointing_on(model)
+    assert recomputes_activations(model)
