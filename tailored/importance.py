@@ -62,7 +62,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from tailored.anatomy import decoder_layers, preserved, set_recompute_activations
+from tailored.anatomy import decoder_layers, preserved, set_recompute_activations, weights_fingerprint
 from tailored.artifacts import ArtifactError
 from tailored.choices import ESTIMATORS, FISHER_ESTIMATORS, GRADIENT_ESTIMATORS, READER_ESTIMATORS, REDUCTIONS
 from tailored.graph import KINDS, Graph, GroupSet
@@ -900,6 +900,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
         "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_sha256": _batch_hash(batch),
+        "weights": weights_fingerprint(model),  # which weights were scored (anatomy.weights_fingerprint)
     }
     if reader_est:
         settings["activations"] = {"tokens": activations.tokens, **activations.settings}
@@ -1013,12 +1014,12 @@ def _unit_scores(estimators: Sequence[str], reductions: Sequence[str], groups: S
                  reader_members: Mapping[int, list[tuple[int, str]]], seed: int, dtype: torch.dtype,
                  device: torch.device) -> dict[tuple[str, str, str], torch.Tensor]:
     """Each unit's score per (estimator, reduction, group set): its members' scores reduced (float32, CPU)."""
-    gen = torch.Generator().manual_seed(seed)
+    drawn = random_scores(groups, seed) if "random" in estimators else {}
     scores: dict[tuple[str, str, str], torch.Tensor] = {}
     for est in estimators:
         for gi, g in enumerate(groups):
             if est == "random":
-                r = torch.rand(g.units, generator=gen)
+                r = drawn[g.name]
                 for red in reductions:
                     scores[(est, red, g.name)] = r.clone()
                 continue
@@ -1035,6 +1036,27 @@ def _unit_scores(estimators: Sequence[str], reductions: Sequence[str], groups: S
             for red in reductions:
                 scores[(est, red, g.name)] = reduce_members(stacked, red, g.root).float()
     return scores
+
+
+BLOCK_KINDS = ("attention", "mlp")  # what block-wise pruning reads (with attention="kv")
+
+
+def random_scores(groups: Sequence[GroupSet], seed: int) -> dict[str, torch.Tensor]:
+    """``random``: U(0, 1) per unit, ``{group set name: (units,) float32}``, from one generator seeded by ``seed``.
+
+    The draws run over the attention and MLP group sets first (in layer order), then the others (query heads,
+    the hidden dimension): a unit's draw depends on the seed and on the block-wise group sets before it, never
+    on whether the other kinds are scored too. So notebook 02, which scores every kind, saves the very draws
+    that block-wise pruning with ``random`` made from the same seed on its own kinds.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ordered = [g for g in groups if g.kind in BLOCK_KINDS] + [g for g in groups if g.kind not in BLOCK_KINDS]
+    return {g.name: torch.rand(g.units, generator=gen) for g in ordered}
+
+
+def batch_sha256(batch: torch.Tensor) -> str:
+    """The SHA-256 of a calibration batch's token ids: which windows scores and statistics were computed on."""
+    return _batch_hash(batch)
 
 
 def _batch_hash(batch: torch.Tensor) -> str:
@@ -1134,6 +1156,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 __all__ = ["ESTIMATORS", "REDUCTIONS", "GRADIENT_ESTIMATORS", "READER_ESTIMATORS", "Activations", "Importance",
-           "activation_statistics", "block_influence", "calibration_batch", "compute_importance", "param_first",
-           "param_second", "param_mix", "readers", "vectorize_terms", "reduce_members", "reference_taylor", "spearman",
-           "zeroing_loss_change"]
+           "activation_statistics", "batch_sha256", "block_influence", "calibration_batch", "compute_importance",
+           "param_first", "param_second", "param_mix", "random_scores", "readers", "vectorize_terms", "reduce_members",
+           "reference_taylor", "spearman", "zeroing_loss_change"]

@@ -22,7 +22,6 @@ from tailored.choices import (
     LAYER_ESTIMATORS,
     MODES,
     NORMALIZATIONS,
-    READER_ESTIMATORS,
 )
 
 
@@ -78,11 +77,6 @@ class Method:
         """Whether the method scores units with a ``tailored.importance`` estimator (notebook 02 can compute it),
         not whole layers (``block_influence``, measured on the model being pruned)."""
         return self.estimator in ESTIMATORS
-
-    @property
-    def reads_activations(self) -> bool:
-        """Whether scoring or compensation needs the readers' statistics (``activation_statistics``)."""
-        return self.estimator in READER_ESTIMATORS or self.compensation != "none"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

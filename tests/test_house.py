@@ -5,12 +5,15 @@
 - the module-level imports between ``tailored`` modules form no cycle;
 - only ``tailored.figures`` imports matplotlib (and seaborn);
 - a step's fingerprint (``tailored.sources.step_sources``, what the runner hashes) covers the modules its
-  notebook really uses, so a change reruns only the steps it touches.
+  notebook really uses, so a change reruns only the steps it touches;
+- no function is longer than 80 lines of code (docstrings, comments and blank lines aside): a longer one is
+  several named steps.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -122,10 +125,11 @@ LORA = {"tailored.lora", "tailored.adapters", "tailored.snapshots", "tailored.lo
 PRUNER = {"tailored.prune", "tailored.recipes"}
 
 
-def _step_modules(step: str) -> set[str]:
+@functools.cache
+def _step_modules(step: str) -> frozenset[str]:
     """The modules whose files the runner fingerprints step ``step`` by."""
     by_file = {path: name for name, path in sources.module_files().items()}
-    return {by_file[path] for path in sources.step_sources(NOTEBOOKS / f"{step}.ipynb")}
+    return frozenset(by_file[path] for path in sources.step_sources(NOTEBOOKS / f"{step}.ipynb"))
 
 
 STEPS = sorted(p.stem for p in NOTEBOOKS.glob("0*.ipynb"))
@@ -164,3 +168,35 @@ def test_the_fingerprints_stay_truthful_each_step_covers_the_code_that_makes_its
     for step, modules in needs.items():
         missing = modules - _step_modules(step)
         assert not missing, f"{step} runs {sorted(missing)} but its fingerprint does not cover them"
+
+
+# ----------------------------------------------------------------------------------------- function length
+MAX_LINES = 80
+
+
+def _code_lines(source: str, node: ast.AST) -> int:
+    """Lines of code of a function (its nested functions included): no docstring, comment or blank line."""
+    lines = source.splitlines()
+    doc: set[int] = set()
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        doc = set(range(first.lineno, first.end_lineno + 1))
+    start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+    return sum(1 for i in range(start, node.end_lineno + 1)
+               if i not in doc and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#"))
+
+
+def test_no_function_is_longer_than_80_lines_of_code():
+    long = []
+    for path in MODULES.values():
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(source, node) > MAX_LINES:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} "
+                            f"({_code_lines(source, node)} lines)")
+    assert not long, f"split these into named steps (at most {MAX_LINES} lines of code each):\n  " + "\n  ".join(long)
+
+
+def test_the_length_counter_skips_docstrings_comments_and_blank_lines():
+    src = 'def f(x):\n    """Doc.\n\n    More doc.\n    """\n    # a comment\n\n    y = x + 1\n    return y\n'
+    assert _code_lines(src, ast.parse(src).body[0]) == 3  # def, y = ..., return
