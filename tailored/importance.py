@@ -708,30 +708,37 @@ def _reader_scores(est: str, w: torch.Tensor, acts: Activations, name: str, memb
                          f"has {w.shape[1]}: they were computed on another (differently pruned) model")
     w = w.detach().to("cpu", torch.float64)
     cov = acts.covariance(name)  # (in, in) or (in,)
-    out = torch.zeros(units, dtype=torch.float64)
     if est in ("fluctuation", "flap"):
         col = (cov.diagonal() if cov.dim() == 2 else cov) * w.square().sum(0)  # (in,): Var(x_j) ‖W_:,j‖²
         if est == "flap":  # FLAP: square the metric of multi-column units (heads), standardize over the layer
             col = col.square() if max(len(ix) for ix in member.index) > 1 else col
             col = (col - col.mean()) / col.std().clamp_min(1e-30)
-        for u in range(units):
-            cols = col[list(member.index[u])]
-            out[u] = cols.mean() if est == "flap" else cols.sum()
-        return out.to(dtype)
+        return _per_unit(col, member, mean=est == "flap").to(dtype)
     if name not in acts.fisher:
         raise ValueError(f"fisher_fluctuation needs the Fisher information of {name}'s output: collect the "
                          "activations with gradients=True")
     wf = w * acts.fisher[name].double()[:, None]  # (out, in): F_h W_hj
     if cov.dim() == 1:
         col = 0.5 * cov * (wf * w).sum(0)  # a unit of one column, or only the diagonal kept
-        for u in range(units):
-            out[u] = col[list(member.index[u])].sum()
-        return out.to(dtype)
+        return _per_unit(col, member, mean=False).to(dtype)
+    out = torch.zeros(units, dtype=torch.float64)
     for u in range(units):
         ix = torch.tensor(member.index[u], dtype=torch.long)
         ws, wfs = w[:, ix], wf[:, ix]  # (out, |S|)
         out[u] = 0.5 * ((wfs @ cov[ix][:, ix]) * ws).sum()  # ½ Σ_h F_h W_h,S C_SS W_h,Sᵀ
     return out.to(dtype)
+
+
+def _per_unit(col: torch.Tensor, member, mean: bool) -> torch.Tensor:
+    """The sum (or mean) of per-column scores ``col`` (in,) over each unit's columns: (units,) float64. A unit
+    of one column takes that column's value as it is (gathered at once: SmolLM2's 30 × 1536 MLP channels)."""
+    if all(len(ix) == 1 for ix in member.index):
+        return col[torch.tensor([ix[0] for ix in member.index], dtype=torch.long)]
+    out = torch.zeros(len(member.index), dtype=torch.float64)
+    for u, ix in enumerate(member.index):
+        cols = col[list(ix)]
+        out[u] = cols.mean() if mean else cols.sum()
+    return out
 
 
 # ------------------------------------------------------------------------------------ whole layers

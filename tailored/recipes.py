@@ -198,7 +198,8 @@ def _first_round(model: torch.nn.Module, batch: torch.Tensor, method: Method, mi
     """The dense model's graph, scores and statistics for ``method``: from the cache, from ``importance``, or
     computed; then completed with what compensation needs (and put in the cache)."""
     scoring = dataclasses.replace(method, rounds=1, compensation="none", damping=0.0)
-    weights, batch_id = weights_fingerprint(model), batch_sha256(batch)
+    checked = cache is not None or importance is not None  # a pass over the weights, only where it is compared
+    weights, batch_id = (weights_fingerprint(model) if checked else ""), batch_sha256(batch)
     first = cache.get(scoring, weights, batch_id) if cache is not None else None
     if first is None:
         graph = trace(model, seed=seed)
