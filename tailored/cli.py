@@ -1,8 +1,11 @@
 """The ``tailored`` command: ``prepare``, ``data``, ``run``, ``lab``, ``bench``.
 
-Errors the user can fix (a missing package, a misspelled parameter or broken params file, a failing
-notebook, a run directory another run holds, a damaged artifact) are printed as one clear message with exit
-status 1 or 2 (2: the params), not as a stack trace.
+Errors the user can fix (a missing package, a misspelled parameter or broken params file, a malformed
+``tasks.yaml`` or ``prompts.yaml``, a failing notebook, a run directory another run holds, a damaged artifact,
+a full disk) are printed as one line naming the file, with exit status 1 or 2 (2: the params and the registry),
+not as a stack trace. ``tailored lab [OPTIONS]`` hands every option on to JupyterLab (``tailored lab
+--no-browser --port=8899``; ``tailored lab -- --help`` for JupyterLab's own); it saves the study's notebooks
+without outputs (their executed copies go to ``runs/lab/``), so a session leaves the repository clean.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from tailored import paths
 from tailored.artifacts import ArtifactError
 from tailored.lock import RunLocked
+from tailored.paths import WriteFailed
 
 
 def _cmd_prepare(args) -> None:
@@ -49,13 +54,60 @@ def _cmd_run(args) -> None:
                progress=not args.quiet)
 
 
+# What a JupyterLab session adds to a notebook that the committed notebooks do not hold: nbstripout's own defaults
+# (outputs and execution counts go anyway), and the kernel's full language_info. The git filter of `make install`
+# strips the same keys (the Makefile reads them from here).
+NOTEBOOK_EXTRA_KEYS = ("metadata.signature", "metadata.widgets", "cell.metadata.collapsed", "cell.metadata.ExecuteTime",
+                       "cell.metadata.execution", "cell.metadata.heading_collapsed", "cell.metadata.hidden",
+                       "cell.metadata.scrolled", "metadata.language_info.codemirror_mode",
+                       "metadata.language_info.file_extension", "metadata.language_info.mimetype",
+                       "metadata.language_info.nbconvert_exporter", "metadata.language_info.pygments_lexer",
+                       "metadata.language_info.version", "metadata.papermill", "cell.metadata.papermill")
+LAB_NOTEBOOKS = paths.REPO_ROOT / "notebooks"  # the study's notebooks: saved from JupyterLab without outputs...
+LAB_RUN_DIR = paths.run_dir("lab")  # ... and with them here, where their run by hand writes (run_dir = ../runs/lab)
+
+
+def strip_notebook(nb):
+    """The notebook as it is committed: no outputs, no execution counts, none of ``NOTEBOOK_EXTRA_KEYS``."""
+    import nbformat
+    from nbstripout import strip_output
+
+    return strip_output(nbformat.from_dict(nb), keep_output=False, keep_count=False, keep_id=True,
+                        extra_keys=list(NOTEBOOK_EXTRA_KEYS))
+
+
+def save_notebook_hook(model: dict, path: str, contents_manager, **kwargs) -> None:
+    """JupyterLab's pre-save hook (``tailored lab`` sets it): a notebook of ``notebooks/`` is written there as it is
+    committed, so a session leaves ``git status`` clean, and with its outputs to ``runs/lab/<name>.ipynb``, the
+    executed copy, as ``tailored run`` keeps ``runs/<profile>/<name>.ipynb``. The open session keeps showing its
+    outputs; other notebooks are saved untouched."""
+    import nbformat
+
+    if model.get("type") != "notebook" or not model.get("content"):
+        return
+    where = (Path(contents_manager.root_dir) / path).resolve()
+    if where.parent != LAB_NOTEBOOKS.resolve():
+        return
+    executed = nbformat.from_dict(model["content"])
+    paths.atomic_write_text(LAB_RUN_DIR / where.name, nbformat.writes(executed) + "\n")
+    model["content"] = strip_notebook(executed)
+
+
+def lab_command(lab_args: list[str]) -> list[str]:
+    """The JupyterLab command ``tailored lab`` runs: the notebooks folder; kernels started with CurveZMQ transport
+    encryption where pyzmq has it; ``save_notebook_hook``; then the user's own options (a leading ``--`` dropped)."""
+    import zmq
+
+    lab_args = lab_args[1:] if lab_args[:1] == ["--"] else lab_args
+    encrypt = ["--KernelManager.transport_encryption=auto"] if zmq.has("curve") else []
+    return [sys.executable, "-m", "jupyter", "lab", str(LAB_NOTEBOOKS), *encrypt,
+            "--ContentsManager.pre_save_hook=tailored.cli.save_notebook_hook", *lab_args]
+
+
 def _cmd_lab(args) -> None:
     import subprocess
 
-    from tailored import paths
-
-    cmd = [sys.executable, "-m", "jupyter", "lab", str(paths.REPO_ROOT / "notebooks")] + args.lab_args
-    raise SystemExit(subprocess.call(cmd))
+    raise SystemExit(subprocess.call(lab_command(args.lab_args)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,33 +137,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("lab", help="open the notebooks in JupyterLab with the project's kernel")
-    p.add_argument("lab_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_lab)
+    sub.add_parser("lab", help="open the notebooks in JupyterLab with the project's kernel; every option after "
+                   "`lab` goes to JupyterLab (`tailored lab --no-browser --port=8899`)", add_help=False)
 
     sub.add_parser("bench", help="dense vs pruned speed side by side (`tailored bench --help`)", add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser, so `tailored bench --help` reaches it
+    if argv[:1] in (["lab"], ["bench"]):  # their own options: `tailored lab --no-browser`, `tailored bench --help`
+        args = argparse.Namespace(command=argv[0], func=_cmd_lab, lab_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:  # reads tailored/tasks.yaml: a malformed entry is refused here, in one line, before anything runs
+        from tailored.data import DataNotAvailable, RegistryError
+    except ValueError as err:
+        print(f"tailored {args.command}: {err}", file=sys.stderr)
+        return 2
+    if args.command == "bench":  # its own parser, so `tailored bench --help` reaches it
         from tailored import speed
 
         return speed.main(argv[1:])
-    args = parser.parse_args(argv)
     from tailored.models import ModelNotAvailable
     from tailored.runner import ParamsError, StepFailed
 
-    known = (ParamsError, StepFailed, ModelNotAvailable, FileNotFoundError, RunLocked, ArtifactError)
-    try:
-        from tailored.data import DataNotAvailable
-
-        known = (*known, DataNotAvailable)
-    except ImportError:  # the data layer is optional for `run` of notebook 01 alone
-        pass
+    known = (ParamsError, RegistryError, StepFailed, ModelNotAvailable, FileNotFoundError, RunLocked, ArtifactError,
+             WriteFailed, DataNotAvailable)
     try:
         args.func(args)
     except known as err:
         print(f"tailored {args.command}: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ParamsError) else 1
+        return 2 if isinstance(err, (ParamsError, RegistryError)) else 1
     except KeyboardInterrupt:
         print(f"tailored {args.command}: interrupted", file=sys.stderr)
         return 130

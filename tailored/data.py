@@ -251,25 +251,35 @@ _SOURCE_FORMS = {"saved": {"saved"}, "requests": {"requests"}, "hub": {"hub", "c
 _LABEL_FORMS = {"index": {"index", "base"}, "key": {"key", "keys"}, "fixed": {"fixed"}}
 
 
+class RegistryError(ValueError):
+    """``tasks.yaml`` is malformed: one line naming the file, the task and the key. Raised when ``tailored.data`` is
+    imported, so every command refuses a broken registry before it does anything (the CLI prints the line)."""
+
+
 def read_registry(path: str | os.PathLike = TASKS_FILE) -> dict[str, TaskInfo]:
     """The tasks of a registry file (default ``tailored/tasks.yaml``), in file order, validated.
 
-    A malformed entry raises ``ValueError`` naming the file, the task and the key (the keys are described
+    A malformed entry raises ``RegistryError`` naming the file, the task and the key (the keys are described
     at the top of ``tasks.yaml``).
     """
     path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RegistryError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
-        raise ValueError(f"{path}: expected a top-level mapping 'tasks:' of task name -> entry")
+        raise RegistryError(f"{path}: expected a top-level mapping 'tasks:' of task name -> entry")
     return {str(name): _task_info(str(name), entry, path) for name, entry in raw["tasks"].items()}
 
 
 def _task_info(name: str, entry: Any, path: Path) -> TaskInfo:
     def bad(key: str, why: str) -> NoReturn:
-        raise ValueError(f"{path.name}: task {name!r}, key {key!r}: {why}")
+        raise RegistryError(f"{path}: task {name!r}, key {key!r}: {why}")
 
     if not isinstance(entry, dict):
-        raise ValueError(f"{path.name}: task {name!r}: an entry is a mapping of keys (kind, description, ...)")
+        raise RegistryError(f"{path}: task {name!r}: an entry is a mapping of keys (kind, description, ...)")
     for key in entry:
         if key not in (*_FACT_KEYS, *_RECIPE_KEYS, "builder"):
             bad(key, f"unknown key; an entry has {', '.join(_FACT_KEYS)}, then a builder or {', '.join(_RECIPE_KEYS)}")
@@ -360,6 +370,24 @@ def _describe_source(src: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------------------
+
+
+def task_fields(name: str) -> tuple[str, ...] | None:
+    """The text fields a task's examples have, the names its prompt templates may use: from ``tasks.yaml`` for a
+    common-format task, from the first prepared example for one built in Python; ``None`` when that is not known
+    (a builder task before ``tailored prepare``, an unknown task)."""
+    info = TASKS.get(name)
+    if info is None:
+        return None
+    if info.recipe:
+        return tuple(info.recipe["fields"])
+    meta = _cached_meta(name)  # never built here: checking a profile must not take the minutes preparing does
+    if not meta or not meta.get("splits"):
+        return None
+    split = info.eval_split if info.eval_split in meta["splits"] else next(iter(meta["splits"]))
+    with open(_split_path(name, split), encoding="utf-8") as fh:
+        first = fh.readline()
+    return tuple(_example_from_json(first).fields) if first.strip() else None
 
 
 def _info(name: str) -> TaskInfo:

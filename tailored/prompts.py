@@ -25,7 +25,8 @@ Three scoring modes (``Prompt.scoring``):
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import string
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -165,14 +166,26 @@ class Prompt:
 # ------------------------------------------------------------------------------------------ loading
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> dict[str, dict[str, Prompt]]:
-    raw = yaml.safe_load(Path(path).read_text())
-    defaults = raw.get("defaults", {})
+    """The prompts of ``path``; a malformed file raises ``ValueError`` naming the file, the task and the prompt."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
+        raise ValueError(f"{path}: expected a top-level mapping 'tasks:' of task -> {{prompts: {{name: ...}}}}")
+    defaults = raw.get("defaults") or {}
     known = set(Prompt.__dataclass_fields__) - {"task", "name", "extra"}
     table: dict[str, dict[str, Prompt]] = {}
     for task, spec in raw["tasks"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("prompts"), dict) or not spec["prompts"]:
+            raise ValueError(f"{path}: task {task!r} needs 'prompts:', a mapping of prompt name -> {{template: ...}}")
         task_level = {k: v for k, v in spec.items() if k != "prompts"}
         table[task] = {}
         for name, pspec in spec["prompts"].items():
+            if not isinstance(pspec, dict):
+                raise ValueError(f"{path}: {task}/{name} must be a mapping of keys (template, ...)")
             merged = {**defaults, **task_level, **pspec}
             kwargs = {k: v for k, v in merged.items() if k in known}
             for key in ("choices", "choice_fields", "until", "metrics"):
@@ -185,11 +198,48 @@ def _load(path: str) -> dict[str, dict[str, Prompt]]:
                 if kwargs.get("scoring") == "generate":
                     raise ValueError(f"{path}: {task}/{name} generates, so it must name its metrics")
                 kwargs["metrics"] = DEFAULT_METRICS[kwargs.get("scoring", "choices")]
-            if "template" not in kwargs:
-                raise ValueError(f"{path}: {task}/{name} has no template")
+            if not isinstance(kwargs.get("template"), str):
+                raise ValueError(f"{path}: {task}/{name} has no template (a format string over the task's fields)")
             extra = {k: v for k, v in merged.items() if k not in known}
             table[task][name] = Prompt(task=task, name=name, extra=extra, **kwargs)
     return table
+
+
+def template_fields(template: str) -> set[str]:
+    """The field names a template reads: ``"Q: {question}\\nA:"`` -> ``{"question"}`` (``ValueError`` if malformed)."""
+    return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def check_prompts(task_fields: Mapping[str, Collection[str] | None], path: str | Path | None = None) -> list[str]:
+    """The problems of ``prompts.yaml`` for these tasks, one line each naming the file, task, prompt and field.
+
+    ``task_fields``: the fields each task's examples have (``tailored.data.task_fields``; ``None``: not known yet,
+    e.g. before ``tailored prepare``, so only the template's syntax is checked). A template or ``choice_fields``
+    naming a field the task lacks is refused here, before any notebook runs, instead of at the first example
+    rendered. Tasks without prompts (the perplexity corpus) are skipped."""
+    where = Path(path or PROMPTS_FILE)
+    try:
+        table = prompt_table(path)
+    except ValueError as err:
+        return [str(err)]
+    problems = []
+    for task, fields in task_fields.items():
+        for name, prompt in table.get(task, {}).items():
+            try:
+                used = template_fields(prompt.template)
+            except ValueError as err:
+                problems.append(f"{where}: {task}/{name}: template is not a valid format string ({err})")
+                continue
+            if fields is None:
+                continue
+            allowed = set(fields) | ({"before", "option"} if prompt.scoring == "partial" else set())
+            for kind, names in (("template", used), ("choice_fields", set(prompt.choice_fields))):
+                missing = sorted(names - allowed)
+                if missing:
+                    problems.append(f"{where}: {task}/{name}: {kind} names field{'s' if len(missing) > 1 else ''} "
+                                    f"{', '.join(missing)}, which {task} does not have (its fields: "
+                                    f"{', '.join(sorted(fields))})")
+    return problems
 
 
 def prompt_table(path: str | Path | None = None) -> dict[str, dict[str, Prompt]]:

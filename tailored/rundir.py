@@ -12,9 +12,16 @@ path by hand or parses a name::
                                          the job of a data-parallel run (tailored.lora_launch)
         adapters/index.json          04  every adapter: its checkpoint, recipe, tasks, prompt, data size
         eval/<key>.json              05  one finished evaluation each, so an interrupted run resumes
-        retired/                     what a changed plan no longer makes, moved aside (never read again)
+        retired/<path>               what was replaced, damaged, or no longer made by the plan, moved aside at
+                                         its own path (retired/pruned/block_50/, retired/adapters/...): never
+                                         read again, kept for a look, each move said out loud
         metrics/<step>.json          every step: the numbers its figures and tables show
         manifest.json                the runner: parameters, versions, fingerprints, durations
+
+Every artifact is sealed when written (``tailored.artifacts.seal``: the sha256 of its bytes beside it) and
+checked before it is reused; ``rebuild_hint`` says which notebook makes a damaged one again, ``retire`` moves
+one aside, and ``remove_leftovers`` removes what an interrupted writer left (``.<name>.tmp-<pid>``,
+``.<name>.old-<pid>``) once its process is provably gone.
 
 Notebook 04 plans its runs with ``lora_runs`` and lists them with ``write_adapter_index``; notebook 05 finds
 every model with ``run_models`` (``tailored.evaluate.evaluation_jobs`` says what to score on each) and keeps
@@ -27,13 +34,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tailored import checkpoint
-from tailored.artifacts import metrics_path, read_json, stat_fingerprint, write_json
+from tailored.artifacts import (
+    SEAL_SUFFIX,
+    SUMS,
+    check_seal,
+    file_sha256,
+    json_safe,
+    metrics_path,
+    read_json,
+    seal_path,
+    stat_fingerprint,
+    write_json,
+    write_sealed,
+)
+from tailored.lock import pid_alive
 
 GRAPH = "graph.json"
 IMPORTANCE = "importance.safetensors"
@@ -50,6 +72,118 @@ TAILORED_MODES = ("multi", "per_task")
 # What each step writes, for the runner: a step is skipped only while these are as it left them.
 STEP_OUTPUTS = {"01_trace_graph": (GRAPH,), "02_importance": (IMPORTANCE, CALIBRATION), "03_prune": (PRUNED,),
                 "04_lora_tune": (ADAPTERS,), "05_evaluate": ()}
+
+
+# Which notebook writes what: the first part of a path inside the run directory -> step number.
+WRITTEN_BY = {GRAPH: "01", IMPORTANCE: "02", CALIBRATION: "02", PRUNED: "03", ADAPTERS: "04", EVAL: "05",
+              "metrics": None}
+
+
+def rebuild_hint(run_dir: str | Path, path: str | Path) -> str:
+    """What makes an artifact of the run directory again, for an error message: ``"rerun notebook 03 to rebuild it
+    (`tailored run --steps 03 --force`)"``; a generic sentence for a path outside the layout."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        return "rebuild it with the step that wrote it (`tailored run`)"
+    top = rel.parts[0] if rel.parts else ""
+    top = top[: -len(SEAL_SUFFIX)] if top.endswith(SEAL_SUFFIX) else top
+    step = WRITTEN_BY.get(top)
+    if top == "metrics" and len(rel.parts) > 1:
+        step = Path(rel.parts[1]).stem[:2]
+    if not step:
+        return "rebuild it with the step that wrote it (`tailored run`)"
+    return f"rerun notebook {step} to rebuild it (`tailored run --steps {step} --force`)"
+
+
+def artifact_unit(run_dir: str | Path, rel: str) -> Path:
+    """The artifact a file of the run directory belongs to: what is moved aside and rebuilt when the file is
+    damaged. ``pruned/block_20/model.safetensors`` -> ``pruned/block_20``; ``adapters/block_20/tailored/
+    adapter_model.safetensors`` -> ``adapters/block_20/tailored``; a top-level file or ``eval/<key>.json``: itself."""
+    parts = Path(rel).parts
+    if parts[:1] == (PRUNED,) and len(parts) > 2:
+        return Path(run_dir).joinpath(*parts[:2])
+    if parts[:1] == (ADAPTERS,) and len(parts) > 3:
+        return Path(run_dir).joinpath(*parts[:3])
+    return Path(run_dir).joinpath(*parts)
+
+
+def retired_path(run_dir: str | Path, path: str | Path) -> Path:
+    """Where ``retire`` puts ``path``: ``retired/`` + its path in the run directory."""
+    run_dir = Path(run_dir)
+    return run_dir / RETIRED / Path(path).resolve().relative_to(run_dir.resolve())
+
+
+def retire(run_dir: str | Path, path: str | Path, reason: str,
+           log: Callable[[str], object] | None = None) -> Path:
+    """Move ``path`` (a file, with its seal, or a folder) to ``retired/<its path>``, replacing an older retired copy,
+    and say so (``log``, default a warning): the one place where everything replaced or damaged goes. Nothing
+    reads ``retired/`` again; it is kept for a look and may be deleted. Returns the new place."""
+    run_dir, path = Path(run_dir), Path(path)
+    dest = retired_path(run_dir, path)
+    moved = [(path, dest)]
+    if path.is_file() and seal_path(path).is_file():
+        moved.append((seal_path(path), dest.with_name(dest.name + SEAL_SUFFIX)))
+    for src, to in moved:
+        if to.is_dir():
+            shutil.rmtree(to)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, to)
+    message = f"{path.relative_to(run_dir)} moved to {dest.relative_to(run_dir)}: {reason}"
+    if log is None:
+        warnings.warn(message, stacklevel=2)
+    else:
+        log(message)
+    return dest
+
+
+LEFTOVER = re.compile(r"\..+\.(?:tmp|old)-(\d+)")  # .<name>.tmp-<pid> / .<name>.old-<pid>: a writer's temporary
+
+
+def leftovers(run_dir: str | Path) -> list[Path]:
+    """What interrupted writers left in the run directory that can be proved dead: ``.<name>.tmp-<pid>`` and
+    ``.<name>.old-<pid>`` files and folders whose process is not running on this machine (or is this one, which
+    has written nothing yet), ``<step>.running.ipynb`` of a killed run, and the ``<run>.replaced`` folders older
+    versions set adapters aside in. Not inside ``retired/``; nothing a live process may still be writing."""
+    run_dir = Path(run_dir)
+    found: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for p in sorted(folder.iterdir()):
+            m = LEFTOVER.fullmatch(p.name)
+            if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
+                found.append(p)
+            elif p.is_dir() and not p.is_symlink() and p != run_dir / RETIRED:
+                if p.name.endswith(".replaced"):
+                    found.append(p)
+                else:
+                    walk(p)
+
+    if run_dir.is_dir():
+        walk(run_dir)
+        found += sorted(run_dir.glob("*.running.ipynb"))
+    return found
+
+
+def remove_leftovers(run_dir: str | Path, log: Callable[[str], object] | None = None) -> list[str]:
+    """Clear ``leftovers``: temporaries of dead writers are deleted, ``.replaced`` adapters retired; says what
+    went (``log``, default a warning) and returns the names, relative to the run directory. Call it holding the
+    run's lock (``tailored.lock.run_lock``), so that no other run of this directory is writing."""
+    run_dir = Path(run_dir)
+    gone = []
+    for p in leftovers(run_dir):
+        name = p.relative_to(run_dir).as_posix()
+        if p.name.endswith(".replaced") and p.is_dir():
+            retire(run_dir, p, "an adapter an earlier version set aside", log=log or (lambda _msg: None))
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(name)
+    if gone:
+        message = f"{run_dir}: removed what interrupted runs left behind: {', '.join(gone)}"
+        warnings.warn(message, stacklevel=2) if log is None else log(message)
+    return gone
 
 
 def step_outputs(run_dir: str | Path, step: str) -> list[Path]:
@@ -94,18 +228,15 @@ def checkpoints(run_dir: str | Path) -> dict[str, float]:
     return dict(sorted(found.items(), key=lambda kv: (kv[1], kv[0])))
 
 
-def retire_checkpoints(run_dir: str | Path, keep: Sequence[str]) -> list[str]:
-    """Move the checkpoints of ``pruned/`` that are not in ``keep`` to ``retired/pruned/`` (replacing older
-    retired copies of the same name), so that later steps never pick up what the current plan no longer makes
-    (e.g. ``block_50`` after ``targets`` changed from [0.2, 0.5] to [0.3]). Returns the names moved."""
+def retire_checkpoints(run_dir: str | Path, keep: Sequence[str], log: Callable[[str], object] = print) -> list[str]:
+    """Move the checkpoints of ``pruned/`` that are not in ``keep`` to ``retired/pruned/`` (``retire``: replacing
+    older retired copies of the same name, each move said out loud), so that later steps never pick up what the
+    current plan no longer makes (e.g. ``block_50`` after ``targets`` changed from [0.2, 0.5] to [0.3]). Returns
+    the names moved."""
     moved = []
     for name in checkpoints(run_dir):
         if name not in keep:
-            dest = Path(run_dir) / RETIRED / PRUNED / name
-            if dest.exists():
-                shutil.rmtree(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(checkpoint_dir(run_dir, name), dest)
+            retire(run_dir, checkpoint_dir(run_dir, name), "the current plan no longer makes it", log=log)
             moved.append(name)
     return moved
 
@@ -247,34 +378,52 @@ def run_models(run_dir: str | Path, dense: str) -> list[RunModel]:
 
 
 def model_id(entry: RunModel, seed: int = 0) -> str:
-    """What identifies a model's weights: the names, sizes and times of its checkpoint (and adapter) files, or
-    its spec and seed for a model made in code or a named one. A rewritten checkpoint gets a new id, so its
-    evaluations are never reused."""
-    parts = [f"{entry.spec}@seed{seed}" if not Path(entry.spec).exists() else stat_fingerprint(entry.spec)]
+    """What identifies a model's weights: its checkpoint's (and adapter's) content hashes when they are sealed
+    (the sha256 of their ``SHA256SUMS``: a changed byte is a new id), else the names, sizes and times of their
+    files; for a model made in code or a named one, its spec and seed. A rewritten checkpoint gets a new id, so
+    its evaluations are never reused."""
+    def identity(folder: str) -> str:
+        sums = Path(folder) / SUMS
+        return file_sha256(sums) if sums.is_file() else stat_fingerprint(folder)
+
+    parts = [f"{entry.spec}@seed{seed}" if not Path(entry.spec).exists() else identity(entry.spec)]
     if entry.adapter:
-        parts.append(stat_fingerprint(entry.adapter))
+        parts.append(identity(entry.adapter))
     return "+".join(p[:16] for p in parts)
 
 
 class EvalStore:
-    """``eval/<key>.json``: one finished evaluation per file, keyed by ``tailored.evaluate.result_key``."""
+    """``eval/<key>.json``: one finished evaluation per file, keyed by ``tailored.evaluate.result_key``, each sealed
+    (``<key>.json.sha256``). A result is reused only when its bytes are those written: a damaged or unsealed one
+    is said out loud (``log``, default a warning), moved to ``retired/eval/``, and evaluated again."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.folder = Path(run_dir) / EVAL
+    def __init__(self, run_dir: str | Path, log: Callable[[str], object] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / EVAL
+        self.log = log
         self.reused = 0  # results found again, and the seconds they took when they were computed:
         self.reused_seconds = 0.0  # what a run from scratch would have spent on them (runner.write_durations)
+        self.rejected: list[str] = []  # results found damaged or unsealed, evaluated again
 
     def get(self, key: str) -> dict | None:
         path = self.folder / f"{key}.json"
         if not path.exists():
             return None
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError:  # a damaged result is evaluated again
+        problem = check_seal(path)
+        result = None
+        if problem is None:
+            try:
+                result = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                problem = f"{path} is not valid JSON ({err})"
+        if problem is not None or not isinstance(result, dict):
+            self.rejected.append(path.name)
+            retire(self.run_dir, path, f"{problem or 'not a result'}; it is evaluated again", log=self.log)
             return None
         self.reused += 1
         self.reused_seconds += float(result.get("seconds") or 0.0)
         return result
 
     def put(self, key: str, result: dict) -> None:
-        write_json(self.folder / f"{key}.json", result, indent=None)
+        path = self.folder / f"{key}.json"
+        write_sealed(path, (json.dumps(json_safe(result)) + "\n").encode("utf-8"))

@@ -5,16 +5,25 @@ The runner does three things a bare ``papermill`` call does not:
 1. **Validates before computing.** ``params/<profile>.yaml`` is checked against each notebook's
    ``parameters`` cell: an unknown or misspelled key, a value of the wrong type, or a model path that
    does not exist stops the run before any notebook starts, with a message naming the key and the valid ones.
-2. **Skips what has not changed.** A step's fingerprint hashes its notebook, its resolved parameters, the
-   package modules the notebook imports (and theirs: ``tailored.sources``), the registry entries and prompts
-   of the tasks its parameters name, and the fingerprints of the steps before it. A step whose fingerprint
-   equals the one recorded after its last successful run is skipped (``force=True`` reruns it). Changing an
-   evaluation knob or a prompt therefore reruns notebook 05 only; changing a pruning knob reruns 03, 04 and 05.
+   The tasks and prompts the profile names are checked against ``tasks.yaml`` and ``prompts.yaml`` (a template
+   naming a field its task lacks), the pruning targets against what the chosen method's layer range can
+   reach, and a model directory against the architectures the study supports.
+2. **Skips what has not changed, by content.** A step's fingerprint hashes its notebook, its resolved
+   parameters, the package modules the notebook imports (and theirs: ``tailored.sources``), the registry
+   entries and prompts of the tasks its parameters name, and the fingerprints of the steps before it. After a
+   step, the sha256 of every file it wrote is recorded. A step is skipped only when its fingerprint equals the
+   one recorded after its last successful run *and* every file it wrote still has its recorded sha256
+   (``force=True`` reruns it). A file that changed (bit rot, a copy, an edit: its modification time proves
+   nothing) is named, moved to ``retired/`` with the artifact it belongs to, and the step rebuilds it. Changing
+   an evaluation knob or a prompt therefore reruns notebook 05 only; changing a pruning knob reruns 03, 04, 05.
 3. **Keeps a manifest.** ``runs/<profile>/manifest.json`` records parameters, library versions, input hashes
    and durations of every step, so a result can be traced back to what produced it.
 
 A failing cell stops the run with a ``StepFailed`` naming the notebook and the cell; the executed notebook
-is kept as ``<step>.failed.ipynb`` for inspection, and the last good ``<step>.ipynb`` is left untouched.
+is kept as ``<step>.failed.ipynb`` for inspection, and the last good ``<step>.ipynb`` is left untouched. What
+an interrupted run left behind (temporary files of writers that are gone) is removed when the next run takes
+the run directory's lock (``tailored.rundir.remove_leftovers``). Kernels are started with CurveZMQ transport
+encryption where pyzmq has it (``kernel_config``), over local sockets otherwise.
 """
 
 from __future__ import annotations
@@ -35,18 +44,27 @@ import yaml
 from tailored import data, paths, rundir
 from tailored.artifacts import (
     ArtifactError,
+    content_hashes,
     embed_tables,
     metrics_path,
     read_json,
-    stat_fingerprint,
     write_json,
 )
 from tailored.lock import run_lock
-from tailored.models import RANDOM_PREFIX, RANDOM_SHAPES, SMOLLM2, TINY_VARIANTS
+from tailored.models import (
+    RANDOM_PREFIX,
+    RANDOM_SHAPES,
+    SMOLLM2,
+    TINY_VARIANTS,
+    smollm2_cache_dir,
+    tiny_config,
+)
 from tailored.params import INJECTED, Declared, ParamsError, declared
 from tailored.params import check as check_params
 from tailored.paths import atomic_write_text
-from tailored.prompts import prompt_table
+from tailored.prompts import check_prompts, prompt_table
+from tailored.prune import TOLERANCE, default_layer_range
+from tailored.recipes import METHODS
 from tailored.sources import step_sources
 
 NOTEBOOKS_DIR = paths.REPO_ROOT / "notebooks"
@@ -55,6 +73,9 @@ KERNEL_NAME = "tailored"
 # Profiles whose figures and tables are committed, and where (relative to the repository); the others write
 # theirs into runs/<profile>/figures.
 COMMITTED_FIGURES = {"class": "figures", "study": "figures/study"}
+# Architectures (config.json's model_type) whose modules the tracer, the pruner and the checkpoint format are
+# tested on: LLaMA's layout (q/k/v/o projections, a gated MLP, RMSNorm), Qwen2 adding q/k/v biases.
+LLAMA_FAMILY = ("llama", "qwen2")
 
 
 class StepFailed(RuntimeError):
@@ -244,8 +265,12 @@ def resolve_params(profile: str, steps: list[Step], run_dir: Path, figures_dir: 
         full = {name: {k: d.default for k, d in decls[name].items()} | chosen[name] for name in decls}
         for name in decls:
             errors += check_params(name, full[name], decls[name], profile_values=full)
+        if not errors:  # what the values mean together: the tasks' prompts, what the pruning method can reach
+            errors += prompt_problems(full) + reach_problems(full.get("03_prune", {}))
     if errors:
-        raise ParamsError(f"params/{profile}.yaml does not fit the notebooks:\n  " + "\n  ".join(dict.fromkeys(errors)))
+        errors = list(dict.fromkeys(errors))
+        raise ParamsError(f"params/{profile}.yaml does not fit the notebooks: " + (
+            errors[0] if len(errors) == 1 else f"{len(errors)} problems: " + "; ".join(errors)))
     return {step.name: chosen[step.name] | {k: v for k, v in (("profile", profile), ("run_dir", str(run_dir)),
                                                              ("figures_dir", str(figures_dir)))
                                             if k in decls[step.name]} for step in steps}
@@ -269,11 +294,98 @@ def _check_model(spec) -> str | None:
             return f"{spec} does not exist (expected a local HF model directory)"
         if not (p / "config.json").exists():
             return f"{spec} holds no config.json: not an HF model directory"
-        return None
+        return _architecture_problem(p / "config.json")
     if "/" in spec:
         return None  # a hub id, for users online
     return (f"{spec!r} is not {SMOLLM2!r}, a tiny variant ({', '.join(TINY_VARIANTS)}), a random shape "
             f"({', '.join(RANDOM_PREFIX + n for n in RANDOM_SHAPES)}), a directory, or a hub id")
+
+
+def _architecture_problem(config_file: Path) -> str | None:
+    """Why the model of ``config_file`` cannot be studied (its architecture is not LLaMA-family), or None."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{config_file} cannot be read as JSON ({err})"
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in LLAMA_FAMILY:
+        return (f"{config_file.parent}: architecture {kind or 'unknown (no model_type)'} is not LLaMA-family; "
+                f"supported: {', '.join(LLAMA_FAMILY)} (the layouts the tracer and the pruned checkpoints are built "
+                "for)")
+    return None
+
+
+def prompt_problems(full: dict[str, dict]) -> list[str]:
+    """``prompts.yaml`` against ``tasks.yaml`` for the tasks the profile names: a template or ``choice_fields``
+    naming a field the task's examples do not have, a prompt file that does not parse (one line each)."""
+    named = sorted({t for values in full.values() for t in step_tasks(values)})
+    return check_prompts({t: data.task_fields(t) for t in named})
+
+
+def model_shape(spec) -> dict | None:
+    """The config of the model ``spec`` as a dict, read without loading weights; None when that needs a download or
+    a conversion first (a hub id; SmolLM2 before ``tailored prepare``)."""
+    if not isinstance(spec, str):
+        return None
+    if spec in TINY_VARIANTS:
+        return tiny_config(spec).to_dict()
+    if spec.startswith(RANDOM_PREFIX):
+        return RANDOM_SHAPES.get(spec[len(RANDOM_PREFIX):])
+    config = (smollm2_cache_dir() if spec == SMOLLM2 else Path(spec).expanduser()) / "config.json"
+    try:
+        return json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def max_block_share(config: dict, layer_range: tuple[int, int], attention: str = "kv", round_to: int = 1) -> float:
+    """The largest share of the decoder's parameters block-wise pruning of ``layer_range`` can remove: every group
+    of those layers down to the units it must keep (one key-value group, or one query head per key-value group;
+    ``round_to`` MLP channels), as ``tailored.prune.plan_pruning`` counts them. From the config alone::
+
+        kv group    (H/K)·d·h q rows + 2·d·h k, v rows + (H/K)·d·h o columns (+ their biases)
+        MLP channel 3·h (gate and up rows, a down column; + 2 biases)
+
+    with hidden ``h``, ``H`` query and ``K`` key-value heads of ``d`` channels."""
+    h, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    kv = config.get("num_key_value_heads") or heads
+    d = config.get("head_dim") or h // heads
+    inter = config["intermediate_size"]
+    qkv_bias = config.get("model_type") == "qwen2" or bool(config.get("attention_bias"))
+    o_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    q_head = 2 * d * h + (d if qkv_bias else 0)  # a query head: its q rows and o columns
+    kv_group = (heads // kv) * q_head + 2 * (d * h + (d if qkv_bias else 0))
+    channel = 3 * h + (2 if mlp_bias else 0)
+    per_layer = (kv * kv_group + (h if o_bias else 0) + inter * channel + (h if mlp_bias else 0)
+                 + 2 * h)  # + the two RMSNorms
+    attn = (heads - kv) * q_head if attention == "qheads" else (kv - 1) * kv_group
+    removable = attn + (inter - max(1, round_to)) * channel
+    start, end = layer_range
+    return (end - start) * removable / (layers * per_layer)
+
+
+def reach_problems(prune_params: dict) -> list[str]:
+    """The targets of notebook 03 that its ``method`` cannot reach (``plan_pruning`` would refuse them inside the
+    notebook): checked from the model's config before any step runs. Block-wise methods only; layer- and
+    channel-wise ones, and models whose config is not at hand yet, are left to the planner."""
+    method = METHODS.get(prune_params.get("method"))
+    config = model_shape(prune_params.get("model"))
+    if method is None or method.mode != "block" or not config or "intermediate_size" not in config:
+        return []
+    layers = config["num_hidden_layers"]
+    try:
+        span = (0, layers) if method.layer_range == "all" else (tuple(method.layer_range) if method.layer_range
+                                                                else default_layer_range(layers))
+    except ValueError as err:
+        return [f"03_prune.method = {prune_params['method']!r}: {err}"]
+    most = max_block_share(config, span, method.attention, method.round_to)
+    out = [t for t in prune_params.get("targets") or () if isinstance(t, (int, float)) and t > most + TOLERANCE]
+    if not out:
+        return []
+    wide = ", ".join(n for n, m in METHODS.items() if m.layer_range == "all" and m.mode == "block")
+    return [f"03_prune.targets = {out}: method {prune_params['method']!r} prunes layers {span[0]}..{span[1] - 1} of "
+            f"{layers}, which removes at most {most:.1%} of the decoder; lower the target or choose a method whose "
+            f"layer_range is 'all' ({wide})"]
 
 
 # ----------------------------------------------------------------------------------------- fingerprints
@@ -306,9 +418,19 @@ def data_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def notebook_hash(path: Path) -> str:
+    """Hash of what a notebook says: each cell's type, source and tags, not its outputs or execution counts, so
+    that a JupyterLab session saving outputs into ``notebooks/`` (which git does not see: its nbstripout filter)
+    does not make every step rerun."""
+    cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+    said = [[c.get("cell_type"), "".join(c.get("source", "")), (c.get("metadata") or {}).get("tags", [])]
+            for c in cells]
+    return hashlib.sha256(json.dumps(said).encode()).hexdigest()
+
+
 def fingerprint(step: Step, params: dict, src: str, upstream: dict[str, str]) -> str:
     h = hashlib.sha256()
-    h.update(step.path.read_bytes())
+    h.update(notebook_hash(step.path).encode())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(src.encode())
     h.update(data_hash(params).encode())
@@ -328,6 +450,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def kernel_config():
+    """The kernel manager's settings for papermill: CurveZMQ transport encryption where pyzmq has it ("auto":
+    provisioned when the kernelspec declares support, as ipykernel's does), else local IPC sockets, so that no
+    kernel talks plain TCP (ipykernel warns "Kernel is running over TCP without encryption" then)."""
+    import zmq
+    from traitlets.config import Config
+
+    if zmq.has("curve"):
+        return Config({"KernelManager": {"transport_encryption": "auto"}})
+    if os.name == "posix":
+        return Config({"KernelManager": {"transport": "ipc"}})
+    return Config()
+
+
 def kernel_name() -> str:
     """The project's kernel if registered (``make install`` does it), else the default ``python3``."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -340,8 +476,6 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
         run_root: Path | None = None, overrides: dict | None = None, progress: bool = True,
         log=print, notebooks_dir: Path = NOTEBOOKS_DIR, params_dir: Path = PARAMS_DIR) -> dict:
     """Execute the selected steps of ``profile``; return the manifest. See the module docstring."""
-    import papermill
-
     steps_all = discover_steps(notebooks_dir)
     steps = select_steps(steps_all, only, start)
     run_dir = paths.run_dir(profile, run_root).resolve()
@@ -352,11 +486,13 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
     with run_lock(run_dir, log=log):  # one run per run directory: a second one is refused, naming this one
+        rundir.remove_leftovers(run_dir, log=log)  # temporaries of writers that are gone (a killed run)
         manifest = read_json(manifest_path) if manifest_path.exists() else {"profile": profile, "steps": {}}
         if not isinstance(manifest, dict) or not isinstance(manifest.get("steps", {}), dict):
             raise ArtifactError(f"{manifest_path} is damaged (not a mapping with 'steps'): delete it, and every "
                                 "step reruns (`tailored run --force` does the same)")
         manifest.setdefault("steps", {})
+        _refuse_damaged_inputs(run_dir, manifest, steps_all, steps)
         manifest.update(profile=profile, params_file=f"params/{profile}.yaml", versions=versions())
         kernel = kernel_name()
 
@@ -370,30 +506,19 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
             fp = fingerprint(step, params, src, upstream)
             out_nb = run_dir / f"{step.name}.ipynb"
             previous = manifest["steps"].get(step.name, {})
-            stale = _stale_outputs(run_dir, previous.get("outputs", {}))
+            stale, damaged = _output_changes(run_dir, previous.get("outputs", {}))
             if (not force and previous.get("fingerprint") == fp and previous.get("status") == "ok"
                     and out_nb.exists() and not stale):
                 log(f"[{step.name}] unchanged since its last successful run: skipped (use --force to rerun)")
                 continue
-            if stale and previous.get("fingerprint") == fp:
-                log(f"[{step.name}] {stale[0]} changed or is missing since the step wrote it: rerunning")
+            for problem in stale:
+                log(f"[{step.name}] {problem}: the step rebuilds it")
+            _retire_damaged(run_dir, damaged, log=lambda m, n=step.name: log(f"[{n}] {m}"))
             log(f"[{step.name}] running {step.path.name} -> {out_nb}")
-            partial = run_dir / f"{step.name}.running.ipynb"
             started = time.time()
-            try:
-                papermill.execute_notebook(str(step.path), str(partial), parameters=params, kernel_name=kernel,
-                                           cwd=str(step.path.parent), progress_bar=progress, log_output=False)
-            except papermill.PapermillExecutionError as err:
-                failed = run_dir / f"{step.name}.failed.ipynb"
-                os.replace(partial, failed)
-                manifest["steps"][step.name] = {**previous, "status": "failed", "failed_at": _now(),
-                                                "error": f"{err.ename}: {err.evalue}"}
-                write_json(manifest_path, manifest)
-                raise StepFailed(f"{step.path.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
-                                 f"{err.ename}: {err.evalue}\n  the executed notebook is kept at {failed}") from None
-            os.replace(partial, out_nb)
+            _execute(step, run_dir, params, kernel, progress, manifest, previous, manifest_path)
             manifest["steps"][step.name] = {"status": "ok", "fingerprint": fp, "params": params, "upstream": upstream,
-                                            "notebook_sha256": hashlib.sha256(step.path.read_bytes()).hexdigest(),
+                                            "notebook_sha256": notebook_hash(step.path),
                                             "source_sha256": src, "finished": _now(),
                                             "duration_s": round(time.time() - started, 2), "output": out_nb.name,
                                             "load1": round(os.getloadavg()[0], 2),
@@ -407,6 +532,29 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
             if refreshed:
                 log(f"[{step.name}] README tables updated from figures/: {', '.join(refreshed)}")
     return manifest
+
+
+def _execute(step: Step, run_dir: Path, params: dict, kernel: str, progress: bool, manifest: dict, previous: dict,
+             manifest_path: Path) -> None:
+    """Run one notebook through papermill into ``<step>.ipynb``; a failing cell raises ``StepFailed`` (one line:
+    the notebook, the cell, the error, where the executed notebook is kept) after recording it in the manifest."""
+    import papermill
+
+    partial, out_nb = run_dir / f"{step.name}.running.ipynb", run_dir / f"{step.name}.ipynb"
+    try:
+        papermill.execute_notebook(str(step.path), str(partial), parameters=params, kernel_name=kernel,
+                                   cwd=str(step.path.parent), progress_bar=progress, log_output=False,
+                                   config=kernel_config())
+    except papermill.PapermillExecutionError as err:
+        failed = run_dir / f"{step.name}.failed.ipynb"
+        os.replace(partial, failed)
+        manifest["steps"][step.name] = {**previous, "status": "failed", "failed_at": _now(),
+                                        "error": f"{err.ename}: {err.evalue}"}
+        write_json(manifest_path, manifest)
+        evalue = " ".join(str(err.evalue).split())  # one line, however the error was written
+        raise StepFailed(f"{step.path.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+                         f"{err.ename}: {evalue} (the executed notebook is kept at {failed})") from None
+    os.replace(partial, out_nb)
 
 
 def _reused(run_dir: Path, step: str) -> dict:
@@ -450,16 +598,66 @@ def write_durations(manifest: dict, figures_dir: Path) -> Path:
     return out
 
 
-def _outputs_state(run_dir: Path, step: str) -> dict[str, str]:
-    """``{artifact: fingerprint}`` of what a step wrote (``tailored.rundir.step_outputs``), recorded in the manifest."""
-    return {p.relative_to(run_dir).as_posix(): stat_fingerprint(p) for p in rundir.step_outputs(run_dir, step)
-            if p.exists()}
+def _file_hashes(run_dir: Path, name: str) -> dict[str, str]:
+    """``{file: sha256}`` of an artifact (a file, or every file under a folder), paths relative to the run dir."""
+    path = run_dir / name
+    if not path.exists():
+        return {}
+    folder = Path(name) if path.is_dir() else Path(name).parent
+    return {(folder / f).as_posix(): digest for f, digest in content_hashes(path).items()}
 
 
-def _stale_outputs(run_dir: Path, recorded: dict[str, str]) -> list[str]:
-    """The recorded artifacts that are gone or no longer as the step left them."""
-    return [name for name, fp in recorded.items()
-            if not (run_dir / name).exists() or stat_fingerprint(run_dir / name) != fp]
+def _outputs_state(run_dir: Path, step: str) -> dict[str, dict[str, str]]:
+    """``{artifact: {file: sha256}}`` of what a step wrote (``tailored.rundir.step_outputs``), recorded in the
+    manifest: the content, so that a change that keeps sizes and modification times is found too."""
+    return {p.relative_to(run_dir).as_posix(): _file_hashes(run_dir, p.relative_to(run_dir).as_posix())
+            for p in rundir.step_outputs(run_dir, step) if p.exists()}
+
+
+def _output_changes(run_dir: Path, recorded: dict) -> tuple[list[str], dict[Path, str]]:
+    """What of a step's recorded artifacts is gone or no longer as the step left it: one line each, naming the
+    files (the first five of an artifact; one recorded before per-file hashes counts as changed), and the damaged
+    artifacts ``{unit: a changed file}`` to move aside before the step reruns (``tailored.rundir.artifact_unit``:
+    a checkpoint folder, an adapter folder, a file)."""
+    problems, damaged = [], {}
+    for name, files in recorded.items():
+        if not isinstance(files, dict):
+            problems.append(f"{name} was recorded before content hashes")
+            continue
+        now = _file_hashes(run_dir, name)
+        differ = sorted(f for f in set(files) | set(now) if files.get(f) != now.get(f))
+        for f in differ[:5]:
+            problems.append(f"{f} " + ("is missing" if f not in now else "is new since the step ran" if f not in files
+                                       else "is damaged: its content differs from the sha256 recorded when the step "
+                                            "wrote it"))
+        if len(differ) > 5:
+            problems.append(f"{len(differ) - 5} more files of {name} changed")
+        for f in differ:
+            if f in now and f in files:
+                damaged.setdefault(rundir.artifact_unit(run_dir, f), f)
+    return problems, damaged
+
+
+def _refuse_damaged_inputs(run_dir: Path, manifest: dict, steps_all: list[Step], selected: list[Step]) -> None:
+    """``ArtifactError`` (one line: the file, the step that rebuilds it) when a step that is not selected but comes
+    before a selected one left an artifact that is now damaged or gone: ``--steps 05`` never scores a damaged
+    checkpoint. (The selected steps' own outputs are checked, retired and rebuilt as they run.)"""
+    last = max(s.number for s in selected) if selected else ""
+    for step in steps_all:
+        if step in selected or step.number > last:
+            continue
+        problems, _ = _output_changes(run_dir, manifest["steps"].get(step.name, {}).get("outputs", {}))
+        bad = [p for p in problems if p.endswith("is missing") or " is damaged: " in p]
+        if bad:
+            raise ArtifactError(f"{bad[0]}; notebook {step.number} rebuilds it: `tailored run --from {step.number}`")
+
+
+def _retire_damaged(run_dir: Path, damaged: dict[Path, str], log) -> None:
+    """Move the damaged artifacts to ``retired/``, so that the rerun rebuilds them instead of reusing them (notebook
+    04 keeps finished adapters, notebook 05 finished evaluations), each move said out loud."""
+    for unit, f in sorted(damaged.items()):
+        if unit.exists():
+            rundir.retire(run_dir, unit, f"{f} changed since its step wrote it", log=log)
 
 
 def refresh_readme(figures_dir: Path, readme: Path = paths.REPO_ROOT / "README.md") -> list[str]:

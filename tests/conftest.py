@@ -13,3 +13,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``scale`` or ``browser`` take minutes: they are ``slow`` too, run by `make test-slow`."""
+    for item in items:
+        if item.get_closest_marker("scale") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)

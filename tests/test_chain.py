@@ -140,12 +140,42 @@ def test_05_evaluate_wrote_metrics_for_every_model_task_prompt(smoke_run):
             assert c["low"] <= c["estimate"] <= c["high"] and c["mde"] >= 0
 
 
-def test_a_same_seed_rerun_writes_byte_identical_figures_and_tables(smoke_run, tmp_path):
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory):
+    """A second smoke chain from scratch, same seed: what it writes must be the first one's bytes."""
+    root = tmp_path_factory.mktemp("again")
+    runner.run(profile="smoke", run_root=root, progress=False, log=lambda *_: None)
+    return root / "smoke"
+
+
+@pytest.mark.slow
+def test_a_same_seed_rerun_writes_byte_identical_figures_and_tables(smoke_run, second_run):
     """What is committed (figures/) must not change when nothing changed: no timings, no timestamps."""
     run_dir, _ = smoke_run
-    runner.run(profile="smoke", run_root=tmp_path, progress=False, log=lambda *_: None)
-    first, second = run_dir / "figures", tmp_path / "smoke" / "figures"
+    first, second = run_dir / "figures", second_run / "figures"
     names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     differ = [str(n) for n in names if (first / n).read_bytes() != (second / n).read_bytes()]
     assert not differ, f"figures that differ between two same-seed runs: {differ}"
+
+
+# What a smoke chain hands between its steps. Pending (phase 2 of the same-bytes work): notebook 02 writes the
+# calibration batch with safetensors' own writer, whose metadata order changes from process to process
+# (tailored.artifacts.write_safetensors is the sorted one), so it differs; and gradient-based scores can vary in
+# their last bits with threaded reductions in the backward pass, which then moves everything pruned and tuned from
+# them (identical on the smoke profile with OMP_NUM_THREADS=1, seen; not guaranteed with threads until then).
+PENDING = "phase 2: sorted calibration writer in importance.py, deterministic backward-pass reductions"
+ARTIFACTS = [("graph.json", None), ("calibration.safetensors", PENDING), ("importance.safetensors", PENDING),
+             ("pruned/*/model.safetensors", PENDING), ("adapters/*/*/adapter_model.safetensors", PENDING)]
+# (eval/<key>.json holds each evaluation's seconds, and the run's metrics/ its timings: not compared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", [pytest.param(p, marks=pytest.mark.xfail(reason=why, strict=False)) if why else p
+                                     for p, why in ARTIFACTS])
+def test_a_same_seed_rerun_writes_byte_identical_artifacts(smoke_run, second_run, pattern):
+    run_dir, _ = smoke_run
+    first = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob(pattern))
+    assert first and first == sorted(p.relative_to(second_run).as_posix() for p in second_run.glob(pattern))
+    differ = [n for n in first if (run_dir / n).read_bytes() != (second_run / n).read_bytes()]
+    assert not differ, f"artifacts that differ between two same-seed runs: {differ}"

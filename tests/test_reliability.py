@@ -1,4 +1,4 @@
-"""Nothing wrong goes through silently (issue 12): each case is refused, named, or rebuilt.
+"""Nothing wrong goes through silently (issues 12 and 23): each case is refused, named, or rebuilt.
 
 Tiny models and temporary folders throughout; the runner runs a one-cell study, and the CLI is refused
 on the smoke profile before any notebook starts.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import sys
 import nbformat
 import pytest
 import torch
+import yaml
 
 from tailored import adapters, checkpoint, cli, lora, models, runner
 from tailored.artifacts import ArtifactError, read_json
@@ -276,3 +278,173 @@ def test_cli_prints_one_line_and_no_traceback_for_user_errors(tmp_path, capsys):
     (run_dir / LOCK_FILE).unlink()
     (run_dir / "manifest.json").write_text('{"steps": ')
     one_line(1, base, f"{run_dir / 'manifest.json'} is damaged")
+
+
+# ============================================================================ issue 23: content, not mtime
+def _fake_study(tmp_path):
+    """Notebooks named as the study's (the runner knows their outputs by name), in seconds: 02 writes the
+    calibration batch, 04 "trains" an adapter only where none is installed (as notebook 04 reuses finished ones)."""
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir()
+    params.mkdir()
+    head = 'profile = ""\nrun_dir = ""\nfigures_dir = ""\nvalue = 1\n'
+    bodies = {
+        "02_importance": "import pathlib, torch\nfrom tailored.artifacts import write_safetensors\n"
+                         "write_safetensors(pathlib.Path(run_dir, 'calibration.safetensors'), "
+                         "{'input_ids': torch.arange(64).reshape(2, 32)}, {'format': 'tailored.calibration/1'})",
+        "04_lora_tune": "import pathlib, torch\nfrom tailored.artifacts import write_safetensors\n"
+                        "a = pathlib.Path(run_dir, 'adapters', 'block_20', 'tailored')\n"
+                        "if not (a / 'adapter_model.safetensors').exists():\n"
+                        "    a.mkdir(parents=True, exist_ok=True)\n"
+                        "    write_safetensors(a / 'adapter_model.safetensors', {'w': torch.arange(256.0)},\n"
+                        "                      sealed=False)\n"
+                        "    log = pathlib.Path(run_dir, 'trained.txt')\n"
+                        "    log.write_text((log.read_text() if log.exists() else '') + 'trained\\n')",
+    }
+    for name, body in bodies.items():
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        cell = nbformat.v4.new_code_cell(head)
+        cell.metadata["tags"] = ["parameters"]
+        nb.cells = [cell, nbformat.v4.new_code_cell(body)]
+        nbformat.write(nb, str(nbs / f"{name}.ipynb"))
+    (params / "t.yaml").write_text("common:\n  value: 2\n")
+
+    def run(log):
+        return runner.run(profile="t", run_root=tmp_path / "runs", notebooks_dir=nbs, params_dir=params,
+                          progress=False, log=log)
+    return tmp_path / "runs" / "t", run
+
+
+def test_runner_rebuilds_a_damaged_adapter_and_calibration_even_with_their_mtime_restored(tmp_path):
+    run_dir, run = _fake_study(tmp_path)
+    run(lambda *_: None)
+    adapter = run_dir / "adapters" / "block_20" / "tailored" / "adapter_model.safetensors"
+    good_adapter, good_calibration = adapter.read_bytes(), (run_dir / "calibration.safetensors").read_bytes()
+
+    dead = dead_pid()  # a run killed during 03's save left a full copy of the old checkpoint
+    (run_dir / "pruned" / f".block_20.old-{dead}").mkdir(parents=True)
+    st = adapter.stat()  # 64 bytes overwritten in the middle, the modification time put back (`touch -r`)
+    adapter.write_bytes(good_adapter[:512] + b"\xff" * 64 + good_adapter[576:])
+    os.utime(adapter, ns=(st.st_atime_ns, st.st_mtime_ns))
+    said = []
+    run(said.append)
+    rel = "adapters/block_20/tailored/adapter_model.safetensors"
+    assert f"[04_lora_tune] {rel} is damaged: its content differs from the sha256 recorded when the step wrote it: " \
+           "the step rebuilds it" in said, said
+    assert any("adapters/block_20/tailored moved to retired/adapters/block_20/tailored" in s for s in said), said
+    assert any(f"pruned/.block_20.old-{dead}" in s and "removed" in s for s in said), said
+    assert any("[02_importance] unchanged" in s for s in said)
+    assert adapter.read_bytes() == good_adapter and (run_dir / "trained.txt").read_text() == "trained\ntrained\n"
+    assert not (run_dir / "pruned" / f".block_20.old-{dead}").exists()
+
+    (run_dir / "calibration.safetensors").write_bytes(good_calibration[:40])  # a full disk cut it
+    said.clear()
+    run(said.append)
+    assert "[02_importance] calibration.safetensors is damaged: its content differs from the sha256 recorded when " \
+           "the step wrote it: the step rebuilds it" in said, said
+    assert (run_dir / "calibration.safetensors").read_bytes() == good_calibration
+    assert any("[04_lora_tune] unchanged" in s for s in said), said  # 02 made the same bytes: 04 stands
+
+
+def test_a_prompt_template_naming_a_field_the_task_lacks_is_refused_before_any_step(tmp_path, monkeypatch):
+    from tailored import data, prompts
+
+    data.load_task("sst2", limit=1)  # prepared, as `tailored prepare` leaves it: its fields are known
+    text = prompts.PROMPTS_FILE.read_text()
+    harness = '"{sentence}\\nQuestion: Is this sentence positive or negative?'  # sst2's, in a smoke task
+    assert text.count(harness) == 1
+    bad = tmp_path / "prompts.yaml"
+    field = "sentence"
+    bad.write_text(text.replace(harness, harness.replace("{sentence}", "{sentence_text}")))
+    monkeypatch.setattr(prompts, "PROMPTS_FILE", bad)
+    with pytest.raises(runner.ParamsError) as err:
+        runner.resolve_params("smoke", runner.discover_steps(), tmp_path, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and f"{bad}: sst2/" in message
+    assert f"{bad}: sst2/harness: template names field {field}_text, which sst2 does not have (its fields: " in message
+    assert prompts.check_prompts({"sst2": ("sentence",)}, bad) and not prompts.check_prompts({"sst2": None}, bad)
+
+
+def test_an_unreachable_target_for_the_method_is_refused_before_any_step(tmp_path):
+    smoke = yaml.safe_load((runner.PARAMS_DIR / "smoke.yaml").read_text())
+    smoke["steps"]["03_prune"]["method"] = "param_first"  # LLM-Pruner's range: layers 1..2 of the tiny model's 4
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(smoke))
+    with pytest.raises(runner.ParamsError) as err:
+        runner.resolve_params("p", runner.discover_steps(), tmp_path, tmp_path, params_dir=tmp_path)
+    assert "\n" not in str(err.value)
+    assert ("03_prune.targets = [0.5]: method 'param_first' prunes layers 1..2 of 4, which removes at most 41.3% of "
+            "the decoder; lower the target or choose a method whose layer_range is 'all' (flap, ") in str(err.value)
+
+
+@pytest.mark.parametrize("variant", sorted(models.TINY_VARIANTS))
+@pytest.mark.parametrize("attention", ["kv", "qheads"])
+def test_the_reach_of_a_layer_range_from_the_config_is_the_planners(variant, attention):
+    """The up-front check counts from config.json what plan_pruning counts on the traced graph."""
+    from tailored.graph import trace
+    from tailored.prune import plan_pruning
+
+    model, _ = models.build_tiny(variant)
+    graph = trace(model)
+    config = models.tiny_config(variant).to_dict()
+    most = runner.max_block_share(config, (1, 3), attention)
+    scores = {g.name: torch.rand(g.units) for g in graph.groups}
+    plan_pruning(graph, scores, target=most, layer_range=(1, 3), attention=attention)  # reachable exactly
+    with pytest.raises(ValueError, match=f"removes at most {most:.1%}"):
+        plan_pruning(graph, scores, target=most + 0.011, layer_range=(1, 3), attention=attention)
+
+
+def test_a_non_llama_model_directory_is_refused_naming_its_architecture(tmp_path, capsys):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
+    assert runner._check_model(str(tmp_path / "gpt2")) == (
+        f"{tmp_path / 'gpt2'}: architecture gpt2 is not LLaMA-family; supported: llama, qwen2 (the layouts the "
+        "tracer and the pruned checkpoints are built for)")
+    assert cli.main(["run", "--profile", "smoke", "--model", str(tmp_path / "gpt2"), "--run-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "architecture gpt2 is not LLaMA-family" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (("kind: classification", "kind: quiz", 1), "task 'boolq', key 'kind': 'quiz' is not one of multiple_choice"),
+    (("    fields: [support, question]\n", "", 1), "task 'sciq', key 'fields': a mapping prompt field -> column"),
+])
+def test_a_malformed_tasks_yaml_is_one_line_naming_the_file_task_and_key(tmp_path, edit, needle):
+    """tasks.yaml is read when tailored.data is imported: every command refuses it before doing anything."""
+    shutil.copytree(runner.paths.REPO_ROOT / "tailored", tmp_path / "tailored",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    tasks = tmp_path / "tailored" / "tasks.yaml"
+    text = tasks.read_text()
+    assert edit[0] in text
+    tasks.write_text(text.replace(*edit))
+    proc = subprocess.run([sys.executable, "-m", "tailored.cli", "run", "--profile", "smoke"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"tailored run: {tasks}: ") and needle in proc.stderr, proc.stderr
+
+
+def test_tailored_lab_hands_its_options_to_jupyterlab(monkeypatch):
+    for args, tail in ((["--no-browser"], ["--no-browser"]), (["--", "--port=8899", "--allow-root"],
+                                                              ["--port=8899", "--allow-root"])):
+        cmd = cli.lab_command(args)
+        assert cmd[1:4] == ["-m", "jupyter", "lab"] and cmd[-len(tail):] == tail
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["lab", "--no-browser", "--port=8899"])
+    assert done.value.code == 0 and calls[0][-2:] == ["--no-browser", "--port=8899"]
+
+
+def test_a_damaged_input_of_the_selected_step_is_refused_naming_the_step_that_rebuilds_it(tmp_path, capsys):
+    run_dir, run = _fake_study(tmp_path)
+    run(lambda *_: None)
+    calibration = run_dir / "calibration.safetensors"
+    flip = bytearray(calibration.read_bytes())
+    flip[-1] ^= 0x01
+    calibration.write_bytes(bytes(flip))
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    with pytest.raises(ArtifactError) as err:  # only 04 asked for: 02's output is not rebuilt behind the user's back
+        runner.run(profile="t", only="04", run_root=tmp_path / "runs", notebooks_dir=nbs, params_dir=params,
+                   progress=False, log=lambda *_: None)
+    assert str(err.value) == ("calibration.safetensors is damaged: its content differs from the sha256 recorded when "
+                              "the step wrote it; notebook 02 rebuilds it: `tailored run --from 02`")

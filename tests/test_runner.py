@@ -98,6 +98,7 @@ def test_failing_cell_names_notebook_and_cell_and_keeps_good_result(study):
     with pytest.raises(runner.StepFailed) as err:
         _run(study)
     assert "02_second.ipynb failed in cell" in str(err.value) and "asked to fail" in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).endswith("02_second.failed.ipynb)")  # one line for the CLI
     run_dir = study[0] / "runs" / "t"
     assert (run_dir / "02_second.failed.ipynb").exists()
     assert (run_dir / "02_second.ipynb").read_bytes() == good
@@ -166,8 +167,9 @@ def test_editing_a_prompt_changes_only_the_steps_that_name_its_task(monkeypatch)
     assert runner.step_tasks(evaluation) == ["piqa", "sst2", "wikitext"]
 
 
-def test_a_step_whose_output_was_deleted_or_changed_reruns(tmp_path):
-    """Artifacts are fingerprinted when a step finishes; a skip needs them as the step left them."""
+def test_a_step_whose_output_was_deleted_reruns(tmp_path):
+    """Artifacts are hashed when a step finishes; a skip needs them as the step left them (damage with the
+    modification time put back: tests/test_reliability.py, test_runner_rebuilds_a_damaged_adapter...)."""
     from tailored import rundir
 
     root = tmp_path / "runs"
@@ -180,7 +182,7 @@ def test_a_step_whose_output_was_deleted_or_changed_reruns(tmp_path):
     graph.unlink()
     logs.clear()
     runner.run(profile="smoke", only="01", run_root=root, progress=False, log=logs.append)
-    assert graph.exists() and any("graph.json changed or is missing" in line for line in logs)
+    assert graph.exists() and "[01_trace_graph] graph.json is missing: the step rebuilds it" in logs, logs
 
 
 def test_a_manifest_that_is_not_a_mapping_is_named(tmp_path):
@@ -226,3 +228,30 @@ def test_a_step_that_resumed_says_what_it_reused_and_the_total_adds_it_back(tmp_
     md = runner.write_durations(manifest, tmp_path).read_text().splitlines()
     assert md[3] == "| 05_evaluate | 3.0 | t5 |  | 40 results, 10.0 min when computed |"
     assert md[-1].startswith("| all steps | 5.0 |") and md[-1].endswith("from scratch: 15.0 min |")
+
+
+def test_kernels_start_encrypted_and_print_no_plain_tcp_warning(study, capfd):
+    """ipykernel warns "Kernel is running over TCP without encryption" into every run's log unless the kernel
+    manager provisions CurveZMQ keys (or uses local sockets): the runner's kernels do."""
+    _run(study)
+    out = capfd.readouterr()
+    assert "without encryption" not in out.out + out.err
+    config = runner.kernel_config()
+    assert config.KernelManager.get("transport_encryption") == "auto" or config.KernelManager.get("transport") == "ipc"
+
+
+def test_outputs_saved_into_a_notebook_leave_its_fingerprint_as_it_was(study):
+    """A JupyterLab session autosaves outputs into notebooks/ (git does not see them: the nbstripout filter); the
+    steps must not all rerun because of them."""
+    _, nbs, _ = study
+    path = nbs / "01_first.ipynb"
+    before = runner.notebook_hash(path)
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="hello")]
+    nb.cells[1].execution_count = 7
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+    nbformat.write(nb, str(path))
+    assert runner.notebook_hash(path) == before
+    nb.cells[1].source += "\n# an edit"
+    nbformat.write(nb, str(path))
+    assert runner.notebook_hash(path) != before
