@@ -17,7 +17,7 @@ Sections:
   times better than chance). Depth pruning removes whole layers (3.3% of the decoder each), so at 0.35 it
   lands on 33.3% or 36.7% and its row says so.
 - *sweep*: calibration size (windows × tokens) and source (Wikipedia, or the tasks' own training data
-  written with their prompts, ``lora.calibration_texts``): Spearman correlation of the unit scores of each
+  written with their prompts, ``recovery_data.calibration_texts``): Spearman correlation of the unit scores of each
   estimator in ``--sweep-estimators`` between successive sizes (over all attention and MLP units), and the
   perplexity after pruning ``--sweep-share`` with the method ``--sweep-method`` calibrated on each.
 
@@ -50,9 +50,9 @@ from tailored.importance import (  # noqa: E402
     compute_importance,
     spearman,
 )
-from tailored.lora import calibration_texts  # noqa: E402
 from tailored.models import load  # noqa: E402
 from tailored.recipes import METHODS, prune_model  # noqa: E402
+from tailored.recovery_data import calibration_texts  # noqa: E402
 
 DEFAULT_METHODS = [  # the most telling first, so that a partial run already answers the question
     "random", "param_first@10x128", "fisher_refit", "fisher_bias", "flap", "flap_no_bias", "param_first",
@@ -79,7 +79,7 @@ def split_name(name: str, default: tuple[int, int]) -> tuple[str, tuple[int, int
     """``"param_first@10x128"`` -> ("param_first", (10, 128)); no ``@``: the default calibration."""
     method, _, size = name.partition("@")
     if method not in METHODS:
-        raise SystemExit(f"unknown method {method!r}; tailored.recipes.METHODS has {list(METHODS)}")
+        raise SystemExit(f"unknown method {method!r}; tailored.methods.METHODS has {list(METHODS)}")
     return method, parse_size(size) if size else default
 
 
@@ -204,7 +204,7 @@ def run_sweep(args, res: Results, dense, tok, text: str, batches: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default=None, help="comma-separated names of tailored.recipes.METHODS (name@NxL "
+    ap.add_argument("--methods", default=None, help="comma-separated names of tailored.methods.METHODS (name@NxL "
                                                     "for another calibration size)")
     ap.add_argument("--shares", default="0.2,0.35,0.5")
     ap.add_argument("--all-shares", action="store_true", help="run the expensive methods at every share too")

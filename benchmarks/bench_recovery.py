@@ -39,18 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_pruning import held_out_text, make_batch  # noqa: E402
 
 from tailored import evaluate, scoring  # noqa: E402
+from tailored.adapters import merge  # noqa: E402
 from tailored.checkpoint import load_pruned, save_pruned  # noqa: E402
-from tailored.lora import (  # noqa: E402
-    LoraSettings,
-    TrainExample,
-    encode,
-    merge,
-    train_and_validation,
-    train_lora,
-    validation_loss,
-)
+from tailored.lora import LoraSettings, train_lora, validation_loss  # noqa: E402
 from tailored.models import load  # noqa: E402
 from tailored.recipes import METHODS, prune_model  # noqa: E402
+from tailored.recovery_data import TrainExample, encode, train_and_validation  # noqa: E402
 
 CLASS_TASKS = ["piqa", "arc_easy", "winogrande", "sst2"]
 CLASS_BUDGET = dict(lr=1e-3, warmup_ratio=0.1, batch_size=8, max_steps=40, max_tokens=12000, max_seq_len=256,

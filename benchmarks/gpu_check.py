@@ -6,7 +6,7 @@
 It measures, in one process and side by side:
 1. peak memory of the importance step (first-order Taylor, 10 × 128 tokens in one pass) against a plain
    forward + backward that keeps every gradient, both measured the same way: eval mode (no dropout), with
-   and without gradient checkpointing of the decoder layers (``compute_importance(checkpointing=…)``, the
+   and without recomputing the decoder layers' activations (``compute_importance(recompute_activations=…)``, the
    plain pass flagged the same way), each peak taken *above the weights resident before it*; it prints
    the ratio the target is stated in (importance / plain, ≤ 0.75) and the absolute peak of notebook 02
    (weights + the step's own peak, ≤ 16 GiB);
@@ -17,7 +17,7 @@ It measures, in one process and side by side:
    batch 16) is timed separately and reported as ``prompt_prefill_ms_bs<b>`` — and the dense decode's share
    of the memory-bandwidth floor;
 3. LoRA steps (rank 8, all seven projections, 16 × 256 tokens, answer-only loss on the last quarter, bf16
-   autocast, gradient checkpointing, as notebook 04 at the paper's settings) on the pruned shape: seconds,
+   autocast, activations recomputed, as notebook 04 at the paper's settings) on the pruned shape: seconds,
    weights and peak memory.
 Nothing here needs weights or data from outside: the model is random (``random:llama-7b``), the tokens are
 random ids.
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from tailored.anatomy import decoder_layers, set_checkpointing  # noqa: E402
+from tailored.anatomy import decoder_layers, preserved, set_recompute_activations  # noqa: E402
 from tailored.graph import trace  # noqa: E402
 from tailored.importance import compute_importance  # noqa: E402
 from tailored.lora import LoraSettings, measure_throughput  # noqa: E402
@@ -88,56 +88,52 @@ def bandwidth_gbs(device) -> float | None:
     return 2 * 10 * x.numel() / (time.perf_counter() - t) / 1e9
 
 
-def plain_forward_backward(model, ids: torch.Tensor, checkpointing: bool) -> None:
+def plain_forward_backward(model, ids: torch.Tensor, recompute: bool) -> None:
     """One forward + backward over ``ids`` keeping every gradient, in eval mode like ``compute_importance``."""
-    model.eval()
-    if checkpointing:
-        set_checkpointing(model, True)
-        for layer in decoder_layers(model):
-            layer.training = True  # as compute_importance does: checkpoint the layers, no dropout
-    try:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    finally:
-        if checkpointing:
-            set_checkpointing(model, False)
+    with preserved(model):
         model.eval()
+        if recompute:
+            set_recompute_activations(model, True)
+            for layer in decoder_layers(model):
+                layer.training = True  # as compute_importance does: recompute the layers, no dropout
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
 
 def importance_memory(dense, graph, vocab: int, device, result: dict) -> None:
     ids = torch.randint(0, vocab, (10, 128), generator=torch.Generator().manual_seed(0)).to(device)
     result["weights_dense_GiB"] = resident(device)
     rows = {}
-    for ckpt in (False, True):
+    for recompute in (False, True):
         base = resident(device)
         t = time.perf_counter()
-        plain_forward_backward(dense, ids, ckpt)
+        plain_forward_backward(dense, ids, recompute)
         sync(device)
         plain_s, plain = time.perf_counter() - t, own_peak(device, base)
         dense.zero_grad(set_to_none=True)
         base = resident(device)
         t = time.perf_counter()
         compute_importance(dense, graph, ids, estimators=("param_first",), micro_batch=len(ids), progress=False,
-                           checkpointing=ckpt)
+                           recompute_activations=recompute)
         sync(device)
         imp_s, imp = time.perf_counter() - t, own_peak(device, base)
         row = {"plain_own_peak_GiB": plain, "importance_own_peak_GiB": imp, "plain_s": plain_s, "importance_s": imp_s,
                "ratio": imp / plain if plain else None,
                "notebook_02_peak_GiB": None if imp is None else result["weights_dense_GiB"] + imp}
-        rows["checkpointed" if ckpt else "not_checkpointed"] = row
-        log(f"importance, {'with' if ckpt else 'without'} checkpointing: own peak {row['importance_own_peak_GiB']} "
+        rows["recomputed" if recompute else "not_recomputed"] = row
+        log(f"importance, {'with' if recompute else 'without'} recomputation: own peak {row['importance_own_peak_GiB']} "
             f"GiB vs plain fwd+bwd {row['plain_own_peak_GiB']} GiB (ratio {row['ratio']}, target <= 0.75); "
             f"weights + step = {row['notebook_02_peak_GiB']} GiB (target <= 16); {imp_s:.1f} s vs {plain_s:.1f} s")
     result["importance_memory"] = rows
 
 
 def lora_steps(pruned, device, result: dict, batch: int = 16, seq: int = 256) -> None:
-    """LoRA steps of ``batch`` x ``seq`` with gradient checkpointing (``lora.measure_throughput``, the measure
+    """LoRA steps of ``batch`` x ``seq`` with activations recomputed (``lora.measure_throughput``, the measure
     notebook 04's budget uses), and their memory above the resident pruned weights."""
-    settings = LoraSettings(batch_size=batch, micro_batch_size=batch, max_seq_len=seq, gradient_checkpointing=True,
+    settings = LoraSettings(batch_size=batch, micro_batch_size=batch, max_seq_len=seq, recompute_activations=True,
                             dropout=0.1, rank=8, alpha=16.0, lr=1e-4)
     result["weights_pruned_GiB"] = base = resident(device)
     measured = measure_throughput(pruned, settings, batch_size=batch, seq_len=seq, steps=2, warmup=1)
-    result["lora"] = {"batch": batch, "seq_len": seq, "gradient_checkpointing": True,
+    result["lora"] = {"batch": batch, "seq_len": seq, "recompute_activations": True,
                       "step_s": measured["s_per_step"], "tokens_per_s": measured["tokens_per_s"],
                       "own_peak_GiB": own_peak(device, base),
                       "notebook_04_peak_GiB": None if base is None else torch.cuda.max_memory_allocated() / GIB}

@@ -9,7 +9,7 @@ limits (a few calibration sequences, a few LoRA steps, a few examples per task),
 sets of limits (``--limits``):
 
 - ``targets`` (default on a GPU): the conditions the memory targets are stated in, with few items:
-  importance on 10 × 128 calibration tokens, LoRA steps of 16 × 256 tokens with gradient checkpointing,
+  importance on 10 × 128 calibration tokens, LoRA steps of 16 × 256 tokens with activations recomputed,
   evaluation at batch 16 with a 25-shot prefix;
 - ``ci`` (default on a CPU): the least that still runs every cell of every notebook.
 
@@ -224,14 +224,14 @@ def items(step: str, run: dict[str, dict], splits: dict[str, dict]) -> float | N
 def conditions(step: str, p: dict, metrics: dict) -> str:
     """What the step's memory was measured under, in words (the targets are stated for these)."""
     if step == "02_importance":
-        return (f"{p['n_samples']} x {p['seq_len']} tokens, passes of {p['micro_batch']}, checkpointing "
-                f"{'on' if p['gradient_checkpointing'] else 'off'}, {len(p['estimators'])} estimators")
+        return (f"{p['n_samples']} x {p['seq_len']} tokens, passes of {p['micro_batch']}, recomputation "
+                f"{'on' if p['recompute_activations'] else 'off'}, {len(p['estimators'])} estimators")
     if step == "03_prune":
         return f"targets {p['targets']}, curve {len(p['curve_methods'])} x {len(p['curve_shares'])}"
     if step == "04_lora_tune":
         return (f"{len(metrics.get('runs', {}))} runs x {p['max_steps']} steps of {p['batch_size']} x "
-                f"{p['max_seq_len']} (micro {p['micro_batch_size'] or p['batch_size']}), checkpointing "
-                f"{'on' if p['gradient_checkpointing'] else 'off'}")
+                f"{p['max_seq_len']} (micro {p['micro_batch_size'] or p['batch_size']}), recomputation "
+                f"{'on' if p['recompute_activations'] else 'off'}")
     if step == "05_evaluate":
         used = {r["task"]: r["k_used"] for r in metrics.get("results", []) if r.get("kind") != "text"}
         fitted = ", ".join(f"{t} {k}" for t, k in used.items())  # shots that fit the context, per task

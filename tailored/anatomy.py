@@ -7,6 +7,8 @@ models) can stand on it without import cycles.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -58,6 +60,37 @@ def decoder_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in decoder_layers(model).parameters())
 
 
+def sync_module_attributes(model: torch.nn.Module) -> None:
+    """Make every module's size attributes agree with its (possibly pruned) weights.
+
+    The forward pass reads ``head_dim`` (unchanged by pruning) and ``num_key_value_groups`` (query heads
+    per kv head, used by ``repeat_kv``); the rest (``in_features``, ``intermediate_size``, ...) is kept
+    true so that ``print(model)``, PEFT and anyone else reading them see the real sizes.
+    """
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "head_dim")):
+            n_q = mod.q_proj.weight.shape[0] // mod.head_dim
+            n_kv = mod.k_proj.weight.shape[0] // mod.head_dim
+            if n_kv == 0 or n_q % n_kv:
+                raise ValueError(f"attention with {n_q} query heads and {n_kv} kv heads: query heads must be a "
+                                 "multiple of kv heads")
+            mod.num_key_value_groups = n_q // n_kv
+            for attr, val in (("num_heads", n_q), ("num_key_value_heads", n_kv)):
+                if hasattr(mod, attr):
+                    setattr(mod, attr, val)
+        if all(hasattr(mod, a) for a in ("gate_proj", "down_proj")):
+            if hasattr(mod, "intermediate_size"):
+                mod.intermediate_size = mod.gate_proj.weight.shape[0]
+            if hasattr(mod, "hidden_size"):
+                mod.hidden_size = mod.gate_proj.weight.shape[1]
+        if hasattr(mod, "input_layernorm") and hasattr(mod, "hidden_size"):
+            mod.hidden_size = mod.input_layernorm.weight.shape[0]
+
+
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     """A fingerprint of a model's weights: every tensor's name, shape, dtype, sum and sum of squares (float64),
@@ -75,13 +108,14 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     return h.hexdigest()[:24]
 
 
-def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
-    """Turn activation (gradient) checkpointing of the decoder layers on or off.
+def set_recompute_activations(model: torch.nn.Module, enable: bool = True) -> None:
+    """Have the decoder layers recompute their activations in the backward pass (or keep them, ``enable=False``).
 
-    A checkpointed layer keeps only its input for the backward pass and recomputes the rest there: about one
-    more forward pass of time for activation memory of one layer instead of all of them. transformers 5.x
-    renamed the switch (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``);
-    either is used. Non-reentrant checkpointing, so frozen inputs need no ``requires_grad`` trick.
+    A recomputing layer keeps only its input for the backward pass and recomputes the rest there: about one
+    more forward pass of time for activation memory of one layer instead of all of them. This is what
+    transformers calls gradient (or activation) checkpointing; 5.x renamed its switch
+    (``activation_checkpointing_enable``, formerly ``gradient_checkpointing_enable``), and either is used.
+    Non-reentrant, so frozen inputs need no ``requires_grad`` trick.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if enable:
@@ -92,12 +126,41 @@ def set_checkpointing(model: torch.nn.Module, enable: bool = True) -> None:
         switch()
 
 
-def checkpointing_on(model: torch.nn.Module) -> bool:
-    """Whether the decoder layers are checkpointed now (``set_checkpointing``'s state; either name of the flag)."""
+def recomputes_activations(model: torch.nn.Module) -> bool:
+    """Whether the decoder layers recompute their activations now (``set_recompute_activations``'s state, read
+    from transformers' flag under either of its names)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cls = type(base)
     name = "is_activation_checkpointing" if hasattr(cls, "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(base, name, False))
+
+
+@contextmanager
+def preserved(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a block that changes the model's mode or flags, and find them as they were afterwards::
+
+        with preserved(model):
+            model.eval()
+            model.requires_grad_(False)
+            ...                                   # however the block ends, even by an exception
+
+    Restored: the train/eval mode of every module (a block may flag single layers as training, as
+    ``compute_importance`` does to have them recomputed), each parameter's ``requires_grad``, and whether the
+    decoder layers recompute their activations in the backward pass (``set_recompute_activations``). Weights, buffers
+    and ``.grad`` are not touched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    recomputing = recomputes_activations(model)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if recomputes_activations(model) != recomputing:
+            set_recompute_activations(model, recomputing)
+        for m, mode in modes:
+            m.training = mode
 
 
 def dispatch(model: torch.nn.Module, device_map: str | dict, dtype: torch.dtype | None = None,

@@ -31,9 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tailored.anatomy import decoder_layers, dispatch, resolve_device, resolve_dtype
+from tailored.anatomy import decoder_layers, dispatch, resolve_device, resolve_dtype, sync_module_attributes
 from tailored.artifacts import json_safe
-from tailored.prune import sync_module_attributes
 
 FORMAT = "tailored.pruned/1"
 WEIGHTS = "model.safetensors"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tailored import data, lora, rundir
+from tailored import adapters, data, rundir
 from tailored.metrics import (
     ACCURACY_METRICS,
     choice_predictions,
@@ -394,7 +394,7 @@ def load_run_model(entry: rundir.RunModel, device: str = "cpu", dtype: str = "fl
     """
     model, tokenizer = load(entry.spec, device=device, dtype=dtype, seed=seed, device_map=device_map)
     if entry.kind == "lora":
-        model = lora.merge(lora.load_adapter(model, entry.adapter))
+        model = adapters.merge(adapters.load_adapter(model, entry.adapter))
         model.eval()
     return model, tokenizer
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters
+from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters, preserved
 from tailored.artifacts import ArtifactError, write_json
 
 KINDS = ("attention", "qheads", "mlp", "hidden")
@@ -300,6 +302,23 @@ def _classify(mod: _Module) -> str:
     )
 
 
+@contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Run a block with HF's eager attention (plain matrix products), then switch back to the model's own.
+
+    Fused kernels (SDPA, flash) have no per-op autograd graph to walk and no output channel to nudge.
+    """
+    attn = getattr(model.config, "_attn_implementation", None)
+    switch = attn is not None and attn != "eager"
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(attn)
+
+
 def trace(model, tokens: int = 6, seed: int = 0) -> Graph:
     """Trace the coupled groups of a decoder-only LM from one forward pass on ``tokens`` random tokens.
 
@@ -333,35 +352,25 @@ def trace(model, tokens: int = 6, seed: int = 0) -> Graph:
             executed.append(mod)
         return hook
 
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
     threads = torch.get_num_threads()
-    attn = getattr(model.config, "_attn_implementation", None)
-    switch = attn is not None and attn != "eager"
     handles = [m.module.register_forward_hook(hook_for(m), with_kwargs=True) for m in mods]
     try:
         torch.set_num_threads(1)  # 6 tokens: threads only add synchronization (10x slower on a busy CPU)
-        model.eval()
-        model.requires_grad_(True)
-        if switch:
-            model.set_attn_implementation("eager")  # fused kernels have no per-op autograd graph to walk
-        vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
-        with torch.enable_grad():
-            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)  # step 1
-        missing = [m.name for m in mods if m.y is None]
-        if missing:
-            raise NotImplementedError(f"modules with parameters that the forward never ran: {missing[:5]}")
-        graph = _build(model, executed)
-        check(graph, model)
+        with preserved(model), eager_attention(model):
+            model.eval()
+            model.requires_grad_(True)
+            vocab = model.get_input_embeddings().num_embeddings
+            ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+            with torch.enable_grad():
+                model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)  # step 1
+            missing = [m.name for m in mods if m.y is None]
+            if missing:
+                raise NotImplementedError(f"modules with parameters that the forward never ran: {missing[:5]}")
+            graph = _build(model, executed)
+            check(graph, model)
     finally:
         for h in handles:
             h.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        if switch:
-            model.set_attn_implementation(attn)
-        model.train(was_training)
         torch.set_num_threads(threads)
     return replace(graph, num_layers=len(layers), total_params=count_parameters(model),
                    decoder_params=decoder_parameters(model))
@@ -446,38 +455,16 @@ def _probe_all(executed: list[_Module], mixing: dict[int, list[int]], edges) -> 
 
 # ----------------------------------------------------------------------------------- steps 3 and 4: units
 def _build(model, executed: list[_Module]) -> Graph:
+    """Steps 2-5 of ``trace`` on the modules the forward pass ran, in order."""
     for m in executed:
         m.kind = _classify(m)
     edges = _edges(executed)
-
-    def space_of(i: int, side: str) -> tuple[int, str]:  # a norm's input and output are one space
-        return (i, "io") if executed[i].kind == "norm" else (i, side)
-
-    def width(space: tuple[int, str]) -> int:
-        i, side = space
-        return executed[i].width("out" if side == "io" else side)
-
-    # step 3: classes of spaces joined index-for-index by elementwise edges
-    spaces = [(i, s) for i, m in enumerate(executed) for s in m.spaces()]
-    uf = _UnionFind()
-    for s in spaces:
-        uf.find(s)
-    mixing: dict[int, list[int]] = {}
-    for (p, c), ew in sorted(edges.items()):
-        src, dst = space_of(p, "out"), space_of(c, "in")
-        if ew and width(src) == width(dst):
-            uf.union(src, dst)
-        else:
-            mixing.setdefault(c, []).append(p)
-    classes: dict = {}
-    for s in spaces:
-        classes.setdefault(uf.find(s), []).append(s)
-
-    # step 4: probe the mixing edges; classes they link form one channel-level problem
-    dep = _probe_all(executed, mixing, edges)
-    linked = _UnionFind()
+    spaces = _Spaces(executed)
+    uf, classes, mixing = _join_elementwise(edges, spaces)  # step 3
+    dep = _probe_all(executed, mixing, edges)  # step 4
+    linked = _UnionFind()  # classes the probed mixing edges link form one channel-level problem
     for p, c in dep:
-        linked.union(uf.find(space_of(p, "out")), uf.find(space_of(c, "in")))
+        linked.union(uf.find(spaces.of(p, "out")), uf.find(spaces.of(c, "in")))
     problems: dict = {}
     for cls in classes:
         if cls in linked.parent:
@@ -487,53 +474,8 @@ def _build(model, executed: list[_Module]) -> Graph:
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
     build = _GroupBuilder(executed, names)
-    groups: list[GroupSet] = []
-    hidden: list[GroupSet] = []
-
-    def layer_of(ss) -> int | None:
-        ls = {executed[i].layer for i, _ in ss}
-        return ls.pop() if len(ls) == 1 else None
-
-    def prunable(ss) -> bool:  # some module produces this width and some module consumes it
-        return any(s != "in" for _, s in ss) and any(s != "out" for _, s in ss)
-
-    # classes coupled index-for-index only: one unit per channel
-    for cls, ss in classes.items():
-        if cls in linked.parent or not prunable(ss):
-            continue  # e.g. the LM head's vocabulary output: produced, never consumed
-        n = width(ss[0])
-        per_unit = tuple((u,) for u in range(n))
-        layer = layer_of(ss)
-        kind = "hidden" if layer is None else "mlp"
-        gs = build(f"layers.{layer}.mlp" if layer is not None else "hidden", kind, layer, n,
-                   [(per_unit, s) for s in sorted(ss)])
-        (hidden if layer is None else groups).append(gs)
-
-    # classes tied by mixing edges: connected components over their channels
-    edge_cache: dict = {}
-    for cls_list in problems.values():
-        ss = sorted(s for cl in cls_list for s in classes[cl])
-        layer = layer_of(ss)
-        if layer is None:
-            raise NotImplementedError("a channel-mixing coupling spans several decoder layers; not supported")
-        offset, n = {}, 0
-        for cl in sorted(cls_list):
-            offset[cl], n = n, n + width(classes[cl][0])
-        src, dst = [], []
-        for (p, c), d in dep.items():
-            pc, cc = uf.find(space_of(p, "out")), uf.find(space_of(c, "in"))
-            if pc in offset:
-                e_src, e_dst = _dep_edges(d, offset[cc], offset[pc], edge_cache)
-                src.append(e_src)
-                dst.append(e_dst)
-        labels = _components(n, torch.cat(src), torch.cat(dst))
-        root = min(s for s in ss if s[1] != "in")  # the first producer to run (q_proj): it orders the units
-        r0 = offset[uf.find(root)]
-        units = list(dict.fromkeys(labels[r0:r0 + width(root)].tolist() + labels.tolist()))
-        index = [(_unit_index(labels[offset[uf.find(s)]:offset[uf.find(s)] + width(s)], units), s) for s in ss]
-        groups.append(build(f"layers.{layer}.attention", "attention", layer, len(units), index))
-        if any(pp == root[0] for pp, _ in dep):
-            groups.append(_qheads(build, layer, root, dep, index, space_of, edge_cache))
+    groups, hidden = _channel_groups(build, classes, linked, spaces)
+    groups += _mixing_groups(build, problems, classes, dep, uf, spaces)
 
     if len(hidden) != 1:
         raise NotImplementedError(f"expected one residual (hidden) channel space, found {len(hidden)}")
@@ -547,6 +489,100 @@ def _build(model, executed: list[_Module]) -> Graph:
                  model_type=getattr(model.config, "model_type", type(model).__name__), num_layers=0,
                  hidden_size=hidden[0].units, tied_embeddings=any(m.aliases for m in hidden[0].members),
                  total_params=0, decoder_params=0)
+
+
+class _Spaces:
+    """The channel spaces of the executed modules, ``(module number, side)``: a norm's input and output are
+    one space (``"io"``); a Linear has an ``"in"`` and an ``"out"``."""
+
+    def __init__(self, executed: list[_Module]):
+        self.executed = executed
+
+    def of(self, i: int, side: str) -> tuple[int, str]:
+        return (i, "io") if self.executed[i].kind == "norm" else (i, side)
+
+    def width(self, space: tuple[int, str]) -> int:
+        i, side = space
+        return self.executed[i].width("out" if side == "io" else side)
+
+    def layer_of(self, ss) -> int | None:
+        """The decoder layer all of ``ss`` belong to, or None (the residual stream spans them all)."""
+        ls = {self.executed[i].layer for i, _ in ss}
+        return ls.pop() if len(ls) == 1 else None
+
+
+def _join_elementwise(edges: dict, spaces: _Spaces) -> tuple[_UnionFind, dict, dict[int, list[int]]]:
+    """Step 3: classes of spaces joined index-for-index by elementwise edges of equal width; the other edges
+    mix channels (``mixing``: consumer -> its producers) and are probed next."""
+    executed = spaces.executed
+    all_spaces = [(i, s) for i, m in enumerate(executed) for s in m.spaces()]
+    uf = _UnionFind()
+    for s in all_spaces:
+        uf.find(s)
+    mixing: dict[int, list[int]] = {}
+    for (p, c), ew in sorted(edges.items()):
+        src, dst = spaces.of(p, "out"), spaces.of(c, "in")
+        if ew and spaces.width(src) == spaces.width(dst):
+            uf.union(src, dst)
+        else:
+            mixing.setdefault(c, []).append(p)
+    classes: dict = {}
+    for s in all_spaces:
+        classes.setdefault(uf.find(s), []).append(s)
+    return uf, classes, mixing
+
+
+def _channel_groups(build: _GroupBuilder, classes: dict, linked: _UnionFind,
+                    spaces: _Spaces) -> tuple[list[GroupSet], list[GroupSet]]:
+    """Classes coupled index-for-index only: one unit per channel (an MLP layer's, or the hidden dimension).
+    Returns (per-layer group sets, the hidden one(s))."""
+    groups: list[GroupSet] = []
+    hidden: list[GroupSet] = []
+    for cls, ss in classes.items():
+        prunable = any(s != "in" for _, s in ss) and any(s != "out" for _, s in ss)  # produced and consumed
+        if cls in linked.parent or not prunable:
+            continue  # e.g. the LM head's vocabulary output: produced, never consumed
+        n = spaces.width(ss[0])
+        per_unit = tuple((u,) for u in range(n))
+        layer = spaces.layer_of(ss)
+        kind = "hidden" if layer is None else "mlp"
+        gs = build(f"layers.{layer}.mlp" if layer is not None else "hidden", kind, layer, n,
+                   [(per_unit, s) for s in sorted(ss)])
+        (hidden if layer is None else groups).append(gs)
+    return groups, hidden
+
+
+def _mixing_groups(build: _GroupBuilder, problems: dict, classes: dict, dep: dict, uf: _UnionFind,
+                   spaces: _Spaces) -> list[GroupSet]:
+    """Classes tied by mixing edges (attention): connected components over their channels, then the query
+    heads within them."""
+    groups: list[GroupSet] = []
+    edge_cache: dict = {}
+    for cls_list in problems.values():
+        ss = sorted(s for cl in cls_list for s in classes[cl])
+        layer = spaces.layer_of(ss)
+        if layer is None:
+            raise NotImplementedError("a channel-mixing coupling spans several decoder layers; not supported")
+        offset, n = {}, 0
+        for cl in sorted(cls_list):
+            offset[cl], n = n, n + spaces.width(classes[cl][0])
+        src, dst = [], []
+        for (p, c), d in dep.items():
+            pc, cc = uf.find(spaces.of(p, "out")), uf.find(spaces.of(c, "in"))
+            if pc in offset:
+                e_src, e_dst = _dep_edges(d, offset[cc], offset[pc], edge_cache)
+                src.append(e_src)
+                dst.append(e_dst)
+        labels = _components(n, torch.cat(src), torch.cat(dst))
+        root = min(s for s in ss if s[1] != "in")  # the first producer to run (q_proj): it orders the units
+        r0 = offset[uf.find(root)]
+        units = list(dict.fromkeys(labels[r0:r0 + spaces.width(root)].tolist() + labels.tolist()))
+        index = [(_unit_index(labels[offset[uf.find(s)]:offset[uf.find(s)] + spaces.width(s)], units), s)
+                 for s in ss]
+        groups.append(build(f"layers.{layer}.attention", "attention", layer, len(units), index))
+        if any(pp == root[0] for pp, _ in dep):
+            groups.append(_qheads(build, layer, root, dep, index, spaces.of, edge_cache))
+    return groups
 
 
 def _unit_index(labels, units: list[int]) -> tuple[tuple[int, ...], ...]:
@@ -669,19 +705,14 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
-    attn = getattr(model.config, "_attn_implementation", None)
-    switch = attn is not None and attn != "eager"
     handles = [prod.register_forward_hook(add_one), cons.register_forward_pre_hook(record)]
     if upcast:
         handles.append(owner.register_forward_pre_hook(owner_inputs, with_kwargs=True))
-    was_training = model.training
     try:
-        model.eval()
-        if upcast:
-            owner.float()
-        if switch:
-            model.set_attn_implementation("eager")
-        with torch.no_grad():
+        with preserved(model), eager_attention(model), torch.no_grad():
+            model.eval()
+            if upcast:
+                owner.float()
             for j in [None, *range(min(channels or prod.weight.shape[0], prod.weight.shape[0]))]:
                 nudge[0] = j
                 try:
@@ -694,9 +725,6 @@ def reference_dependency(model, producer: str, consumer: str, tokens: int = 6, s
         if upcast:
             for name, t in [*owner.named_parameters(), *owner.named_buffers()]:
                 t.data = t.data.to(dtypes[name])
-        if switch:
-            model.set_attn_implementation(attn)
-        model.train(was_training)
     base = seen[0]
     return torch.stack([(x != base).reshape(-1, base.shape[-1]).any(0) for x in seen[1:]], dim=1).cpu()
 

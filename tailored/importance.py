@@ -62,35 +62,12 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from tailored.anatomy import decoder_layers, set_checkpointing
+from tailored.anatomy import decoder_layers, preserved, set_recompute_activations, weights_fingerprint
 from tailored.artifacts import ArtifactError
+from tailored.choices import ESTIMATORS, FISHER_ESTIMATORS, GRADIENT_ESTIMATORS, READER_ESTIMATORS, REDUCTIONS
 from tailored.graph import KINDS, Graph, GroupSet
 from tailored.paths import atomic_write_bytes
 
-# name -> equation (the docstring line above); the order is the order of figures and tables
-ESTIMATORS: dict[str, str] = {
-    "param_first": "|w·g|",
-    "param_second": "½·w²·F",
-    "param_mix": "|w·g − ½·w²·F|",
-    "vectorize": "|Σ_slice w·g|",
-    "random": "U(0,1) per unit",
-    "l1": "|w|",
-    "l2": "w²",
-    "activation": "|w|·‖X‖₂",
-    "fluctuation": "Σ_j Var(x_j)·‖W_:,j‖² (readers)",
-    "flap": "mean_j z(Var(x_j)·‖W_:,j‖²) (readers; squared for heads)",
-    "fisher_fluctuation": "½·Σ_h F_h·Var(W_h,S x_S) (readers)",
-}
-GRADIENT_ESTIMATORS = ("param_first", "param_second", "param_mix", "vectorize")
-FISHER_ESTIMATORS = ("param_second", "param_mix")  # need one backward pass per calibration sample
-READER_ESTIMATORS = ("fluctuation", "flap", "fisher_fluctuation")  # from Activations: statistics of the readers' inputs
-REDUCTIONS: dict[str, str] = {
-    "sum": "Σ over members",
-    "mean": "mean over members",
-    "max": "max over members",
-    "prod": "Π over members, as the geometric mean (Π)^(1/members), computed in log space",
-    "root": "the root member alone (LLM-Pruner's 'first')",
-}
 FORMAT = "tailored.importance/1"
 
 
@@ -482,7 +459,7 @@ class _ActivationNorms:
         self.tokens: dict[int, int] = {}  # id(module) -> tokens seen
         self.roles: dict[int, list[tuple[torch.nn.Module, str]]] = {}  # id(param) -> (module, attr)
         self.handles = []
-        self.active = True  # off during backward: a checkpointed layer's recompute must not count twice
+        self.active = True  # off during backward: a layer recomputed there must not count twice
         for module in model.modules():
             mine = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in wanted]
             if not mine:
@@ -596,8 +573,6 @@ class Activations:
 
     def save(self, path: str | Path) -> Path:
         """Write ``activations.safetensors`` atomically: ``mean/<name>``, ``second/<name>``, ``fisher/<name>``."""
-        from safetensors.torch import save
-
         tensors = {f"{kind}/{name}": t.detach().to("cpu", torch.float32).contiguous()
                    for kind, d in (("mean", self.mean), ("second", self.second), ("fisher", self.fisher))
                    for name, t in d.items()}
@@ -609,8 +584,6 @@ class Activations:
 
     @classmethod
     def load(cls, path: str | Path) -> Activations:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
@@ -693,33 +666,27 @@ def activation_statistics(model: torch.nn.Module, graph: Graph, batch: torch.Ten
     device = next(model.parameters()).device
     dtype = _acc_dtype(device)
     batch = batch.to(device)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
     hooks = _ReaderHooks(model, names, gradients, dtype)
     passes = [batch[i:i + micro_batch] for i in range(0, batch.shape[0], micro_batch)]
-    from tqdm.auto import tqdm
-
     bar = tqdm(passes, desc="activation statistics", unit="pass", disable=not progress)
     try:
-        model.eval()
-        model.requires_grad_(False)
-        embed = model.get_input_embeddings()
-        for ids in bar:
-            if gradients:
-                with torch.enable_grad():
-                    x = embed(ids).detach().requires_grad_(True)  # the graph starts at the embeddings
-                    loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
-                    hooks.scale = float(ids.shape[0] * (ids.shape[1] - 1))  # mean loss -> summed loss
-                    loss.backward()
-            else:
-                with torch.no_grad():
-                    model(input_ids=ids, use_cache=False)
+        with preserved(model):
+            model.eval()
+            model.requires_grad_(False)
+            embed = model.get_input_embeddings()
+            for ids in bar:
+                if gradients:
+                    with torch.enable_grad():
+                        x = embed(ids).detach().requires_grad_(True)  # the graph starts at the embeddings
+                        loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
+                        hooks.scale = float(ids.shape[0] * (ids.shape[1] - 1))  # mean loss -> summed loss
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False)
     finally:
         bar.close()
         hooks.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        model.train(was_training)
     n = batch.numel()
     return Activations(
         tokens=n, mean={k: (v / n).float().cpu() for k, v in hooks.sum.items()},
@@ -741,30 +708,37 @@ def _reader_scores(est: str, w: torch.Tensor, acts: Activations, name: str, memb
                          f"has {w.shape[1]}: they were computed on another (differently pruned) model")
     w = w.detach().to("cpu", torch.float64)
     cov = acts.covariance(name)  # (in, in) or (in,)
-    out = torch.zeros(units, dtype=torch.float64)
     if est in ("fluctuation", "flap"):
         col = (cov.diagonal() if cov.dim() == 2 else cov) * w.square().sum(0)  # (in,): Var(x_j) ‖W_:,j‖²
         if est == "flap":  # FLAP: square the metric of multi-column units (heads), standardize over the layer
             col = col.square() if max(len(ix) for ix in member.index) > 1 else col
             col = (col - col.mean()) / col.std().clamp_min(1e-30)
-        for u in range(units):
-            cols = col[list(member.index[u])]
-            out[u] = cols.mean() if est == "flap" else cols.sum()
-        return out.to(dtype)
+        return _per_unit(col, member, mean=est == "flap").to(dtype)
     if name not in acts.fisher:
         raise ValueError(f"fisher_fluctuation needs the Fisher information of {name}'s output: collect the "
                          "activations with gradients=True")
     wf = w * acts.fisher[name].double()[:, None]  # (out, in): F_h W_hj
     if cov.dim() == 1:
         col = 0.5 * cov * (wf * w).sum(0)  # a unit of one column, or only the diagonal kept
-        for u in range(units):
-            out[u] = col[list(member.index[u])].sum()
-        return out.to(dtype)
+        return _per_unit(col, member, mean=False).to(dtype)
+    out = torch.zeros(units, dtype=torch.float64)
     for u in range(units):
         ix = torch.tensor(member.index[u], dtype=torch.long)
         ws, wfs = w[:, ix], wf[:, ix]  # (out, |S|)
         out[u] = 0.5 * ((wfs @ cov[ix][:, ix]) * ws).sum()  # ½ Σ_h F_h W_h,S C_SS W_h,Sᵀ
     return out.to(dtype)
+
+
+def _per_unit(col: torch.Tensor, member, mean: bool) -> torch.Tensor:
+    """The sum (or mean) of per-column scores ``col`` (in,) over each unit's columns: (units,) float64. A unit
+    of one column takes that column's value as it is (gathered at once: SmolLM2's 30 × 1536 MLP channels)."""
+    if all(len(ix) == 1 for ix in member.index):
+        return col[torch.tensor([ix[0] for ix in member.index], dtype=torch.long)]
+    out = torch.zeros(len(member.index), dtype=torch.float64)
+    for u, ix in enumerate(member.index):
+        cols = col[list(ix)]
+        out[u] = cols.mean() if mean else cols.sum()
+    return out
 
 
 # ------------------------------------------------------------------------------------ whole layers
@@ -795,18 +769,15 @@ def block_influence(model: torch.nn.Module, batch: torch.Tensor, micro_batch: in
             total[i] += float(cos.sum())
         return hook
 
-    was_training = model.training
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    from tqdm.auto import tqdm
-
     try:
-        model.eval()
-        for i in tqdm(range(0, batch.shape[0], micro_batch), desc="block influence", disable=not progress):
-            model(input_ids=batch[i:i + micro_batch].to(device), use_cache=False)
+        with preserved(model):
+            model.eval()
+            for i in tqdm(range(0, batch.shape[0], micro_batch), desc="block influence", disable=not progress):
+                model(input_ids=batch[i:i + micro_batch].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return (1 - total / batch.numel()).float()
 
 
@@ -851,7 +822,7 @@ def _check_names(estimators: Sequence[str], reductions: Sequence[str]) -> tuple[
 def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor,
                        estimators: Sequence[str] = ("param_first",), reductions: Sequence[str] = ("sum",),
                        kinds: Sequence[str] | None = None, micro_batch: int = 1, seed: int = 0,
-                       progress: bool = True, checkpointing: bool = False,
+                       progress: bool = True, recompute_activations: bool = False,
                        activations: Activations | None = None) -> Importance:
     """Score every unit of the graph's group sets with each estimator and group reduction.
 
@@ -878,11 +849,11 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     forward + backward, and takes 1.11 (CPU, 16 threads) / 1.33 (H100) times as long as the same
     per-sample passes without hooks.
 
-    ``checkpointing=True`` recomputes each decoder layer's activations in the backward pass (about one more
-    forward of time) instead of keeping them: with ``micro_batch=len(batch)`` (one pass, no per-element
-    buffer) that is what keeps LLaMA-7B's first-order scores for 10 × 128 tokens near the size of its
-    weights. transformers checkpoints only layers in training mode, so the decoder layers alone are flagged
-    as training during the passes; their attention and MLP stay in eval mode (no dropout).
+    ``recompute_activations=True`` recomputes each decoder layer's activations in the backward pass (about
+    one more forward of time) instead of keeping them: with ``micro_batch=len(batch)`` (one pass, no
+    per-element buffer) that is what keeps LLaMA-7B's first-order scores for 10 × 128 tokens near the size of
+    its weights. transformers recomputes only layers in training mode, so the decoder layers alone are
+    flagged as training during the passes; their attention and MLP stay in eval mode (no dropout).
 
     ``fluctuation`` and ``fisher_fluctuation`` read statistics of the units' readers: ``activations``
     (from ``activation_statistics`` on this model and batch), or, when not given, statistics collected
@@ -893,18 +864,8 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     Returns an ``Importance``: float32 (units,) per (estimator, reduction, group set).
     """
     estimators, reductions = _check_names(estimators, reductions)
-    if kinds is not None:
-        bad = [k for k in kinds if k not in KINDS]
-        if bad:
-            raise ValueError(f"unknown kind(s) {bad}; kinds are {list(KINDS)}")
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
-        raise ValueError(f"batch must be a LongTensor (n_samples, seq_len) of token ids, got "
-                         f"{getattr(batch, 'dtype', type(batch).__name__)} {tuple(getattr(batch, 'shape', ()))}")
+    _check_batch(batch, kinds, micro_batch)
     n, seq_len = batch.shape
-    if n < 1 or seq_len < 2:
-        raise ValueError(f"batch has shape {tuple(batch.shape)}: need at least one sample of at least 2 tokens")
-    if not isinstance(micro_batch, int) or micro_batch < 1:
-        raise ValueError(f"micro_batch={micro_batch!r}: give a number of samples per pass, at least 1")
     fisher_est = [e for e in estimators if e in FISHER_ESTIMATORS]
     if fisher_est and micro_batch != 1 and n > 1:
         raise ValueError(f"{fisher_est} need each sample's own gradient (F = mean of per-sample g²): "
@@ -916,70 +877,129 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     device = next(model.parameters()).device
     batch = batch.to(device)
     uses_by_param = _uses_by_param(model, groups, device)  # validates the graph against the model, before any compute
-    params = dict(model.named_parameters())
     dtype = _acc_dtype(device)
     grad_est = [e for e in estimators if e in GRADIENT_ESTIMATORS]
-    passes = [batch[i:i + micro_batch] for i in range(0, n, micro_batch)]
-    if not grad_est and "activation" not in estimators:
-        passes = []  # weights alone: no pass at all
+    recompute = recompute_activations and bool(grad_est)  # without a backward pass there is nothing to recompute
+    passes = _Passes(batch, micro_batch, needed=bool(grad_est) or "activation" in estimators)  # weights alone: none
+    fold, norms = _score_passes(model, passes, uses_by_param, grad_est, "activation" in estimators, dtype,
+                                recompute, progress)
 
-    fold = _GradientFold(uses_by_param, grad_est, n, dtype)
-    acts = None
-    pass_losses: list = []
-    flags = {name: p.requires_grad for name, p in params.items()}
-    was_training = model.training
-    was_checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    checkpointing = checkpointing and bool(grad_est)  # without a backward pass there is nothing to recompute
-    handles = []
-    bar = tqdm(passes, desc="importance (forward + backward)" if grad_est else "importance (forward)",
-               unit="pass", disable=not progress or not passes)
-    try:
-        model.eval()  # no dropout: the scores are a function of the weights and the batch
-        if checkpointing:
-            set_checkpointing(model, True)
-            for layer in decoder_layers(model):
-                layer.training = True  # the layer alone (not its children): transformers' switch to checkpoint
-        model.zero_grad(set_to_none=True)
-        for name, p in params.items():  # only scored parameters get gradients
-            p.requires_grad_(name in uses_by_param and bool(grad_est))
-        if grad_est:
-            handles = [params[name].register_post_accumulate_grad_hook(fold.hook(name)) for name in uses_by_param]
-        if "activation" in estimators:
-            acts = _ActivationNorms(model, {id(params[name]) for name in uses_by_param})
-        for c, ids in enumerate(bar):
-            fold.share, fold.last = ids.shape[0] / n, c == len(passes) - 1
-            with torch.set_grad_enabled(bool(grad_est)):
-                loss = _lm_loss(model, ids)
-                if grad_est:
-                    if acts is not None:
-                        acts.active = False
-                    loss.backward()
-                    if acts is not None:
-                        acts.active = True
-            pass_losses.append(loss.detach())  # a tensor: float() here would wait for the GPU each pass
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
-        if acts is not None:
-            acts.remove()
-        for name, p in params.items():
-            p.requires_grad_(flags[name])
-        if checkpointing and not was_checkpointing:
-            set_checkpointing(model, False)
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-        fold.sum_g.clear()
-        fold.sum_g2.clear()
-
-    pass_losses = [float(x) for x in pass_losses]
     reader_est = [e for e in estimators if e in READER_ESTIMATORS]
     if reader_est and activations is None:
         activations = activation_statistics(model, graph, batch, kinds=sorted({g.kind for g in groups}),
                                             gradients="fisher_fluctuation" in reader_est, micro_batch=micro_batch,
                                             progress=progress)
+    member_scores = _weight_member_scores(model, estimators, fold, norms, uses_by_param, dtype)
+    reader_members = {gi: readers(model, g) for gi, g in enumerate(groups)} if reader_est else {}
+    for est in reader_est:
+        member_scores[est] = {(gi, mi): _reader_scores(est, model.get_submodule(name).weight, activations, name,
+                                                       groups[gi].members[mi], groups[gi].units, dtype)
+                              for gi, found in reader_members.items() for mi, name in found}
+    scores = _unit_scores(estimators, reductions, groups, member_scores, reader_members, seed, dtype, device)
 
-    # per-member scores (members, units) for every estimator
+    settings = {
+        "estimators": list(estimators), "reductions": list(reductions),
+        "definitions": {e: ESTIMATORS[e] for e in estimators}, "reduction_definitions": {r: REDUCTIONS[r] for r in reductions},
+        "n_samples": n, "seq_len": seq_len, "micro_batch": min(micro_batch, n), "seed": seed,
+        "recompute_activations": recompute, **passes.losses(),
+        "kinds": sorted({g.kind for g in groups}),
+        "groupsets": {g.name: {"kind": g.kind, "layer": g.layer, "units": g.units} for g in groups},
+        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "batch_sha256": _batch_hash(batch),
+        "weights": weights_fingerprint(model),  # which weights were scored (anatomy.weights_fingerprint)
+    }
+    if reader_est:
+        settings["activations"] = {"tokens": activations.tokens, **activations.settings}
+    return Importance(scores=scores, settings=settings)
+
+
+def _check_batch(batch: torch.Tensor, kinds: Sequence[str] | None, micro_batch: int) -> None:
+    """Refuse a calibration batch, a kind or a pass size that ``compute_importance`` cannot use."""
+    if kinds is not None:
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown kind(s) {bad}; kinds are {list(KINDS)}")
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
+        raise ValueError(f"batch must be a LongTensor (n_samples, seq_len) of token ids, got "
+                         f"{getattr(batch, 'dtype', type(batch).__name__)} {tuple(getattr(batch, 'shape', ()))}")
+    if batch.shape[0] < 1 or batch.shape[1] < 2:
+        raise ValueError(f"batch has shape {tuple(batch.shape)}: need at least one sample of at least 2 tokens")
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch={micro_batch!r}: give a number of samples per pass, at least 1")
+
+
+class _Passes:
+    """The calibration batch cut into passes of ``micro_batch`` samples, and the loss each pass measured."""
+
+    def __init__(self, batch: torch.Tensor, micro_batch: int, needed: bool = True):
+        self.n = batch.shape[0]
+        self.chunks = [batch[i:i + micro_batch] for i in range(0, self.n, micro_batch)] if needed else []
+        self.measured: list[torch.Tensor] = []  # tensors: float() in the loop would wait for the GPU each pass
+
+    def losses(self) -> dict:
+        """``loss`` (the whole batch's mean, passes weighted by their samples) and ``pass_losses``."""
+        values = [float(x) for x in self.measured]
+        mean = sum(x * len(ids) / self.n for x, ids in zip(values, self.chunks)) if values else None
+        return {"loss": mean, "pass_losses": values}
+
+
+def _score_passes(model: torch.nn.Module, passes: _Passes, uses_by_param: dict[str, list[_Use]],
+                  grad_est: Sequence[str], norms_wanted: bool, dtype: torch.dtype, recompute: bool,
+                  progress: bool) -> tuple[_GradientFold, _ActivationNorms | None]:
+    """Forward (+ backward) passes that fold gradients and activation norms into per-unit sums as they arrive.
+
+    Only the scored parameters get gradients; the model's mode, flags and recomputation switch are restored
+    (``preserved``), and any ``.grad`` it held is dropped.
+    """
+    params = dict(model.named_parameters())
+    fold = _GradientFold(uses_by_param, grad_est, passes.n, dtype)
+    norms, handles = None, []
+    bar = tqdm(passes.chunks, desc="importance (forward + backward)" if grad_est else "importance (forward)",
+               unit="pass", disable=not progress or not passes.chunks)
+    try:
+        with preserved(model):
+            model.eval()  # no dropout: the scores are a function of the weights and the batch
+            if recompute:
+                set_recompute_activations(model, True)
+                for layer in decoder_layers(model):
+                    layer.training = True  # the layer alone (not its children): transformers recomputes only then
+            model.zero_grad(set_to_none=True)
+            for name, p in params.items():  # only scored parameters get gradients
+                p.requires_grad_(name in uses_by_param and bool(grad_est))
+            if grad_est:
+                handles = [params[name].register_post_accumulate_grad_hook(fold.hook(name)) for name in uses_by_param]
+            if norms_wanted:
+                norms = _ActivationNorms(model, {id(params[name]) for name in uses_by_param})
+            for c, ids in enumerate(bar):
+                fold.share, fold.last = ids.shape[0] / passes.n, c == len(passes.chunks) - 1
+                with torch.set_grad_enabled(bool(grad_est)):
+                    loss = _lm_loss(model, ids)
+                    if grad_est:
+                        if norms is not None:
+                            norms.active = False  # a recomputed layer must not count twice
+                        loss.backward()
+                        if norms is not None:
+                            norms.active = True
+                passes.measured.append(loss.detach())
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+        if norms is not None:
+            norms.remove()
+        model.zero_grad(set_to_none=True)
+        fold.sum_g.clear()
+        fold.sum_g2.clear()
+    return fold, norms
+
+
+def _weight_member_scores(model: torch.nn.Module, estimators: Sequence[str], fold: _GradientFold,
+                          norms: _ActivationNorms | None, uses_by_param: dict[str, list[_Use]],
+                          dtype: torch.dtype) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+    """Per-member scores ``{estimator: {(group set, member): (units,)}}`` of the estimators that read weights,
+    gradients or activation norms (the gradient ones were folded during the passes)."""
+    params = dict(model.named_parameters())
     member_scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     for est in estimators:
         if est in GRADIENT_ESTIMATORS:
@@ -990,22 +1010,23 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
             with torch.no_grad():
                 for name, uses in uses_by_param.items():
                     w = params[name].detach().float()
-                    e = w.abs() if est == "l1" else w.square() if est == "l2" else acts.element_scores(params[name])
+                    e = w.abs() if est == "l1" else w.square() if est == "l2" else norms.element_scores(params[name])
                     _fold(e, uses, acc, dtype)
             member_scores[est] = acc
+    return member_scores
 
-    reader_members = {gi: readers(model, g) for gi, g in enumerate(groups)} if reader_est else {}
-    for est in reader_est:
-        member_scores[est] = {(gi, mi): _reader_scores(est, model.get_submodule(name).weight, activations, name,
-                                                       groups[gi].members[mi], groups[gi].units, dtype)
-                              for gi, found in reader_members.items() for mi, name in found}
 
-    gen = torch.Generator().manual_seed(seed)
+def _unit_scores(estimators: Sequence[str], reductions: Sequence[str], groups: Sequence[GroupSet],
+                 member_scores: Mapping[str, Mapping[tuple[int, int], torch.Tensor]],
+                 reader_members: Mapping[int, list[tuple[int, str]]], seed: int, dtype: torch.dtype,
+                 device: torch.device) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Each unit's score per (estimator, reduction, group set): its members' scores reduced (float32, CPU)."""
+    drawn = random_scores(groups, seed) if "random" in estimators else {}
     scores: dict[tuple[str, str, str], torch.Tensor] = {}
     for est in estimators:
         for gi, g in enumerate(groups):
             if est == "random":
-                r = torch.rand(g.units, generator=gen)
+                r = drawn[g.name]
                 for red in reductions:
                     scores[(est, red, g.name)] = r.clone()
                 continue
@@ -1021,23 +1042,28 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
                                    for mi in range(len(g.members))]).cpu()  # (members, units)
             for red in reductions:
                 scores[(est, red, g.name)] = reduce_members(stacked, red, g.root).float()
+    return scores
 
-    settings = {
-        "estimators": list(estimators), "reductions": list(reductions),
-        "definitions": {e: ESTIMATORS[e] for e in estimators}, "reduction_definitions": {r: REDUCTIONS[r] for r in reductions},
-        "n_samples": n, "seq_len": seq_len, "micro_batch": min(micro_batch, n), "seed": seed,
-        "checkpointing": checkpointing,
-        "loss": sum(x * len(ids) / n for x, ids in zip(pass_losses, passes)) if pass_losses else None,
-        "pass_losses": pass_losses,
-        "kinds": sorted({g.kind for g in groups}),
-        "groupsets": {g.name: {"kind": g.kind, "layer": g.layer, "units": g.units} for g in groups},
-        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "batch_sha256": _batch_hash(batch),
-    }
-    if reader_est:
-        settings["activations"] = {"tokens": activations.tokens, **activations.settings}
-    return Importance(scores=scores, settings=settings)
+
+BLOCK_KINDS = ("attention", "mlp")  # what block-wise pruning reads (with attention="kv")
+
+
+def random_scores(groups: Sequence[GroupSet], seed: int) -> dict[str, torch.Tensor]:
+    """``random``: U(0, 1) per unit, ``{group set name: (units,) float32}``, from one generator seeded by ``seed``.
+
+    The draws run over the attention and MLP group sets first (in layer order), then the others (query heads,
+    the hidden dimension): a unit's draw depends on the seed and on the block-wise group sets before it, never
+    on whether the other kinds are scored too. So notebook 02, which scores every kind, saves the very draws
+    that block-wise pruning with ``random`` made from the same seed on its own kinds.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ordered = [g for g in groups if g.kind in BLOCK_KINDS] + [g for g in groups if g.kind not in BLOCK_KINDS]
+    return {g.name: torch.rand(g.units, generator=gen) for g in ordered}
+
+
+def batch_sha256(batch: torch.Tensor) -> str:
+    """The SHA-256 of a calibration batch's token ids: which windows scores and statistics were computed on."""
+    return _batch_hash(batch)
 
 
 def _batch_hash(batch: torch.Tensor) -> str:
@@ -1078,18 +1104,12 @@ def reference_taylor(model: torch.nn.Module, groupset: GroupSet, batch: torch.Te
     """
     params = _params_by_name(model)
     weights = [params[m.param] for m in groupset.members]
-    flags = [w.requires_grad for w in weights]
-    was_training = model.training
-    try:
+    with preserved(model):
         model.eval()
         for w in weights:
             w.requires_grad_(True)
         loss = _lm_loss(model, batch.to(weights[0].device))
         grads = torch.autograd.grad(loss, weights)
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-        model.train(was_training)
     scores = torch.zeros(groupset.units, dtype=torch.float64)
     for member, w, g in zip(groupset.members, weights, grads):
         per_weight = (w.detach() * g).abs().double()  # |w · g|, element by element
@@ -1143,6 +1163,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 __all__ = ["ESTIMATORS", "REDUCTIONS", "GRADIENT_ESTIMATORS", "READER_ESTIMATORS", "Activations", "Importance",
-           "activation_statistics", "block_influence", "calibration_batch", "compute_importance", "param_first",
-           "param_second", "param_mix", "readers", "vectorize_terms", "reduce_members", "reference_taylor", "spearman",
-           "zeroing_loss_change"]
+           "activation_statistics", "batch_sha256", "block_influence", "calibration_batch", "compute_importance",
+           "param_first", "param_second", "param_mix", "random_scores", "readers", "vectorize_terms", "reduce_members",
+           "reference_taylor", "spearman", "zeroing_loss_change"]

@@ -1,28 +1,26 @@
-"""Recover a pruned model with LoRA: generic (instruction data) or tailored (the task's own prompt).
+"""Recover a pruned model with LoRA: the training run (settings, schedule, losses, divergence, the loop).
 
-LoRA (Hu et al., 2021) freezes every weight ``W`` of the model and learns a low-rank update beside it::
-
-    h = W x + (alpha / r) * B A x        A: (r, d_in), B: (d_out, r), B = 0 at the start
-
-so a few million parameters (rank 8 on all seven projections of every block) move a pruned model back
-towards what it could do. Tailored-LLaMA's point is *what* it is tuned on: the task's training split
-written with the task-specific prompt the model is later evaluated with ("tailored"), against generic
-instruction data (LLM-Pruner's Alpaca recipe, "generic").
+Tailored-LLaMA's point is *what* a pruned model is tuned on: the task's training split written with the
+task-specific prompt the model is later evaluated with ("tailored"), against generic instruction data
+(LLM-Pruner's Alpaca recipe, "generic"); ``tailored.recovery_data`` makes both. The adapters themselves
+(PEFT: add, load, merge) are ``tailored.adapters``; the resumable saved state of a run is
+``tailored.snapshots``.
 
 The recipe follows Tailored-LLaMA's ``*_fine_tune.py`` scripts (rank 8, alpha 16, dropout 0.1, the seven
 q/k/v/o/gate/up/down projections, AdamW at 1e-4, cosine schedule with warm-up, loss on the answer only).
 Two things differ on purpose:
 
-- **No checkpoint is chosen on evaluation data.** The paper (and LLM-Pruner) kept the checkpoint with the
-  lowest loss on the evaluation split (``load_best_model_at_end``). Here the last checkpoint is kept, or,
-  with ``select="validation"``, the best one on a *validation* part of the train split that is disjoint
-  from both the training subset and the evaluated examples (``train_and_validation``).
+- **No adapter is chosen on evaluation data.** The paper (and LLM-Pruner) kept the saved model with the
+  lowest loss on the evaluation split (``load_best_model_at_end``). Here the last one is kept, or, with
+  ``select="validation"``, the best one on a *validation* part of the train split that is disjoint from
+  both the training subset and the evaluated examples (``recovery_data.train_and_validation``).
 - **A fixed budget** of optimizer steps (or trained tokens) instead of 30 epochs, so that runs with 50 and
   500 training examples cost the same and a class run fits in minutes on a laptop.
 
-The training loop is plain PyTorch (no HF ``Trainer``): ~60 lines to read. It saves the adapter in PEFT
-format with its optimizer, schedule and random state every ``save_every`` steps (safetensors + JSON, never
-pickles), and a rerun with the same ``out_dir`` continues from the last saved step instead of restarting::
+The training loop is plain PyTorch (no HF ``Trainer``): a few short functions to read. It saves a snapshot
+(the adapter in PEFT format with its optimizer, schedule and random state; safetensors + JSON, never pickles)
+every ``save_every`` steps, and a rerun with the same ``out_dir`` continues from the last one instead of
+restarting::
 
     train, val = train_and_validation("boolq", n=500, n_validation=100)
     result = train_lora(model, tokenizer, train, LoraSettings(max_steps=40), run_dir / "adapters/boolq",
@@ -37,8 +35,6 @@ import hashlib
 import json
 import math
 import os
-import random
-import re
 import shutil
 import time
 import warnings
@@ -49,35 +45,38 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tailored.anatomy import checkpointing_on, set_checkpointing, weights_fingerprint
+from tailored.adapters import (
+    PROJECTIONS,
+    add_lora,
+    install_adapter,
+    load_adapter_weights,
+    trainable,
+    write_adapter,
+)
+from tailored.anatomy import preserved, set_recompute_activations, weights_fingerprint
 from tailored.artifacts import read_json, write_json
-from tailored.data import load_task
-from tailored.lock import pid_alive
-from tailored.prompts import get_prompt
+from tailored.recovery_data import IGNORE, Encoded, TrainExample, collate, encode, loss_mask
+from tailored.snapshots import (
+    BEST,
+    STATE,
+    clean_leftovers,
+    discard,
+    latest_snapshot,
+    load_snapshot,
+    save_snapshot,
+)
 
-# training tokenizes exactly as evaluation scores: the same contract, so the two can never drift apart
-from tailored.tokens import encode as encode_text
-from tailored.tokens import leading_special_ids, move_trailing_space
-
-IGNORE = -100  # the label of a token the loss skips (PyTorch's cross_entropy ignore_index)
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "bf16", "fp32")
 SELECTIONS = ("last", "validation")
 DISTILL_TOKENS = ("answer", "all")
-METRICS_FILE = "train_metrics.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+METRICS_FILE = "train_metrics.json"  # written last: a run with it is finished
 # The divergence rule (see ``divergence``): the smoothing window of the blow-up test, how many steps pinned
 # at ln(vocab) make a collapse, and how close (nats) counts as "at" it.
 SMOOTHING_STEPS = 5
 COLLAPSE_STEPS = 3
 UNIFORM_TOLERANCE = 1e-3
-
-# A generic instruction template (Alpaca-like sections); the answer is the text after "### Response:\n".
-GENERIC_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-GENERIC_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 # ============================================================================================ settings
@@ -92,7 +91,7 @@ class LoraSettings:
     budget takes (known in advance: the data order is fixed by ``seed``).
 
     ``precision="auto"`` trains under bf16 autocast on a CUDA device that supports it, else in fp32.
-    ``gradient_checkpointing`` recomputes each decoder layer in the backward pass instead of keeping its
+    ``recompute_activations`` recomputes each decoder layer in the backward pass instead of keeping its
     activations: about one more forward pass per step, for the memory of one layer's activations instead of
     all of them (the paper profile's 16 × 256 micro-batches at LLaMA-7B). It changes memory and time, not the
     result, so a run may be continued with it switched.
@@ -119,9 +118,9 @@ class LoraSettings:
     max_grad_norm: float | None = 1.0
     precision: str = "auto"
     seed: int = 0
-    save_every: int = 50  # steps between saved (resumable) checkpoints; also when validation loss is measured
+    save_every: int = 50  # steps between saved (resumable) snapshots; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
-    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass: less memory
+    recompute_activations: bool = False  # recompute layer activations in the backward pass: less memory
     distill: float = 0.0  # weight of the KL to a teacher's next-token distribution (0: plain LM loss; 1: KL alone)
     temperature: float = 1.0  # softens both distributions in the KL (Hinton et al.); the KL is scaled by T²
     distill_tokens: str = "answer"  # where the KL is taken: the answer tokens, or every token ("all")
@@ -168,8 +167,8 @@ class LoraSettings:
             bad(f"seed {self.seed!r} must be an integer >= 0")
         if self.select not in SELECTIONS:
             bad(f"select {self.select!r} is not one of {SELECTIONS}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            bad(f"gradient_checkpointing {self.gradient_checkpointing!r} must be True or False")
+        if not isinstance(self.recompute_activations, bool):
+            bad(f"recompute_activations {self.recompute_activations!r} must be True or False")
         if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
             bad(f"distill {self.distill!r} is outside [0, 1]: it is the weight of the KL to the teacher "
                 "(0: the plain LM loss, 1: the KL alone)")
@@ -198,171 +197,7 @@ class LoraSettings:
         return torch.bfloat16 if self.precision != "fp32" and cuda_bf16 else None
 
 
-# ====================================================================================== training data
-@dataclass(frozen=True)
-class TrainExample:
-    """One supervised example: the model reads ``prompt + answer`` and is trained on the answer only."""
-
-    prompt: str
-    answer: str
-    source: str = ""  # "<task>/<example id>", for tracing
-
-
-def generic_examples(n: int, seed: int = 0, skip: int = 0) -> list[TrainExample]:
-    """``n`` instruction-following examples (the "instructions" task): instruction (+ input) -> output.
-
-    This is the *generic* recovery data, the offline stand-in for LLM-Pruner's Alpaca. ``skip`` drops the
-    first examples of the seeded order (used to keep a validation part apart, see ``train_and_validation``).
-    """
-    out = []
-    for ex in load_task("instructions", split="train", limit=skip + n, seed=seed)[skip:]:
-        if not ex.references:
-            continue
-        instruction, extra = ex.fields.get("instruction", ""), ex.fields.get("input", "")
-        prompt = (GENERIC_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=extra) if extra.strip()
-                  else GENERIC_TEMPLATE.format(instruction=instruction))
-        out.append(TrainExample(prompt, ex.references[0], f"instructions/{ex.id}"))
-    return out
-
-
-def tailored_examples(task: str | Sequence[str], prompt_name: str = "task_specific", n: int = 500,
-                      seed: int = 0, skip: int = 0) -> list[TrainExample]:
-    """``n`` examples of a task's TRAIN split written with one of its prompts (the *tailored* data).
-
-    ``prompt = render_context(example)``, ``answer = render_target(example)`` (the gold answer with its
-    leading delimiter), exactly the strings the evaluator scores. Given several tasks, ``n`` examples of
-    each are mixed in one seeded order (multi-task recovery). Examples without a gold answer are skipped.
-    """
-    tasks = [task] if isinstance(task, str) else list(task)
-    out: list[TrainExample] = []
-    for name in tasks:
-        prompt = get_prompt(name, prompt_name)
-        for ex in load_task(name, split="train", limit=skip + n, seed=seed)[skip:]:
-            if ex.label is None and not ex.references:
-                continue
-            out.append(TrainExample(prompt.render_context(ex), prompt.render_target(ex), f"{name}/{ex.id}"))
-    return mix_examples(out, seed) if len(tasks) > 1 else out
-
-
-def calibration_texts(task: str | Sequence[str], n: int = 500, prompt_name: str = "task_specific",
-                      per_document: int = 50, seed: int = 0) -> list[str]:
-    """The tailored training data as plain documents, to calibrate pruning on the tasks' own text.
-
-    ``n`` examples of each task (``tailored_examples``: the train split, never the evaluated examples),
-    each written ``prompt + answer``, joined by blank lines into documents of ``per_document`` examples,
-    so that ``importance.calibration_batch(..., per_text=k)`` can cut windows of a few hundred tokens.
-    """
-    if per_document < 1:
-        raise ValueError(f"per_document={per_document}: a document holds at least one example")
-    rows = [ex.prompt + ex.answer for ex in tailored_examples(task, prompt_name, n, seed=seed)]
-    return ["\n\n".join(rows[i:i + per_document]) for i in range(0, len(rows), per_document)]
-
-
-def mix_examples(examples: Sequence[TrainExample], seed: int = 0) -> list[TrainExample]:
-    """One seeded shuffle of examples from several sources (multi-task or generic + tailored mixes)."""
-    out = list(examples)
-    random.Random(seed).shuffle(out)
-    return out
-
-
-def train_and_validation(task: str | Sequence[str], n: int, n_validation: int = 0,
-                         prompt_name: str = "task_specific", seed: int = 0
-                         ) -> tuple[list[TrainExample], list[TrainExample]]:
-    """Training examples and a disjoint validation part, both from the TRAIN split.
-
-    ``task="generic"`` takes instruction data. The first ``n_validation`` examples of the seeded order are
-    the validation part, the next ``n`` the training set: the validation part is the same for every ``n``
-    and training sets of a sweep are nested (n=50 is a prefix of n=500). The evaluated examples come from
-    the evaluation split and never take part in training or checkpoint choice.
-    """
-    if task == "generic":
-        both = generic_examples(n_validation + n, seed=seed)
-    else:
-        tasks = [task] if isinstance(task, str) else list(task)
-        both, val = [], []
-        for name in tasks:  # split each task, so every task has its own validation part
-            rows = tailored_examples(name, prompt_name, n_validation + n, seed=seed)
-            val += rows[:n_validation]
-            both += rows[n_validation:]
-        return (mix_examples(both, seed) if len(tasks) > 1 else both), val
-    return both[n_validation:], both[:n_validation]
-
-
-# ========================================================================================= tokenizing
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one example and its labels: ``IGNORE`` (-100) on every prompt token."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-    truncated: int = 0  # prompt (or answer) tokens dropped to fit max_seq_len
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode(tokenizer, example: TrainExample, max_seq_len: int = 256) -> Encoded:
-    """Tokenize ``prompt + answer + EOS`` with a completion-only loss mask (labels -100 on the prompt).
-
-    The split follows the evaluator (``tailored.evaluate.encode_request``, lm-evaluation-harness): trailing
-    whitespace of the prompt moves to the answer, and the answer tokens are those that ``enc(prompt +
-    answer)`` adds after ``enc(prompt)``, so training sees the tokens the evaluator scores. The tokenizer's
-    leading special tokens (a BOS) start the sequence. Too long a sequence loses prompt tokens from the left
-    (the BOS and the end of the prompt, next to the answer, are kept); an answer longer than the whole
-    budget is cut on the right.
-    """
-    prompt, answer = move_trailing_space(example.prompt, example.answer)
-    lead = leading_special_ids(tokenizer)
-    prompt_ids = encode_text(tokenizer, prompt)
-    whole = encode_text(tokenizer, prompt + answer)
-    if whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
-        answer_ids = whole[len(prompt_ids):]
-    else:  # the tokenizer merged across the boundary: tokenize the answer on its own
-        answer_ids = encode_text(tokenizer, answer)
-    if not answer_ids:
-        raise ValueError(f"example {example.source!r} has an empty answer: there is nothing to train on")
-    target_ids = answer_ids + [tokenizer.eos_token_id]
-    dropped = 0
-    budget = max_seq_len - len(lead) - 1  # keep at least one context token before the first answer token
-    if budget < 1:
-        raise ValueError(f"max_seq_len {max_seq_len} leaves no room for an answer after {len(lead)} special tokens")
-    if len(target_ids) > budget:
-        dropped += len(target_ids) - budget
-        target_ids = target_ids[:budget]
-    room = max_seq_len - len(lead) - len(target_ids)
-    if len(prompt_ids) > room:
-        dropped += len(prompt_ids) - room
-        prompt_ids = prompt_ids[len(prompt_ids) - room:]
-    prompt_ids = lead + prompt_ids
-    if not prompt_ids:
-        raise ValueError(f"example {example.source!r} has an empty prompt: the first answer token needs a context")
-    return Encoded(tuple(prompt_ids) + tuple(target_ids), (IGNORE,) * len(prompt_ids) + tuple(target_ids), dropped)
-
-
-def loss_mask(encoded: Encoded) -> list[bool]:
-    """True on the tokens the loss is computed on: exactly the answer tokens and the closing EOS.
-
-    (Whitespace at the end of a prompt counts as the answer's, as in ``encode``.)
-    """
-    return [lab != IGNORE for lab in encoded.labels]
-
-
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels``, each (batch, longest).
-
-    Right padding keeps every sequence at positions 0..len-1, as when it is scored alone.
-    """
-    width = max(len(e) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        ids[i, : len(e)] = torch.tensor(e.input_ids)
-        labels[i, : len(e)] = torch.tensor(e.labels)
-        mask[i, : len(e)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
+# ============================================================================================== losses
 def completion_loss(model, batch: dict[str, torch.Tensor], reduction: str = "sum") -> tuple[torch.Tensor, int]:
     """Cross-entropy of the answer tokens: (sum or mean over them, number of answer tokens).
 
@@ -420,7 +255,7 @@ def _distill_positions(encoded: Encoded, tokens: str) -> int:
     return sum(loss_mask(encoded)) if tokens == "answer" else len(encoded) - 1
 
 
-# ========================================================================================== schedule
+# ============================================================================================ schedule
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine decay.
 
@@ -463,7 +298,7 @@ def plan_steps(encoded: Sequence[Encoded], settings: LoraSettings) -> int:
     return settings.max_steps
 
 
-# ============================================================================================ results
+# ============================================================================================= results
 @dataclass(frozen=True)
 class TrainResult:
     """What a LoRA run did. ``model`` is the trained ``PeftModel`` (not saved in the JSON)."""
@@ -507,75 +342,7 @@ def read_train_metrics(out_dir: str | Path) -> TrainResult:
     return dataclasses.replace(result, adapter_dir=Path(out_dir))  # where it is now, if the run moved
 
 
-# ============================================================================================= PEFT
-def lora_config(settings: LoraSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-def add_lora(model, settings: LoraSettings):
-    """Wrap ``model`` with fresh LoRA adapters (A random under ``settings.seed``, B zero): a ``PeftModel``."""
-    from peft import PeftModel, get_peft_model
-
-    if isinstance(model, PeftModel):
-        raise ValueError("the model already carries LoRA adapters; pass the base (pruned) model, "
-                         "or merge(model) first to tune on top of merged weights")
-    if any(hasattr(m, "lora_A") for m in model.modules()):
-        raise ValueError("the model already carries LoRA layers (train_lora adds them in place): load the "
-                         "(pruned) model afresh for each run, e.g. with checkpoint.load_pruned")
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in settings.target_modules if t not in present]
-    if missing:
-        raise ValueError(f"target_modules {missing} are not modules of {type(model).__name__}; "
-                         f"LLaMA-family models have {PROJECTIONS}")
-    torch.manual_seed(settings.seed)
-    return get_peft_model(model, lora_config(settings))
-
-
-def load_adapter(model, adapter_dir: str | Path):
-    """Put the adapter saved in ``adapter_dir`` (PEFT format) on ``model``: a ``PeftModel`` in eval mode.
-
-    ``model`` must be the same (pruned) model the adapter was trained on: the LoRA shapes follow its
-    per-layer widths. ``adapter_dir`` is a finished run's ``out_dir`` or one of its ``checkpoint-<step>``.
-    """
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        hint = " (the run has not finished; its checkpoint-<step> folders hold adapters)" if adapter_dir.is_dir() else ""
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a saved LoRA adapter{hint}")
-    if not (adapter_dir / "adapter_model.safetensors").exists():  # PEFT would fall back to a pickle
-        pickled = [p.name for p in adapter_dir.glob("adapter_model.*")]
-        if pickled:
-            raise ValueError(f"{adapter_dir} holds {', '.join(pickled)}, a pickle, which can run code when loaded: "
-                             "tailored loads adapters from adapter_model.safetensors only. Train the adapter again, "
-                             "or convert it once where you trust it (load it with PEFT, save_pretrained it)")
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_model.safetensors: the adapter's weights are missing")
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    peft_model.eval()
-    return peft_model
-
-
-def merge(model):
-    """Fold the LoRA update into the weights, ``W <- W + (alpha / r) B A``: a plain model, no PEFT layers.
-
-    The result has the pruned shapes and no adapter, so ``checkpoint.save_pruned`` saves it as any pruned
-    model, and it runs as fast as the model it was tuned from.
-    """
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        raise ValueError(f"merge expects a PeftModel (from train_lora or load_adapter), got {type(model).__name__}")
-    return model.merge_and_unload()
-
-
-# ======================================================================================== checkpoints
-def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
+# ============================================================================== the same run, or another
 def _fingerprint(encoded: Sequence[Encoded]) -> str:
     h = hashlib.sha256()
     for e in encoded:
@@ -583,90 +350,20 @@ def _fingerprint(encoded: Sequence[Encoded]) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_adapter(peft_model, dest: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then rename: a reader never sees half an adapter."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
-    _swap_dir(tmp, dest)
-
-
-def _swap_dir(tmp: Path, dest: Path) -> None:
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, state: dict) -> Path:
-    """``out_dir/checkpoint-<step>/``: adapter (PEFT), optimizer (safetensors + JSON), RNG, trainer state.
-
-    Written into a temporary folder and renamed, then older checkpoints are removed: a crash at any point
-    leaves the last complete checkpoint in place.
-    """
-    dest = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
-    # Optimizer: its tensors (per parameter: step, exp_avg, exp_avg_sq) in safetensors, the rest in JSON.
-    sd = optimizer.state_dict()
-    tensors = {f"{idx}.{key}": value.detach().contiguous().cpu()
-               for idx, per_param in sd["state"].items() for key, value in per_param.items()}
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in sd["param_groups"]]
-    write_json(tmp / "optimizer.json", {"param_groups": groups,
-                                        "param_names": [n for n, _ in _trainable(peft_model)]})
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    save_file(rng, str(tmp / "rng.safetensors"))
-    write_json(tmp / "trainer_state.json", state)
-    _swap_dir(tmp, dest)
-    for old in out_dir.glob("checkpoint-*"):
-        if old != dest and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    return dest
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step that is complete, or None."""
-    found = [p for p in Path(out_dir).glob("checkpoint-*")
-             if p.is_dir() and (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def _load_checkpoint(ckpt: Path, peft_model, optimizer) -> dict:
-    _load_adapter_weights(peft_model, ckpt)
-    meta = read_json(ckpt / "optimizer.json")
-    names = [n for n, _ in _trainable(peft_model)]
-    if meta["param_names"] != names:
-        raise ValueError(f"{ckpt} was saved for other trainable parameters than this model's LoRA layers: "
-                         "was it trained on another (pruned) model? Use a fresh out_dir.")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(ckpt / "optimizer.safetensors")).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    return read_json(ckpt / "trainer_state.json")
-
-
 def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -> str | None:
     """Why a run saved in ``out_dir`` is not the one asked for now (``None``: it is, continue or reuse it).
 
-    A run is the same when its settings, its training examples and its base model's weights are: a checkpoint
-    re-pruned with another estimator is another base, even under the same name. Settings that change memory
-    and time but not the result (``save_every``, ``gradient_checkpointing``) may differ; so may a setting the
-    saved run predates, when it has its default value now.
+    A run is the same when its settings, its training examples and its base model's weights are: a pruned
+    checkpoint re-pruned with another estimator is another base, even under the same name. Settings that
+    change memory and time but not the result (``save_every``, ``recompute_activations``) may differ; so may
+    a setting the saved run predates, when it has its default value now. A setting this version no longer
+    knows (a run saved before a rename) makes it another run: it is trained again rather than misread.
     """
     now = settings.to_dict()
-    free = {"save_every", "gradient_checkpointing"}
+    retired = sorted(set(saved["settings"]) - set(now))
+    if retired:
+        return f"settings this version does not know ({', '.join(retired)}: an older version of tailored)"
+    free = {"save_every", "recompute_activations"}
     defaults = LoraSettings.__dataclass_fields__
     diff = sorted(k for k in now if k not in free and saved["settings"].get(k, defaults[k].default) != now[k])
     if diff:
@@ -690,7 +387,7 @@ def _set_aside(out_dir: Path, reason: str) -> Path:
     return aside
 
 
-# =========================================================================================== divergence
+# ========================================================================================== divergence
 class TrainingDiverged(FloatingPointError):
     """LoRA training blew up or collapsed (see ``divergence``); the adapter was not installed."""
 
@@ -756,16 +453,15 @@ def divergence(losses: Sequence[float], vocab_size: int, validation: float | Non
 def validation_loss(model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 8,
                     autocast: torch.dtype | None = None) -> float:
     """Mean completion-only loss per answer token over ``encoded`` (eval mode: no dropout)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], pad_id).items()}
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss, n = completion_loss(model, batch, reduction="sum")
-        total, count = total + float(loss), count + n
-    model.train(was_training)
+    with preserved(model):
+        model.eval()
+        for i in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], pad_id).items()}
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss, n = completion_loss(model, batch, reduction="sum")
+            total, count = total + float(loss), count + n
     return total / max(count, 1)
 
 
@@ -813,9 +509,9 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
 
     A plain loop: every step takes ``batch_size`` examples (seeded epochs), sets the scheduled learning
     rate, accumulates the answer-token loss over micro-batches, clips the gradient, and updates with AdamW.
-    Every ``save_every`` steps a resumable checkpoint is written (and the validation loss measured, if
+    Every ``save_every`` steps a resumable snapshot is written (and the validation loss measured, if
     ``validation`` is given); at the end ``out_dir`` holds the adapter (PEFT format: ``load_adapter``) and
-    ``train_metrics.json``. A rerun with an unfinished ``out_dir`` continues from its last checkpoint; with a
+    ``train_metrics.json``. A rerun with an unfinished ``out_dir`` continues from its last snapshot; with a
     finished one it loads the adapter and returns at once. Either only if the saved run was made with the same
     settings, the same examples and the same base weights (``weights_fingerprint``); otherwise the old run is
     moved to ``<out_dir>.replaced``, with a warning, and the run trains afresh.
@@ -823,12 +519,9 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     ``stop_after`` leaves after that many steps, as an interruption would, keeping the schedule of the full
     run (for tests and for splitting a long run over sessions). A diverged run (a NaN loss, a blow-up or a
     collapse to a uniform guess: ``divergence``) raises ``TrainingDiverged`` naming the step, the loss and
-    the learning rate; its adapter is never installed and its checkpoints are removed. Leftovers of a killed
-    run in ``out_dir`` are removed first (``_clean_leftovers``). ``model`` is wrapped in place
+    the learning rate; its adapter is never installed and its snapshots are removed. Leftovers of a killed
+    run in ``out_dir`` are removed first (``snapshots.clean_leftovers``). ``model`` is wrapped in place
     (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
-    run (for tests and for splitting a long run over sessions). A non-finite loss raises
-    ``FloatingPointError`` naming the step. ``model`` is wrapped in place (``get_peft_model``); the trained
-    ``PeftModel`` is ``result.model``.
 
     ``teacher``: the model to distill from when ``settings.distill`` > 0 (the dense model; frozen, eval
     mode, on the same device and tokenizer). The validation loss stays the answer-token cross-entropy, so
@@ -840,12 +533,25 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     order of floating-point sums. Process 0 alone writes to ``out_dir``.
     """
     settings = settings or LoraSettings()
-    out_dir = Path(out_dir)
+    _check_run(model, tokenizer, examples, settings, validation, teacher)
+    run = _Run(model, tokenizer, examples, settings, Path(out_dir), validation)
+    done = run.finished_before()
+    if done is not None:
+        return done
+    run.resume_or_start()
+    run.train(run.total if stop_after is None else min(run.total, stop_after),
+              teacher if settings.distill > 0 else None, progress)
+    return run.finish(len(examples))
+
+
+def _check_run(model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings,
+               validation: Sequence[TrainExample] | None, teacher) -> None:
+    """Refuse a run that cannot be trained as asked, before anything is touched; freeze the teacher."""
     if not examples:
         raise ValueError("no training examples: build them with tailored_examples(...) or generic_examples(...)")
     if settings.select == "validation" and not validation:
         raise ValueError("select='validation' needs validation examples (a part of the train split, "
-                         "see train_and_validation); the evaluation set must not choose the checkpoint")
+                         "see train_and_validation); the evaluation set must not choose the adapter")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the answer is trained to end with one")
     if settings.distill > 0 and teacher is None:
@@ -855,142 +561,170 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
             raise ValueError("the teacher is the model being trained; pass the dense model it was pruned from")
         teacher.eval()
         teacher.requires_grad_(False)
-    t_start = time.perf_counter()
-    rank, _ = _world()
-    main = rank == 0  # the one process that writes out_dir
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in examples]
-    val_encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in validation or ()]
-    fingerprint = _fingerprint(encoded)
-    total = plan_steps(encoded, settings)
-    warmup = round(settings.warmup_ratio * total)
-    autocast = settings.autocast_dtype(next(model.parameters()).device)
 
-    base = weights_fingerprint(model)  # what the adapter is made for: reused only on these very weights
-    peft_model = add_lora(model, settings)
-    if settings.gradient_checkpointing:
-        set_checkpointing(peft_model, True)
-    params = [p for _, p in _trainable(peft_model)]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
-    if main:
-        _clean_leftovers(out_dir)
-    _barrier()
 
-    def set_aside(reason: str) -> None:  # every process has read the old run before process 0 moves it
+class _Run:
+    """One call of ``train_lora``: its encoded data, the model with fresh adapters and its optimizer, and the
+    ``state`` a snapshot keeps (step, tokens, times, losses, validation, best, fingerprints)."""
+
+    def __init__(self, model, tokenizer, examples: Sequence[TrainExample], settings: LoraSettings, out_dir: Path,
+                 validation: Sequence[TrainExample] | None):
+        self.t_start = time.perf_counter()
+        self.settings, self.out_dir = settings, out_dir
+        self.rank = _world()[0]
+        self.main = self.rank == 0  # the one process that writes out_dir
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in examples]
+        self.val_encoded = [encode(tokenizer, ex, settings.max_seq_len) for ex in validation or ()]
+        self.fingerprint = _fingerprint(self.encoded)
+        self.total = plan_steps(self.encoded, settings)
+        self.warmup = round(settings.warmup_ratio * self.total)
+        self.autocast = settings.autocast_dtype(next(model.parameters()).device)
+        self.base = weights_fingerprint(model)  # what the adapter is made for: reused only on these very weights
+        self.peft_model = add_lora(model, settings)
+        if settings.recompute_activations:
+            set_recompute_activations(self.peft_model, True)
+        self.params = [p for _, p in trainable(self.peft_model)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.vocab = self.peft_model.get_base_model().get_output_embeddings().weight.shape[0]
+        self.state = {"step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0, "losses": [], "validation": [],
+                      "best": None, "settings": settings.to_dict(), "data_fingerprint": self.fingerprint,
+                      "base_fingerprint": self.base, "total_steps": self.total}
+        self.resumed_from = 0
+        if self.main:
+            clean_leftovers(out_dir, finished=(out_dir / METRICS_FILE).exists())
         _barrier()
-        if main:
-            _set_aside(out_dir, reason)
+
+    def changed(self, saved: dict) -> str | None:
+        return _changed(saved, self.settings, self.fingerprint, self.base)
+
+    def set_aside(self, reason: str) -> None:
+        """Move a stale run aside, once every process has read it."""
+        _barrier()
+        if self.main:
+            _set_aside(self.out_dir, reason)
         _barrier()
 
-    # ---- finished before? load and return; unfinished? continue from the last checkpoint; made from
-    # anything else (settings, examples, base weights)? set it aside and train afresh
-    if (out_dir / METRICS_FILE).exists():
-        done = read_json(out_dir / METRICS_FILE)
-        reason = _changed(done, settings, fingerprint, base)
-        if reason is None:
-            _load_adapter_weights(peft_model, out_dir)
-            peft_model.eval()
-            return dataclasses.replace(TrainResult.from_dict(done, model=peft_model), adapter_dir=out_dir)
-        set_aside(reason)
-    state = {"step": 0, "tokens": 0, "train_s": 0.0, "wall_s": 0.0, "losses": [], "validation": [],
-             "best": None, "settings": settings.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base,
-             "total_steps": total}
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None:
-        reason = _changed(read_json(ckpt / "trainer_state.json"), settings, fingerprint, base)
+    def finished_before(self) -> TrainResult | None:
+        """A finished run of the same settings, examples and base weights in ``out_dir``: its adapter, loaded.
+        A finished run made from anything else is set aside (``None``: train)."""
+        if not (self.out_dir / METRICS_FILE).exists():
+            return None
+        done = read_json(self.out_dir / METRICS_FILE)
+        reason = self.changed(done)
         if reason is not None:
-            set_aside(reason)
-            ckpt = None
-    if ckpt is not None:
-        state = _load_checkpoint(ckpt, peft_model, optimizer)
-        if rank:  # the saved RNG is process 0's: the others draw their own dropout masks from here on
-            torch.manual_seed(settings.seed + rank + 7919 * state["step"])
-    else:
-        _same_start(params)
-        # dropout masks from here on are a function of the seed (and, data-parallel, of the process)
-        torch.manual_seed(settings.seed + rank)
-    resumed_from = state["step"]
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+            self.set_aside(reason)
+            return None
+        load_adapter_weights(self.peft_model, self.out_dir)
+        self.peft_model.eval()
+        return dataclasses.replace(TrainResult.from_dict(done, model=self.peft_model), adapter_dir=self.out_dir)
 
-    def diverged(step: int, problem: str) -> TrainingDiverged:
-        for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"] if main else ():  # nothing to resume from
-            shutil.rmtree(old, ignore_errors=True)
+    def resume_or_start(self) -> None:
+        """Continue from the latest snapshot of the same run, or start afresh (a stale one is set aside)."""
+        snapshot = latest_snapshot(self.out_dir)
+        if snapshot is not None:
+            reason = self.changed(read_json(snapshot / STATE))
+            if reason is not None:
+                self.set_aside(reason)
+                snapshot = None
+        if snapshot is not None:
+            self.state = load_snapshot(snapshot, self.peft_model, self.optimizer)
+            if self.rank:  # the saved RNG is process 0's: the others draw their own dropout masks from here on
+                torch.manual_seed(self.settings.seed + self.rank + 7919 * self.state["step"])
+        else:
+            _same_start(self.params)
+            # dropout masks from here on are a function of the seed (and, data-parallel, of the process)
+            torch.manual_seed(self.settings.seed + self.rank)
+        self.resumed_from = self.state["step"]
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def diverged(self, step: int, problem: str) -> TrainingDiverged:
+        """The error to raise, once the snapshots are gone (there is nothing to resume from)."""
+        if self.main:
+            discard(self.out_dir)
+        lr = lr_at(step, self.total, self.warmup, self.settings.lr)
         return TrainingDiverged(
-            f"LoRA training diverged at step {step} of {total} (lr {lr_at(step, total, warmup, settings.lr):.3g}): "
-            f"{problem}. No adapter was installed in {out_dir}, and its checkpoints were removed. Lower the "
-            f"learning rate (settings.lr={settings.lr:g}; the paper: 1e-4) or train in fp32 (precision='fp32'), "
-            "then rerun")
+            f"LoRA training diverged at step {step} of {self.total} (lr {lr:.3g}): {problem}. No adapter was "
+            f"installed in {self.out_dir}, and its snapshots were removed. Lower the learning rate "
+            f"(settings.lr={self.settings.lr:g}; the paper: 1e-4) or train in fp32 (precision='fp32'), then rerun")
 
-    def save_and_validate(step: int, t0: float) -> None:
-        if val_encoded:
-            v = validation_loss(peft_model, val_encoded, pad_id, settings.micro_batch_size or settings.batch_size,
-                                autocast)
-            problem = divergence([x for _, x in state["losses"]], vocab, validation=v)
+    def save_and_validate(self, step: int, t0: float) -> None:
+        """Measure the validation loss (keeping the best adapter so far), then save a snapshot."""
+        state = self.state
+        if self.val_encoded:
+            v = validation_loss(self.peft_model, self.val_encoded, self.pad_id,
+                                self.settings.micro_batch_size or self.settings.batch_size, self.autocast)
+            problem = divergence([x for _, x in state["losses"]], self.vocab, validation=v)
             if problem:
-                raise diverged(step, problem)
+                raise self.diverged(step, problem)
             state["validation"].append([step, v])
             if state["best"] is None or v < state["best"][1]:
                 state["best"] = [step, v]
-                if main:
-                    _write_adapter(peft_model, out_dir / "best")
+                if self.main:
+                    write_adapter(self.peft_model, self.out_dir / BEST)
         state["wall_s"] += time.perf_counter() - t0
-        if main:
-            _save_checkpoint(out_dir, step, peft_model, optimizer, state)
+        if self.main:
+            save_snapshot(self.out_dir, step, self.peft_model, self.optimizer, state)
         _barrier()
 
-    last = total if stop_after is None else min(total, stop_after)
-    perms: dict = {}
-    peft_model.train()
-    bar = tqdm(total=total, initial=resumed_from, desc=f"LoRA {out_dir.name}", disable=not progress or not main,
-               unit="step")
-    t_part = t_start  # wall time is booked at each checkpoint, so a resumed run adds to it
-    try:
-        for step in range(resumed_from + 1, last + 1):
-            t_step = time.perf_counter()
-            lr = lr_at(step, total, warmup, settings.lr)
-            rows = [encoded[i] for i in _batch_indices(step, len(encoded), settings.batch_size, settings.seed, perms)]
-            loss = _train_step(peft_model, optimizer, rows, lr, settings, pad_id,
-                               teacher=teacher if settings.distill > 0 else None)
-            problem = divergence([x for _, x in state["losses"]] + [loss], vocab)
-            if problem:
-                raise diverged(step, problem)
-            state["step"], state["tokens"] = step, state["tokens"] + sum(len(e) for e in rows)
-            state["train_s"] += time.perf_counter() - t_step
-            state["losses"].append([step, loss])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['tokens'] / max(state['train_s'], 1e-9):.0f}")
-            if step % settings.save_every == 0 or step == last:
-                save_and_validate(step, t_part)
-                t_part = time.perf_counter()
-    finally:
-        bar.close()
+    def train(self, last: int, teacher, progress: bool) -> None:
+        """Optimizer steps from the one after ``resumed_from`` to ``last``; a snapshot every ``save_every``."""
+        settings, state = self.settings, self.state
+        perms: dict = {}
+        self.peft_model.train()
+        bar = tqdm(total=self.total, initial=self.resumed_from, desc=f"LoRA {self.out_dir.name}", unit="step",
+                   disable=not progress or not self.main)
+        t_part = self.t_start  # wall time is booked at each snapshot, so a resumed run adds to it
+        try:
+            for step in range(self.resumed_from + 1, last + 1):
+                t_step = time.perf_counter()
+                lr = lr_at(step, self.total, self.warmup, settings.lr)
+                rows = [self.encoded[i] for i in _batch_indices(step, len(self.encoded), settings.batch_size,
+                                                                settings.seed, perms)]
+                loss = _train_step(self.peft_model, self.optimizer, rows, lr, settings, self.pad_id, teacher=teacher)
+                problem = divergence([x for _, x in state["losses"]] + [loss], self.vocab)
+                if problem:
+                    raise self.diverged(step, problem)
+                state["step"], state["tokens"] = step, state["tokens"] + sum(len(e) for e in rows)
+                state["train_s"] += time.perf_counter() - t_step
+                state["losses"].append([step, loss])
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['tokens'] / max(state['train_s'], 1e-9):.0f}")
+                if step % settings.save_every == 0 or step == last:
+                    self.save_and_validate(step, t_part)
+                    t_part = time.perf_counter()
+        finally:
+            bar.close()
 
-    finished = state["step"] == total
-    selected = state["step"]
-    if finished:  # out_dir gets the chosen adapter, then the metrics (written last: the run is done)
-        if settings.select == "validation" and state["best"] is not None:
-            selected = state["best"][0]
-            if main:
-                _install_adapter(out_dir / "best", out_dir)
-            _barrier()
-            _load_adapter_weights(peft_model, out_dir)  # the returned model carries the chosen adapter too
-        elif main:
-            _install_adapter(latest_checkpoint(out_dir), out_dir)
-    result = TrainResult(
-        adapter_dir=out_dir, steps=state["step"], tokens=state["tokens"], train_s=state["train_s"],
-        wall_s=state["wall_s"], tokens_per_s=state["tokens"] / max(state["train_s"], 1e-9),
-        losses=tuple((s, v) for s, v in state["losses"]), validation=tuple((s, v) for s, v in state["validation"]),
-        selected_step=selected, resumed_from=resumed_from, n_examples=len(examples),
-        trainable_params=sum(p.numel() for p in params), settings=settings, model=peft_model)
-    if finished and main:
-        write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": fingerprint, "base_fingerprint": base})
-        for old in [*out_dir.glob("checkpoint-*"), out_dir / "best"]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    peft_model.eval()
-    return result
+    def finish(self, n_examples: int) -> TrainResult:
+        """The result; a finished run also installs the chosen adapter in ``out_dir``, then its metrics (last)."""
+        state, out_dir = self.state, self.out_dir
+        finished = state["step"] == self.total
+        selected = state["step"]
+        if finished:  # out_dir gets the chosen adapter, then the metrics (written last: the run is done)
+            if self.settings.select == "validation" and state["best"] is not None:
+                selected = state["best"][0]
+                if self.main:
+                    install_adapter(out_dir / BEST, out_dir)
+                _barrier()
+                load_adapter_weights(self.peft_model, out_dir)  # the returned model carries the chosen adapter too
+            elif self.main:
+                install_adapter(latest_snapshot(out_dir), out_dir)
+        result = TrainResult(
+            adapter_dir=out_dir, steps=state["step"], tokens=state["tokens"], train_s=state["train_s"],
+            wall_s=state["wall_s"], tokens_per_s=state["tokens"] / max(state["train_s"], 1e-9),
+            losses=tuple((s, v) for s, v in state["losses"]),
+            validation=tuple((s, v) for s, v in state["validation"]), selected_step=selected,
+            resumed_from=self.resumed_from, n_examples=n_examples,
+            trainable_params=sum(p.numel() for p in self.params), settings=self.settings, model=self.peft_model)
+        if finished and self.main:
+            write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": self.fingerprint,
+                                                "base_fingerprint": self.base})
+            discard(out_dir)
+        _barrier()
+        self.peft_model.eval()
+        return result
 
 
 def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, settings: LoraSettings,
@@ -1045,65 +779,34 @@ def _train_step(peft_model, optimizer, rows: Sequence[Encoded], lr: float, setti
     return total
 
 
-def _load_adapter_weights(peft_model, adapter_dir: Path) -> None:
-    from peft import set_peft_model_state_dict  # peft is imported lazily: 5 s, and only training needs it
-
-    set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
-
-
-def _clean_leftovers(out_dir: Path) -> None:
-    """Remove what a killed run left in ``out_dir``, with a warning naming it.
-
-    A kill during a save leaves its temporary folder or file (``.checkpoint-7.tmp-<pid>``,
-    ``.adapter_model.safetensors.tmp-<pid>``, ``.best.old-<pid>``): removed once the process that wrote it is
-    gone. A kill after a run finished but before it cleaned up leaves ``checkpoint-<step>`` and ``best``
-    beside the installed adapter: removed when ``train_metrics.json`` (written last) says the run is done.
-    """
-    if not out_dir.is_dir():
-        return
-    gone = []
-    for p in out_dir.iterdir():
-        m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", p.name)
-        if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
-            gone.append(p)
-    if (out_dir / METRICS_FILE).exists():
-        gone += [p for p in [*out_dir.glob("checkpoint-*"), out_dir / "best"] if p.is_dir()]
-    for p in gone:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    if gone:
-        warnings.warn(f"{out_dir}: removed what an interrupted run left behind: "
-                      f"{', '.join(sorted(p.name for p in gone))}", stacklevel=3)
-
-
-def _install_adapter(src: Path, out_dir: Path) -> None:
-    """Copy an adapter's files into ``out_dir`` itself, each through a temporary file and a rename."""
-    for name in ADAPTER_FILES:
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, out_dir / name)
-
-
-# ========================================================================================= throughput
+# ========================================================================================== throughput
 def measure_throughput(model, settings: LoraSettings | None = None, batch_size: int = 8, seq_len: int = 256,
                        steps: int = 3, warmup: int = 1) -> dict:
     """Tokens per second of one LoRA training step (forward, backward, AdamW) on random full-length tokens.
 
     For sizing a budget on the machine at hand: ``steps x batch_size x seq_len / tokens_per_s`` seconds.
-    Answer-only loss on the last quarter of each sequence; ``settings.gradient_checkpointing`` is honoured.
-    The model is returned to its state (adapters removed, train or eval mode and checkpointing as before).
+    Answer-only loss on the last quarter of each sequence; ``settings.recompute_activations`` is honoured.
+    The model is returned to its state (adapters removed, train or eval mode and recomputation as before).
     ``s_per_step`` is the median of the ``steps`` timed after ``warmup``.
     """
     settings = settings or LoraSettings()
-    was_training, was_checkpointing = model.training, checkpointing_on(model)
-    peft_model = add_lora(model, settings)
-    if settings.gradient_checkpointing:  # as train_lora does: the step measured is the step trained
-        set_checkpointing(peft_model, True)
+    with preserved(model):
+        times = _timed_steps(add_lora(model, settings), settings, batch_size, seq_len, steps, warmup)
+    per_step = sorted(times)[len(times) // 2]
+    device = next(model.parameters()).device
+    return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
+            "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),
+            "device": str(device)}
+
+
+def _timed_steps(peft_model, settings: LoraSettings, batch_size: int, seq_len: int, steps: int,
+                 warmup: int) -> list[float]:
+    """Seconds of each of ``steps`` LoRA training steps after ``warmup``, on random tokens; adapters removed after."""
+    if settings.recompute_activations:  # as train_lora does: the step measured is the step trained
+        set_recompute_activations(peft_model, True)
     device = next(peft_model.parameters()).device
     vocab = peft_model.get_base_model().get_output_embeddings().weight.shape[0]
-    params = [p for _, p in _trainable(peft_model)]
+    params = [p for _, p in trainable(peft_model)]
     opt = torch.optim.AdamW(params, lr=settings.lr)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     labels = ids.clone()
@@ -1112,22 +815,18 @@ def measure_throughput(model, settings: LoraSettings | None = None, batch_size: 
     autocast = settings.autocast_dtype(device)
     peft_model.train()
     times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss, n = completion_loss(peft_model, batch, reduction="mean")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    peft_model.unload()
-    if checkpointing_on(model) != was_checkpointing:
-        set_checkpointing(model, was_checkpointing)
-    model.train(was_training)  # e.g. evaluation next: dropout stays off as it was
-    per_step = sorted(times)[len(times) // 2]
-    return {"batch_size": batch_size, "seq_len": seq_len, "s_per_step": per_step,
-            "tokens_per_s": batch_size * seq_len / per_step, "threads": torch.get_num_threads(),
-            "device": str(device)}
+    try:
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss, n = completion_loss(peft_model, batch, reduction="mean")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    finally:
+        peft_model.unload()
+    return times

@@ -72,7 +72,7 @@ def command(job: str | Path, processes: int) -> list[str]:
 def launch(job: str | Path, processes: int, env: dict | None = None) -> None:
     """Run the job in ``processes`` processes and wait, printing their output as it comes (process 0's
     progress bar every 30 s) and keeping all of it in ``<job>.log``. Raises ``RuntimeError`` with the end of
-    the output if one fails (the adapter folder then holds the last checkpoint, and a rerun resumes from it).
+    the output if one fails (the adapter folder then holds the last snapshot, and a rerun resumes from it).
     An interrupt stops the processes before it is passed on: none keeps writing into the adapter folder."""
     log_path = Path(f"{job}.log")
     tail: collections.deque[str] = collections.deque(maxlen=60)

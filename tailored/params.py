@@ -22,10 +22,11 @@ Rules (any may end with ``or None``):
 ``float > X``          a number above X (also ``float ≥ X``, ``float ≥ 0 and < 1`` and the like)
 ``share`` / ``shares`` a share of parameters in (0, 1) / a non-empty list of them
 ``one of a, b, c``     one of these strings
-``estimator(s)``       importance estimator(s) (``tailored.importance.ESTIMATORS``); ``from 02_importance.estimators``
+``estimator(s)``       importance estimator(s) (``tailored.choices.ESTIMATORS``); ``from 02_importance.estimators``
                        adds: among those notebook 02 computes (checked for a whole profile)
-``reduction(s)``       group reduction(s) (``tailored.importance.REDUCTIONS``)
-``method(s)``          named pruning method(s) (``tailored.recipes.METHODS``)
+``reduction(s)``       group reduction(s) (``tailored.choices.REDUCTIONS``)
+``method(s)``          named pruning method(s) (``tailored.methods.METHODS``); ``from 02_importance`` adds: whose
+                       unit scores notebook 02 computes and saves (its estimators and reductions; for a profile)
 ``windows``            calibration sizes, a list of ``[windows, tokens]`` pairs
 ``tasks``              a list of known task names (``tailored/tasks.yaml``); ``train tasks``: each with a
                        train split
@@ -55,11 +56,10 @@ from typing import Any
 
 from tailored import data
 from tailored.anatomy import DTYPES, resolve_device
-from tailored.importance import ESTIMATORS, REDUCTIONS
+from tailored.choices import ESTIMATORS, PROMPT_NAMES, REDUCTIONS
+from tailored.methods import METHODS
 from tailored.models import model_layers
 from tailored.paths import REPO_ROOT
-from tailored.prompts import PROMPT_NAMES
-from tailored.recipes import METHODS
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 INJECTED = ("profile", "run_dir", "figures_dir")  # set by the runner into every notebook
@@ -141,71 +141,85 @@ def _check_rule(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> 
         ok = _number(value, kind) and all({">=": value >= float(b), ">": value > float(b), "<=": value <= float(b),
                                            "<": value < float(b)}[op] for op, b in bounds)
         return None if ok else f"{'an integer' if kind == 'int' else 'a number'} {m.group(2).strip()}"
-    if rule == "share":
-        return None if _number(value, "float") and 0 < value < 1 else "a share of parameters in (0, 1), e.g. 0.2"
-    if rule == "shares":
-        ok = isinstance(value, list) and value and all(_number(v, "float") and 0 < v < 1 for v in value)
-        return None if ok else "a non-empty list of shares in (0, 1), e.g. [0.2, 0.5]: shares of parameters to remove"
     if rule.startswith("one of "):
         choices = [c.strip() for c in rule[len("one of "):].split(",")]
         return None if value in choices else f"one of {', '.join(choices)}"
-    if rule in ("estimator", "estimators"):
-        return _choices(value, list(ESTIMATORS), rule == "estimators", "estimators")
-    if rule.startswith(("estimator from ", "estimators from ")):
-        base = rule.split(" from ")[0]
-        problem = _check_rule(base, value, values, ctx)
-        step, _, key = rule.split(" from ")[1].partition(".")
-        computed = ctx.get("profile_values", {}).get(step, {}).get(key)
-        if problem or computed is None:
-            return problem
-        return _choices(value, list(computed), base == "estimators", f"estimators {step} computes ({key})")
-    if rule in ("method", "methods"):
-        return _choices(value, list(METHODS), rule == "methods", "pruning methods (tailored.recipes.METHODS)")
-    if rule == "windows":
-        ok = isinstance(value, list) and all(isinstance(w, list) and len(w) == 2 and all(
-            _number(x, "int") and x >= 1 for x in w) for w in value)
-        return None if ok else "a list of [windows, tokens] pairs, e.g. [[10, 128], [32, 256]] (empty for none)"
-    if rule in ("reduction", "reductions"):
-        return _choices(value, list(REDUCTIONS), rule == "reductions", "reductions")
-    if rule in ("tasks", "train tasks"):
-        problem = _choices(value, list(data.TASKS), True, "tasks")
-        if problem or rule == "tasks":
-            return problem
-        no_train = [t for t in value if "train" not in data.splits(t)]
-        return (f"tasks with a train split (for shots and training); {no_train} have none: they can be scored "
-                "zero-shot only" if no_train else None)
-    if rule == "prompts":
-        return _choices(value, list(PROMPT_NAMES), True, "prompts")
+    if " from " in rule:
+        return _from_step(rule, value, values, ctx)
     if rule.startswith("shots for "):
-        ks = value if isinstance(value, list) else [value]
-        if not ks or not all(_number(k, "int") and k >= 0 for k in ks):
-            return "a number of shots k >= 0" + (" (a list of them)" if isinstance(value, list) else "")
-        tasks = values.get(rule[len("shots for "):]) or []
-        sizes = {t: data.splits(t).get("train", 0) for t in tasks if t in data.TASKS and "train" in data.splits(t)}
-        small = {t: n for t, n in sizes.items() if n < max(ks)}
-        return f"at most the train split of every task ({small})" if small else None
+        return _shots(value, values.get(rule[len("shots for "):]) or [])
     if rule.startswith("<= "):
         other = values.get(rule[3:])
         ok = _number(value, "int") and (other is None or value <= other)
         return None if ok else f"an integer <= {rule[3:]} ({other})"
+    if rule in _RULES:
+        return _RULES[rule](rule, value, ctx)
+    raise ParamsError(f"unknown parameter rule [{rule}]: see tailored/params.py for the rules a notebook may use")
+
+
+def _shares(rule: str, value: Any, ctx: dict) -> str | None:
+    if rule == "share":
+        return None if _number(value, "float") and 0 < value < 1 else "a share of parameters in (0, 1), e.g. 0.2"
+    ok = isinstance(value, list) and value and all(_number(v, "float") and 0 < v < 1 for v in value)
+    return None if ok else "a non-empty list of shares in (0, 1), e.g. [0.2, 0.5]: shares of parameters to remove"
+
+
+def _named(rule: str, value: Any, ctx: dict) -> str | None:
+    """Names from one of the package's lists: estimators, reductions, methods, prompts."""
+    allowed, what = {"estimator": (ESTIMATORS, "estimators"), "reduction": (REDUCTIONS, "reductions"),
+                     "method": (METHODS, "pruning methods (tailored.methods.METHODS)"),
+                     "prompts": (PROMPT_NAMES, "prompts")}[rule.rstrip("s") if rule != "prompts" else rule]
+    return _choices(value, list(allowed), rule.endswith("s"), what)
+
+
+def _windows(rule: str, value: Any, ctx: dict) -> str | None:
+    ok = isinstance(value, list) and all(isinstance(w, list) and len(w) == 2 and all(
+        _number(x, "int") and x >= 1 for x in w) for w in value)
+    return None if ok else "a list of [windows, tokens] pairs, e.g. [[10, 128], [32, 256]] (empty for none)"
+
+
+def _tasks(rule: str, value: Any, ctx: dict) -> str | None:
+    problem = _choices(value, list(data.TASKS), True, "tasks")
+    if problem or rule == "tasks":
+        return problem
+    no_train = [t for t in value if "train" not in data.splits(t)]
+    return (f"tasks with a train split (for shots and training); {no_train} have none: they can be scored "
+            "zero-shot only" if no_train else None)
+
+
+def _shots(value: Any, tasks: list) -> str | None:
+    ks = value if isinstance(value, list) else [value]
+    if not ks or not all(_number(k, "int") and k >= 0 for k in ks):
+        return "a number of shots k >= 0" + (" (a list of them)" if isinstance(value, list) else "")
+    sizes = {t: data.splits(t).get("train", 0) for t in tasks if t in data.TASKS and "train" in data.splits(t)}
+    small = {t: n for t, n in sizes.items() if n < max(ks)}
+    return f"at most the train split of every task ({small})" if small else None
+
+
+def _device(rule: str, value: Any, ctx: dict) -> str | None:
+    try:
+        resolve_device(value)
+        return None
+    except (ValueError, TypeError, RuntimeError) as err:
+        return str(err)
+
+
+def _layer(rule: str, value: Any, ctx: dict) -> str | None:
+    n = ctx.get("layers")
+    if rule == "layer":
+        ok = _number(value, "int") and value >= 0 and (n is None or value < n)
+        return None if ok else f"a decoder layer index in 0..{(n or 0) - 1} of {ctx.get('model')}"
+    ok = (isinstance(value, list) and len(value) == 2 and all(_number(v, "int") for v in value)
+          and 0 <= value[0] < value[1] <= (n if n is not None else value[1]))
+    return None if ok else f"[start, end] with 0 <= start < end <= {n} (end exclusive), or None for LLM-Pruner's range"
+
+
+def _plain(rule: str, value: Any, ctx: dict) -> str | None:
+    """The rules on a value's type alone."""
     if rule == "model":
         return None if isinstance(value, str) and value else "a model: smollm2-135m, a tiny variant, a folder or a hub id"
-    if rule == "device":
-        try:
-            resolve_device(value)
-            return None
-        except (ValueError, TypeError, RuntimeError) as err:
-            return str(err)
     if rule == "dtype":
         return None if value in DTYPES else f"one of {', '.join(DTYPES)}"
-    if rule in ("layer", "layer range"):
-        n = ctx.get("layers")
-        if rule == "layer":
-            ok = _number(value, "int") and value >= 0 and (n is None or value < n)
-            return None if ok else f"a decoder layer index in 0..{(n or 0) - 1} of {values.get('model')}"
-        ok = (isinstance(value, list) and len(value) == 2 and all(_number(v, "int") for v in value)
-              and 0 <= value[0] < value[1] <= (n if n is not None else value[1]))
-        return None if ok else f"[start, end] with 0 <= start < end <= {n} (end exclusive), or None for LLM-Pruner's range"
     if rule == "bool":
         return None if isinstance(value, bool) else "true or false"
     if rule == "sizes":
@@ -213,9 +227,41 @@ def _check_rule(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> 
         return None if ok else "a list of integers >= 1 (empty for none)"
     if rule == "names":
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
-    if rule == "text":
-        return None if isinstance(value, str) else "a string"
-    raise ParamsError(f"unknown parameter rule [{rule}]: see tailored/params.py for the rules a notebook may use")
+    return None if isinstance(value, str) else "a string"  # text
+
+
+_RULES = {"share": _shares, "shares": _shares, "estimator": _named, "estimators": _named, "reduction": _named,
+          "reductions": _named, "method": _named, "methods": _named, "prompts": _named, "windows": _windows,
+          "tasks": _tasks, "train tasks": _tasks, "device": _device, "layer": _layer, "layer range": _layer,
+          **{r: _plain for r in ("model", "dtype", "bool", "sizes", "names", "text")}}
+
+
+def _from_step(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> str | None:
+    """``estimators from 02_importance.estimators``: among the values another step's key has (in a whole profile).
+    ``methods from 02_importance``: methods whose unit scores that step computes (its ``estimators`` and
+    ``reductions``; depth pruning's layer scores are measured by the pruning step itself)."""
+    base, _, source = rule.partition(" from ")
+    problem = _check_rule(base, value, values, ctx)
+    step, _, key = source.partition(".")
+    computed = ctx.get("profile_values", {}).get(step)
+    if problem or computed is None:  # a notebook checked alone does not know the other step's values
+        return problem
+    if base in ("estimator", "estimators"):
+        if computed.get(key) is None:
+            return None
+        return _choices(value, list(computed[key]), base == "estimators", f"estimators {step} computes ({key})")
+    missing: dict[str, list[str]] = {}
+    for name in value if isinstance(value, list) else [value]:
+        m = METHODS[name]
+        if not m.scores_units:
+            continue
+        for what, key in ((m.estimator, "estimators"), (m.reduction, "reductions")):
+            if what not in (computed.get(key) or []):
+                missing.setdefault(f"{step}.{key}", []).append(f"{what} (for {name})")
+    if not missing:
+        return None
+    adds = "; ".join(f"{', '.join(dict.fromkeys(v))} to {k}" for k, v in missing.items())
+    return f"methods whose unit scores {step} computes and saves: add {adds}, or choose other methods"
 
 
 def _choices(value, allowed: list[str], many: bool, what: str) -> str | None:
@@ -231,7 +277,7 @@ def _choices(value, allowed: list[str], many: bool, what: str) -> str | None:
 def check(step: str, values: Mapping[str, Any], decl: Mapping[str, Declared],
           profile_values: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """The problems of one step's parameter values against its notebook's rules: ``"step.key = value: allowed"``."""
-    ctx: dict = {"profile_values": profile_values or {}}
+    ctx: dict = {"profile_values": profile_values or {}, "model": values.get("model")}
     if any(d.rule.startswith("layer") for d in decl.values()) and isinstance(values.get("model"), str):
         ctx["layers"] = model_layers(values["model"])
     errors = []

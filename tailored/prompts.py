@@ -33,8 +33,9 @@ from typing import Any, Protocol
 
 import yaml
 
+from tailored.choices import PROMPT_NAMES  # noqa: F401  (every task has these prompts; listed in choices for params)
+
 PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
-PROMPT_NAMES = ("harness", "general", "task_specific")
 SCORING_MODES = ("choices", "partial", "generate")
 BLANK = "_"  # WinoGrande's blank
 DEFAULT_METRICS = {"choices": ("acc", "acc_norm"), "partial": ("acc",)}

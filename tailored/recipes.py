@@ -2,7 +2,7 @@
 
 The stages below this module are separate on purpose (``importance`` scores, ``prune`` plans and cuts);
 a *method* is a choice at each of them, and the study compares methods. ``Method`` names the choices,
-``METHODS`` holds the ones the study compares, and ``prune_model`` runs one::
+``METHODS`` holds the ones the study compares (both in ``tailored.methods``), and ``prune_model`` runs one::
 
     batch = calibration_batch(tokenizer, data.text_corpus("calibration"), n_samples=32, seq_len=256)
     pruned = prune_model(copy.deepcopy(dense), batch, target=0.2, method=METHODS["fisher_refit"])
@@ -23,118 +23,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters
+from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters, weights_fingerprint
+from tailored.choices import LAYER_ESTIMATORS, READER_ESTIMATORS
 from tailored.graph import Graph, trace
 from tailored.importance import (
-    ESTIMATORS,
-    READER_ESTIMATORS,
     Activations,
+    Importance,
     activation_statistics,
+    batch_sha256,
     block_influence,
     compute_importance,
 )
-from tailored.prune import (
-    ALLOCATIONS,
-    ATTENTION,
-    COMPENSATIONS,
-    MODES,
-    NORMALIZATIONS,
-    TOLERANCE,
-    Plan,
-    apply,
-    default_layer_range,
-    plan_pruning,
-)
-
-LAYER_ESTIMATORS = ("block_influence",)  # scores of whole layers, for mode="layer"
-
-
-@dataclass(frozen=True)
-class Method:
-    """The choices that make a pruning method (see ``tailored.importance`` and ``tailored.prune``).
-
-    ``estimator``: a ``tailored.importance`` estimator, or ``"block_influence"`` (layer-wise only).
-    ``layer_range``: ``None`` for LLM-Pruner's range (first and last layers kept, ``default_layer_range``),
-    ``"all"`` for every layer, or ``(start, end)`` in the dense model's layer numbers (end exclusive).
-    ``compensation`` and ``damping`` go to ``prune.apply``; the others to ``prune.plan_pruning``.
-    """
-
-    estimator: str = "param_first"
-    reduction: str = "sum"
-    mode: str = "block"
-    allocation: str = "local"
-    normalize: str = "kind"
-    layer_range: tuple[int, int] | str | None = None
-    attention: str = "kv"
-    round_to: int = 1
-    compensation: str = "none"
-    rounds: int = 1
-    damping: float = 0.01
-
-    def __post_init__(self):
-        if isinstance(self.layer_range, list):  # from YAML / JSON
-            object.__setattr__(self, "layer_range", tuple(self.layer_range))
-        self.validate()
-
-    def validate(self) -> None:
-        def bad(msg: str):
-            raise ValueError(f"Method: {msg}")
-
-        if self.estimator not in ESTIMATORS and self.estimator not in LAYER_ESTIMATORS:
-            bad(f"estimator {self.estimator!r} is not one of {list(ESTIMATORS) + list(LAYER_ESTIMATORS)}")
-        if self.estimator in LAYER_ESTIMATORS and self.mode != "layer":
-            bad(f"estimator {self.estimator!r} scores whole layers: use it with mode='layer'")
-        for name, allowed in (("mode", MODES), ("allocation", ALLOCATIONS), ("normalize", NORMALIZATIONS),
-                              ("attention", ATTENTION), ("compensation", COMPENSATIONS)):
-            if getattr(self, name) not in allowed:
-                bad(f"{name} {getattr(self, name)!r} is not one of {allowed}")
-        if self.compensation != "none" and self.mode != "block":
-            bad(f"compensation {self.compensation!r} applies to block-wise pruning only, not mode={self.mode!r}")
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            bad(f"rounds {self.rounds!r} must be a positive integer (1: one shot; LLM-Pruner's iterative_steps)")
-        lr = self.layer_range
-        if not (lr is None or lr == "all" or (isinstance(lr, tuple) and len(lr) == 2)):
-            bad(f"layer_range {lr!r} must be None (LLM-Pruner's range), 'all', or (start, end)")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layer_range"] = list(self.layer_range) if isinstance(self.layer_range, tuple) else self.layer_range
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> Method:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Method: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
-
-
-# The methods the study compares (benchmarks/bench_pruning.py, notebook 03). Names say what they are.
-METHODS: dict[str, Method] = {
-    # the floor and LLM-Pruner's estimators: local allocation over LLM-Pruner's layer range
-    "random": Method(estimator="random"),
-    "param_first": Method(estimator="param_first"),
-    "param_second": Method(estimator="param_second"),
-    "param_first_4_rounds": Method(estimator="param_first", rounds=4),
-    "param_first_8_rounds": Method(estimator="param_first", rounds=8),
-    # FLAP: fluctuation, standardized per layer, one global threshold over every layer, biases added back
-    "flap": Method(estimator="flap", allocation="global", normalize="none", layer_range="all", compensation="bias"),
-    "flap_no_bias": Method(estimator="flap", allocation="global", normalize="none", layer_range="all"),
-    "fluctuation_local_bias": Method(estimator="fluctuation", compensation="bias"),
-    # ours: the loss each unit's fluctuation costs, compared per parameter across all layers and kinds
-    "fisher_bias_local": Method(estimator="fisher_fluctuation", compensation="bias"),
-    "fisher_bias": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
-                          layer_range="all", compensation="bias"),
-    "fisher_refit": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
-                           layer_range="all", compensation="refit"),
-    "fisher_refit_4_rounds": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
-                                    layer_range="all", compensation="refit", rounds=4),
-    # depth pruning: whole layers of lowest block influence (ShortGPT), once or one layer at a time
-    "depth_block_influence": Method(estimator="block_influence", mode="layer", layer_range="all"),
-    "depth_block_influence_iterative": Method(estimator="block_influence", mode="layer", layer_range="all",
-                                              rounds=15),  # SmolLM2: about one of its 30 layers per round
-}
+from tailored.methods import METHODS, Method
+from tailored.prune import TOLERANCE, apply, default_layer_range, plan_pruning
+from tailored.removal import Plan
 
 
 @dataclass(frozen=True)
@@ -158,9 +60,52 @@ def _layer_range(method: Method, graph: Graph, kept: list[int], dense_layers: in
     return sum(1 for i in kept if i < start), sum(1 for i in kept if i < end)
 
 
+@dataclass(frozen=True, eq=False)
+class FirstRound:
+    """What a method's first round reads from the *dense* model before it plans: the ``graph``, the unit
+    ``scores`` (``{group set: (units,)}``; empty for depth pruning) or ``layer_scores`` (``(layers,)``), and the
+    readers' ``activations`` when scoring or compensation needs them.
+
+    It is a function of the method's scoring settings (``scoring``: the method with one round and no
+    compensation), the dense weights (``weights``: ``anatomy.weights_fingerprint``) and the calibration batch
+    (``batch``: ``importance.batch_sha256``) only, so it is made once per method and reused for every share of
+    a curve (``PruningCache``). ``source`` says where the scores came from: ``"importance"`` (scores saved by
+    notebook 02, passed as ``prune_model(..., importance=...)``) or ``"computed"`` (scored here).
+    """
+
+    scoring: Method
+    weights: str
+    batch: str
+    graph: Graph = field(repr=False)
+    scores: Mapping[str, torch.Tensor] = field(repr=False)
+    layer_scores: torch.Tensor | None = field(default=None, repr=False)
+    activations: Activations | None = field(default=None, repr=False)
+    source: str = "computed"
+
+
+class PruningCache:
+    """The first rounds (``FirstRound``) of the methods ``prune_model`` ran on one dense model and batch, one
+    per method's scoring settings. Pass one cache to the calls that prune fresh copies of the same dense model
+    (a curve of shares); an entry made from other weights or another batch is never used."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[Method, FirstRound] = {}
+
+    def get(self, scoring: Method, weights: str, batch: str) -> FirstRound | None:
+        found = self._rounds.get(scoring)
+        return found if found is not None and (found.weights, found.batch) == (weights, batch) else None
+
+    def put(self, first: FirstRound) -> None:
+        self._rounds[first.scoring] = first
+
+    def __len__(self) -> int:
+        return len(self._rounds)
+
+
 def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, method: Method | str = "param_first",
                 micro_batch: int = 1, seed: int = 0, progress: bool = True,
-                activations: Activations | None = None, cache: dict | None = None) -> Pruned:
+                activations: Activations | None = None, importance: Importance | None = None,
+                cache: PruningCache | None = None) -> Pruned:
     """Prune ``model`` in place so that ``target`` of its decoder parameters go, the way ``method`` says.
 
     ``method``: a ``Method`` or the name of one in ``METHODS``. ``batch``: calibration token ids
@@ -170,22 +115,23 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
     ``target`` gone after round k) and applies it. The result is a function of the weights, the batch and
     ``seed`` (``random`` scores draw from ``seed + round``): a rerun gives the same weights.
 
-    ``activations``: statistics already collected on this (dense) model and ``batch`` (notebook 02 saves
-    them), used in the first round instead of collecting them again; they must hold what the method needs
-    (``gradients=True`` for ``fisher_fluctuation``, ``full=True`` for ``refit``).
+    ``importance``: unit scores of this dense model on this ``batch`` (notebook 02's ``importance.safetensors``).
+    When they hold the method's estimator and reduction, the first round plans from them instead of scoring
+    again (the same numbers: 02 scores with the same seed); later rounds score the partly pruned model here.
+    They must have been computed on this batch and, where they record it, on these weights.
 
-    ``cache``: a dict shared by calls that prune fresh copies of the *same* dense model with the same batch
-    (a curve of shares): the first round's graph, statistics and scores depend on the method and the dense
-    weights only, so they are computed once per method and reused for every share.
+    ``activations``: statistics already collected on this (dense) model and ``batch``, used in the first round
+    instead of collecting them again; they must hold what the method needs (``gradients=True`` for
+    ``fisher_fluctuation``, ``full=True`` for ``refit``). Compensation collects what it needs otherwise.
 
-    Raises ``ValueError`` (before touching the model) for an unknown method or a target outside (0, 1); a
-    round whose plan cannot meet its share within 1 percentage point raises as ``plan_pruning`` does.
+    ``cache``: a ``PruningCache`` shared by calls that prune fresh copies of the *same* dense model with the
+    same batch (a curve of shares): the first round (``FirstRound``) is computed once per method.
+
+    Raises ``ValueError`` (before touching the model) for an unknown method, a target outside (0, 1), or
+    importance scores of other windows or weights; a round whose plan cannot meet its share within 1
+    percentage point raises as ``plan_pruning`` does.
     """
-    if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; the named methods are {list(METHODS)} "
-                             "(or pass a Method(...))")
-        method = METHODS[method]
+    method = _named(method)
     if not isinstance(target, (int, float)) or not 0 < target < 1:
         raise ValueError(f"pruning target {target!r} is outside (0, 1): it is the share of decoder parameters to remove")
     dense_decoder, dense_total = decoder_parameters(model), count_parameters(model)
@@ -193,56 +139,24 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
     kept_layers = list(range(dense_layers))  # dense numbers of the layers still there
     plans: list[Plan] = []
     rounds = []
+    first = _first_round(model, batch, method, micro_batch, seed, progress, activations, importance, cache)
+    source = first.source
     for k in range(method.rounds):
-        key = dataclasses.replace(method, rounds=1, compensation="none", damping=0.0)
-        if k == 0 and cache is not None and key in cache:
-            graph, acts_cached, scores, layer_scores = cache[key]
-            if method.compensation == "refit" and acts_cached is not None and acts_cached.settings.get("full") is not True:
-                acts_cached = None  # refit needs full second moments: collected below
-        else:
-            graph, acts_cached, scores, layer_scores = trace(model, seed=seed), None, None, None
+        graph = first.graph if k == 0 else trace(model, seed=seed)
         goal = target * dense_decoder * (k + 1) / method.rounds - (dense_decoder - graph.decoder_params)
         share = goal / graph.decoder_params
         if share <= 0:  # an earlier round already removed this round's share (coarse units)
             continue
-        layer_range = _layer_range(method, graph, kept_layers, dense_layers)
-        plan_kw = dict(mode=method.mode, allocation=method.allocation, normalize=method.normalize,
-                       layer_range=layer_range, attention=method.attention, round_to=method.round_to)
-        acts = acts_cached
-        if scores is not None or layer_scores is not None:  # the first round, from the cache
-            if acts is None and method.compensation != "none":
-                kinds = ("attention" if method.attention == "kv" else "qheads", "mlp")
-                acts = activation_statistics(model, graph, batch, kinds=kinds,
-                                             full=True if method.compensation == "refit" else None,
-                                             gradients=method.estimator == "fisher_fluctuation",
-                                             micro_batch=micro_batch, progress=progress)
-                cache[key] = (graph, acts, scores, layer_scores)
-        elif method.estimator in LAYER_ESTIMATORS:
-            scores = {}
-            layer_scores = block_influence(model, batch, micro_batch=micro_batch, progress=progress)
+        if k == 0:
+            scores, layer_scores, acts = first.scores, first.layer_scores, first.activations
+            first = None  # later rounds score the partly pruned model; the cache (if any) keeps the dense one
         else:
-            kinds = ("hidden",) if method.mode == "channel" else (
-                "attention" if method.attention == "kv" else "qheads", "mlp")
-            if activations is not None and k == 0:
-                acts = activations
-                if method.estimator == "fisher_fluctuation" and not acts.fisher:
-                    raise ValueError("the activations passed hold no output Fisher: fisher_fluctuation needs "
-                                     "activation_statistics(..., gradients=True)")
-            elif method.estimator in READER_ESTIMATORS or method.compensation != "none":
-                acts = activation_statistics(model, graph, batch, kinds=kinds,
-                                             full=True if method.compensation == "refit" else None,
-                                             gradients=method.estimator == "fisher_fluctuation",
-                                             micro_batch=micro_batch, progress=progress)
-            imp = compute_importance(model, graph, batch, estimators=(method.estimator,),
-                                     reductions=(method.reduction,), kinds=kinds, micro_batch=micro_batch,
-                                     seed=seed + k, progress=progress,
-                                     activations=acts if method.estimator in READER_ESTIMATORS else None)
-            scores = imp.select(method.estimator, method.reduction)
-        if k == 0 and cache is not None and key not in cache:
-            cache[key] = (graph, acts, scores, layer_scores)
+            scores, layer_scores, acts = _score(model, graph, batch, method, seed + k, micro_batch, progress)
         last = k == method.rounds - 1  # only the final share must be met within 1 point
         plan = plan_pruning(graph, scores, target=min(share, 1 - 1e-9), layer_scores=layer_scores,
-                            tolerance=TOLERANCE if last else None, **plan_kw)
+                            tolerance=TOLERANCE if last else None, mode=method.mode, allocation=method.allocation,
+                            normalize=method.normalize, layer_range=_layer_range(method, graph, kept_layers, dense_layers),
+                            attention=method.attention, round_to=method.round_to)
         apply(plan, model, graph, compensation=method.compensation, activations=acts, damping=method.damping)
         dropped = [kept_layers[j] for j in plan.drop_layers]  # in the dense model's layer numbers
         kept_layers = [i for i in kept_layers if i not in dropped]
@@ -257,9 +171,89 @@ def prune_model(model: torch.nn.Module, batch: torch.Tensor, target: float, meth
     record = {"method": method.to_dict(), "target": float(target), "share_decoder": share_decoder,
               "share_model": 1 - count_parameters(model) / dense_total, "seed": seed,
               "calibration": {"n_samples": int(batch.shape[0]), "seq_len": int(batch.shape[1])},
-              "rounds": rounds}
+              "first_round_scores": source, "rounds": rounds}
     return Pruned(model=model, plans=tuple(plans), share_decoder=share_decoder,
                   share_model=record["share_model"], record=record)
+
+
+def _named(method: Method | str) -> Method:
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; the named methods are {list(METHODS)} "
+                             "(or pass a Method(...))")
+        return METHODS[method]
+    return method
+
+
+def _block_kinds(method: Method) -> tuple[str, ...]:
+    """The group set kinds the method scores and prunes."""
+    if method.mode == "channel":
+        return ("hidden",)
+    return ("attention" if method.attention == "kv" else "qheads", "mlp")
+
+
+def _first_round(model: torch.nn.Module, batch: torch.Tensor, method: Method, micro_batch: int, seed: int,
+                 progress: bool, activations: Activations | None, importance: Importance | None,
+                 cache: PruningCache | None) -> FirstRound:
+    """The dense model's graph, scores and statistics for ``method``: from the cache, from ``importance``, or
+    computed; then completed with what compensation needs (and put in the cache)."""
+    scoring = dataclasses.replace(method, rounds=1, compensation="none", damping=0.0)
+    checked = cache is not None or importance is not None  # a pass over the weights, only where it is compared
+    weights, batch_id = (weights_fingerprint(model) if checked else ""), batch_sha256(batch)
+    first = cache.get(scoring, weights, batch_id) if cache is not None else None
+    if first is None:
+        graph = trace(model, seed=seed)
+        saved = importance is not None and (method.estimator, method.reduction) in {k[:2] for k in importance}
+        if saved:
+            _check_fits(importance, weights, batch_id)
+            first = FirstRound(scoring, weights, batch_id, graph, importance.select(method.estimator, method.reduction),
+                               activations=activations, source="importance")
+        else:
+            scores, layer_scores, acts = _score(model, graph, batch, method, seed, micro_batch, progress, activations)
+            first = FirstRound(scoring, weights, batch_id, graph, scores, layer_scores, acts)
+    acts = first.activations
+    refit = method.compensation == "refit"
+    if method.compensation != "none" and (acts is None or (refit and acts.settings.get("full") is not True)):
+        acts = activation_statistics(model, first.graph, batch, kinds=_block_kinds(method),
+                                     full=True if refit else None, micro_batch=micro_batch, progress=progress)
+        first = dataclasses.replace(first, activations=acts)  # the means (and moments) compensation reads
+    if cache is not None:
+        cache.put(first)
+    return first
+
+
+def _check_fits(importance: Importance, weights: str, batch_id: str) -> None:
+    """Refuse saved scores of other calibration windows or of other weights than the model being pruned."""
+    if importance.settings.get("batch_sha256") != batch_id:
+        raise ValueError("the importance scores were computed on other calibration windows than this batch: "
+                         "prune on the windows notebook 02 saved (calibration.safetensors), or rerun notebook 02")
+    if importance.settings.get("weights", weights) != weights:
+        raise ValueError("the importance scores were computed on other weights than this model's (another model, "
+                         "dtype or seed): rerun notebook 02 on the dense model that is pruned here")
+
+
+def _score(model: torch.nn.Module, graph: Graph, batch: torch.Tensor, method: Method, seed: int, micro_batch: int,
+           progress: bool, activations: Activations | None = None
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Activations | None]:
+    """(unit scores, layer scores, readers' statistics) of the model as it is now, scored the way ``method``
+    scores. ``activations`` given are used instead of collecting them (they must fit the method)."""
+    if method.estimator in LAYER_ESTIMATORS:
+        return {}, block_influence(model, batch, micro_batch=micro_batch, progress=progress), None
+    kinds = _block_kinds(method)
+    acts = activations
+    if acts is not None:
+        if method.estimator == "fisher_fluctuation" and not acts.fisher:
+            raise ValueError("the activations passed hold no output Fisher: fisher_fluctuation needs "
+                             "activation_statistics(..., gradients=True)")
+    elif method.estimator in READER_ESTIMATORS or method.compensation != "none":
+        acts = activation_statistics(model, graph, batch, kinds=kinds,
+                                     full=True if method.compensation == "refit" else None,
+                                     gradients=method.estimator == "fisher_fluctuation",
+                                     micro_batch=micro_batch, progress=progress)
+    imp = compute_importance(model, graph, batch, estimators=(method.estimator,), reductions=(method.reduction,),
+                             kinds=kinds, micro_batch=micro_batch, seed=seed, progress=progress,
+                             activations=acts if method.estimator in READER_ESTIMATORS else None)
+    return imp.select(method.estimator, method.reduction), None, acts
 
 
 def summarize_curve(rows: Sequence[Mapping], dense_perplexity: float, floor: str = "random",
@@ -297,4 +291,5 @@ def summarize_curve(rows: Sequence[Mapping], dense_perplexity: float, floor: str
     return out
 
 
-__all__ = ["LAYER_ESTIMATORS", "METHODS", "Method", "Pruned", "prune_model", "summarize_curve"]
+__all__ = ["LAYER_ESTIMATORS", "METHODS", "FirstRound", "Method", "Pruned", "PruningCache", "prune_model",
+           "summarize_curve"]

@@ -7,10 +7,12 @@ assertions, so the chain executes once per test session.
 from __future__ import annotations
 
 import json
+import shutil
 
+import papermill
 import pytest
 
-from tailored import runner
+from tailored import rundir, runner
 from tailored.artifacts import read_metrics
 
 pytestmark = pytest.mark.chain
@@ -50,6 +52,21 @@ def test_01_traced_graph_of_the_tiny_gqa_model(smoke_run):
     assert m["units"]["attention"] == 4 * 2 and m["units"]["mlp"] == 4 * 128 and m["units"]["hidden"] == 64
 
 
+def test_03_refuses_to_run_without_02s_scores_and_names_notebook_02(smoke_run, tmp_path):
+    """Notebook 03 plans from importance.safetensors: without it, it stops before pruning anything."""
+    run_dir, _ = smoke_run
+    copied = tmp_path / "smoke"
+    shutil.copytree(run_dir, copied, ignore=shutil.ignore_patterns("pruned", "adapters", "eval", "figures", "*.ipynb"))
+    rundir.importance_path(copied).unlink()
+    params = runner.resolve_params("smoke", runner.discover_steps(), copied, copied / "figures")["03_prune"]
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(runner.NOTEBOOKS_DIR / "03_prune.ipynb"), str(tmp_path / "03.ipynb"),
+                                   parameters=params, kernel_name=runner.kernel_name(), cwd=str(runner.NOTEBOOKS_DIR),
+                                   progress_bar=False)
+    assert "importance.safetensors" in err.value.evalue and "notebook 02" in err.value.evalue, err.value.evalue
+    assert not (copied / rundir.PRUNED).exists()
+
+
 def test_04_trained_adapters_listed_in_index(smoke_run):
     run_dir, _ = smoke_run
     m = read_metrics(run_dir, "04_lora_tune")
@@ -71,7 +88,7 @@ def test_04_trained_adapters_listed_in_index(smoke_run):
         run = m["runs"][e["name"]]
         assert run["steps"] == m["settings"]["max_steps"] and run["tokens"] > 0 and run["tokens_per_s"] > 0
         assert 0 < run["validation"]["all"] < float("inf") and 0 < run["final_train_loss"] < float("inf")
-        assert not list((run_dir / e["adapter"]).glob("checkpoint-*")), "a finished run keeps no checkpoints"
+        assert not list((run_dir / e["adapter"]).glob("snapshot-*")), "a finished run keeps no snapshots"
     assert m["settings"]["seed"] == m["seed"] and set(m["validation_before"]) == {"dense", *pruned}
 
 

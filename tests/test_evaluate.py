@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tailored import evaluate as ev
-from tailored import lora, metrics, prompts, scoring, tokens
+from tailored import metrics, prompts, recovery_data, scoring, tokens
 from tailored.data import TASKS, NoTrainSplit, read_registry
 from tailored.models import load
 from tailored.prompts import PROMPT_NAMES, get_prompt, prompt_names, prompt_tasks
@@ -356,7 +356,7 @@ def test_a_new_task_is_one_registry_entry_plus_one_prompt(tiny, data, tmp_path, 
     with pytest.raises(NoTrainSplit, match=refused):
         ev.evaluate_many({"tiny": (model, tok)}, ["mrpc"], ks=[0, 1], limit=2, progress=False)
     with pytest.raises(NoTrainSplit, match=refused):
-        lora.train_and_validation("mrpc", n=4, n_validation=2)
+        recovery_data.train_and_validation("mrpc", n=4, n_validation=2)
     rows = ev.evaluate_many({"tiny": (model, tok)}, ["mrpc"], ks=[0], limit=2, progress=False)
     assert {r["metric"] for r in rows} == {"acc", "acc_norm"} and all(r["majority"] is None for r in rows)
 

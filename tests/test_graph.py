@@ -9,7 +9,8 @@ import torch
 
 from tailored.graph import Graph, check, trace
 from tailored.models import load
-from tailored.prune import apply, make_plan, narrow
+from tailored.prune import apply, make_plan
+from tailored.removal import narrow
 
 VARIANTS = ["tiny", "tiny-mha", "tiny-qwen2", "tiny-tied"]
 

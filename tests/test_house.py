@@ -3,17 +3,25 @@
 - every import of a ``tailored`` module sits at the top of its file (the CLI alone imports lazily, so that
   ``tailored --help`` starts fast): a function-local import of our own module usually hides a cycle;
 - the module-level imports between ``tailored`` modules form no cycle;
-- only ``tailored.figures`` imports matplotlib (and seaborn).
+- only ``tailored.figures`` imports matplotlib (and seaborn);
+- a step's fingerprint (``tailored.sources.step_sources``, what the runner hashes) covers the modules its
+  notebook really uses, so a change reruns only the steps it touches;
+- no function is longer than 80 lines of code (docstrings, comments and blank lines aside): a longer one is
+  several named steps.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
 
+from tailored import sources
+
 PACKAGE = Path(__file__).resolve().parent.parent / "tailored"
+NOTEBOOKS = PACKAGE.parent / "notebooks"
 LAZY_ALLOWED = {"tailored.cli"}
 
 
@@ -110,3 +118,85 @@ def test_the_checker_finds_a_planted_local_import():
     tree = ast.parse(src)
     found = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.col_offset > 0]
     assert found and _imported(found[0], "tailored") == ["tailored.graph"]
+
+
+# ------------------------------------------------------------------------------------- step fingerprints
+LORA = {"tailored.lora", "tailored.adapters", "tailored.snapshots", "tailored.lora_launch", "tailored.figures.lora"}
+PRUNER = {"tailored.prune", "tailored.recipes"}
+
+
+@functools.cache
+def _step_modules(step: str) -> frozenset[str]:
+    """The modules whose files the runner fingerprints step ``step`` by."""
+    by_file = {path: name for name, path in sources.module_files().items()}
+    return frozenset(by_file[path] for path in sources.step_sources(NOTEBOOKS / f"{step}.ipynb"))
+
+
+STEPS = sorted(p.stem for p in NOTEBOOKS.glob("0*.ipynb"))
+
+
+@pytest.mark.parametrize("step, unused", [
+    ("01_trace_graph", PRUNER | LORA | {"tailored.importance", "tailored.prompts", "tailored.recovery_data"}),
+    ("02_importance", PRUNER | LORA),  # recovery_data gives its calibration texts; LoRA training does not run
+    ("03_prune", LORA | {"tailored.recovery_data"}),
+], ids=["01", "02", "03"])
+def test_a_step_is_fingerprinted_by_the_modules_it_uses_and_no_others(step, unused):
+    found = _step_modules(step) & unused
+    assert not found, f"{step} depends on {sorted(found)}: a change there would rerun it needlessly"
+
+
+def test_a_change_to_the_lora_code_reruns_only_04_and_05():
+    for module in sorted(LORA - {"tailored.lora_launch", "tailored.figures.lora"}):
+        rerun = [step for step in STEPS if module in _step_modules(step)]
+        assert rerun == ["04_lora_tune", "05_evaluate"], f"a change to {module} reruns {rerun}"
+
+
+def test_a_change_to_the_pruner_reruns_pruning_and_never_the_trace_or_the_scores():
+    for module in sorted(PRUNER):
+        rerun = [step for step in STEPS if module in _step_modules(step)]
+        assert rerun == ["03_prune"], f"a change to {module} reruns {rerun}"
+
+
+def test_the_fingerprints_stay_truthful_each_step_covers_the_code_that_makes_its_outputs():
+    needs = {"01_trace_graph": {"tailored.graph", "tailored.removal", "tailored.models"},
+             "02_importance": {"tailored.importance", "tailored.graph", "tailored.recovery_data"},
+             "03_prune": {"tailored.recipes", "tailored.prune", "tailored.removal", "tailored.importance",
+                          "tailored.methods", "tailored.checkpoint"},
+             "04_lora_tune": {"tailored.lora", "tailored.adapters", "tailored.snapshots", "tailored.recovery_data",
+                              "tailored.lora_launch"},
+             "05_evaluate": {"tailored.evaluate", "tailored.adapters", "tailored.scoring", "tailored.analysis"}}
+    for step, modules in needs.items():
+        missing = modules - _step_modules(step)
+        assert not missing, f"{step} runs {sorted(missing)} but its fingerprint does not cover them"
+
+
+# ----------------------------------------------------------------------------------------- function length
+MAX_LINES = 80
+
+
+def _code_lines(source: str, node: ast.AST) -> int:
+    """Lines of code of a function (its nested functions included): no docstring, comment or blank line."""
+    lines = source.splitlines()
+    doc: set[int] = set()
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        doc = set(range(first.lineno, first.end_lineno + 1))
+    start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+    return sum(1 for i in range(start, node.end_lineno + 1)
+               if i not in doc and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#"))
+
+
+def test_no_function_is_longer_than_80_lines_of_code():
+    long = []
+    for path in MODULES.values():
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(source, node) > MAX_LINES:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} "
+                            f"({_code_lines(source, node)} lines)")
+    assert not long, f"split these into named steps (at most {MAX_LINES} lines of code each):\n  " + "\n  ".join(long)
+
+
+def test_the_length_counter_skips_docstrings_comments_and_blank_lines():
+    src = 'def f(x):\n    """Doc.\n\n    More doc.\n    """\n    # a comment\n\n    y = x + 1\n    return y\n'
+    assert _code_lines(src, ast.parse(src).body[0]) == 3  # def, y = ..., return

@@ -413,7 +413,7 @@ def test_reference_taylor_equals_the_folded_fast_path(spec, one_thread):
                                    fast.score("param_first", name), rtol=1e-4, atol=1e-7)
 
 
-def test_checkpointed_passes_give_the_same_scores_and_recompute_each_layer():
+def test_recomputed_passes_give_the_same_scores_and_recompute_each_layer():
     model, _ = build_tiny("tiny", seed=0)
     model.eval()
     graph = trace(model)
@@ -425,10 +425,10 @@ def test_checkpointed_passes_give_the_same_scores_and_recompute_each_layer():
     assert len(calls) == 1
     calls.clear()
     ckpt = compute_importance(model, graph, batch, estimators=estimators, micro_batch=3, progress=False,
-                              checkpointing=True)
-    assert len(calls) == 2, "a checkpointed layer runs again in the backward pass"
+                              recompute_activations=True)
+    assert len(calls) == 2, "a recomputed layer runs again in the backward pass"
     for key in plain:  # activation norms are not counted twice by the recompute
         torch.testing.assert_close(plain[key], ckpt[key], rtol=1e-5, atol=1e-8)
-    assert ckpt.settings["checkpointing"] and not plain.settings["checkpointing"]
+    assert ckpt.settings["recompute_activations"] and not plain.settings["recompute_activations"]
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()), "left switched on"
     assert not model.training and not any(layer.training for layer in model.model.layers)

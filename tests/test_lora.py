@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tailored import lora, models
-from tailored.anatomy import checkpointing_on, set_checkpointing
+from tailored import adapters, lora, models, recovery_data
+from tailored.anatomy import recomputes_activations, set_recompute_activations
 from tailored.lora import LoraSettings, TrainExample
 
 FRUIT = ("apple", "pear", "plum", "fig")
@@ -36,31 +36,31 @@ def adapter_weights(out_dir):
 def test_loss_mask_covers_exactly_the_answer_and_eos():
     _, tok = tiny()
     ex = EXAMPLES[0]
-    enc = lora.encode(tok, ex, max_seq_len=64)
-    mask = lora.loss_mask(enc)
+    enc = recovery_data.encode(tok, ex, max_seq_len=64)
+    mask = recovery_data.loss_mask(enc)
     kept = [t for t, m in zip(enc.input_ids, mask) if m]
     assert tok.decode(kept) == ex.answer + tok.eos_token
-    assert kept == [lab for lab in enc.labels if lab != lora.IGNORE]
+    assert kept == [lab for lab in enc.labels if lab != recovery_data.IGNORE]
     assert tok.decode([t for t, m in zip(enc.input_ids, mask) if not m]) == ex.prompt
     # too long: the prompt loses tokens from the left, the answer stays whole and masked the same way
     long = TrainExample("x" * 100 + ex.prompt, ex.answer)
-    enc = lora.encode(tok, long, max_seq_len=20)
+    enc = recovery_data.encode(tok, long, max_seq_len=20)
     assert len(enc) == 20 and enc.truncated == 100 + len(ex.prompt) - (20 - len(ex.answer) - 1)
-    assert tok.decode([t for t, m in zip(enc.input_ids, lora.loss_mask(enc)) if m]) == ex.answer + tok.eos_token
+    assert tok.decode([t for t, m in zip(enc.input_ids, recovery_data.loss_mask(enc)) if m]) == ex.answer + tok.eos_token
     assert tok.decode(enc.input_ids).endswith(ex.prompt[-5:] + ex.answer + tok.eos_token)
     # as the evaluator scores it, a prompt's trailing space belongs to the answer
-    enc = lora.encode(tok, TrainExample("Answer: ", "yes"))
-    assert tok.decode([t for t, m in zip(enc.input_ids, lora.loss_mask(enc)) if m]) == " yes" + tok.eos_token
+    enc = recovery_data.encode(tok, TrainExample("Answer: ", "yes"))
+    assert tok.decode([t for t, m in zip(enc.input_ids, recovery_data.loss_mask(enc)) if m]) == " yes" + tok.eos_token
 
 
 def test_collate_pads_on_the_right_and_masks_padding():
     _, tok = tiny()
-    a, b = lora.encode(tok, EXAMPLES[0]), lora.encode(tok, EXAMPLES[5])  # " yes" and " no": lengths differ
-    batch = lora.collate([a, b], pad_id=tok.pad_token_id)
+    a, b = recovery_data.encode(tok, EXAMPLES[0]), recovery_data.encode(tok, EXAMPLES[5])  # " yes" and " no": lengths differ
+    batch = recovery_data.collate([a, b], pad_id=tok.pad_token_id)
     assert batch["input_ids"].shape == (2, max(len(a), len(b)))
     short = 0 if len(a) < len(b) else 1
     n = min(len(a), len(b))
-    assert batch["attention_mask"][short, n:].sum() == 0 and (batch["labels"][short, n:] == lora.IGNORE).all()
+    assert batch["attention_mask"][short, n:].sum() == 0 and (batch["labels"][short, n:] == recovery_data.IGNORE).all()
 
 
 def test_train_and_validation_are_disjoint_and_nested(monkeypatch):
@@ -71,13 +71,13 @@ def test_train_and_validation_are_disjoint_and_nested(monkeypatch):
                                       choices=(), label=None, references=(str(i),)) for i in range(100)]
         return rows[:limit]
 
-    monkeypatch.setattr(lora, "load_task", load_task)  # the loader lora.py imported
-    train, val = lora.train_and_validation("generic", n=10, n_validation=5)
+    monkeypatch.setattr(recovery_data, "load_task", load_task)  # the loader recovery_data imported
+    train, val = recovery_data.train_and_validation("generic", n=10, n_validation=5)
     assert len(train) == 10 and len(val) == 5
     assert not {e.source for e in train} & {e.source for e in val}
-    bigger, val2 = lora.train_and_validation("generic", n=30, n_validation=5)
+    bigger, val2 = recovery_data.train_and_validation("generic", n=30, n_validation=5)
     assert val2 == val and bigger[:10] == train
-    assert train[0].prompt == lora.GENERIC_TEMPLATE.format(instruction="say 5") and train[0].answer == "5"
+    assert train[0].prompt == recovery_data.GENERIC_TEMPLATE.format(instruction="say 5") and train[0].answer == "5"
 
 
 # -------------------------------------------------------------------------------------- training
@@ -85,7 +85,7 @@ def test_training_reduces_the_completion_only_loss(tmp_path):
     # Larger initial weights than models.load("tiny"): with std 0.02 and a frozen, RMS-normed LM head the
     # random model cannot put a logit more than ~2.5 above the rest, so its loss could not fall below ~4.
     model, tok = models.build_tiny("tiny", seed=0, initializer_range=0.2)
-    encoded = [lora.encode(tok, e) for e in EXAMPLES]
+    encoded = [recovery_data.encode(tok, e) for e in EXAMPLES]
     before = lora.validation_loss(model, encoded, tok.pad_token_id)
     result = lora.train_lora(model, tok, EXAMPLES, LoraSettings(max_steps=24, dropout=0.0, **QUICK), tmp_path / "a",
                              progress=False)
@@ -95,7 +95,7 @@ def test_training_reduces_the_completion_only_loss(tmp_path):
     assert result.losses[-1][1] < result.losses[0][1]
     metrics = lora.read_train_metrics(tmp_path / "a")
     assert metrics.losses == result.losses and metrics.steps == 24
-    assert not list((tmp_path / "a").glob("checkpoint-*"))  # a finished run keeps the adapter, not the state
+    assert not list((tmp_path / "a").glob("snapshot-*"))  # a finished run keeps the adapter, not the state
 
 
 def test_saved_adapter_reloads_onto_a_reloaded_pruned_model_with_identical_logits(tmp_path):
@@ -116,14 +116,14 @@ def test_saved_adapter_reloads_onto_a_reloaded_pruned_model_with_identical_logit
     pruned, tok = checkpoint.load_pruned(tmp_path / "pruned")
     result = lora.train_lora(pruned, tok, EXAMPLES, LoraSettings(max_steps=3, **QUICK), tmp_path / "adapter",
                              progress=False)
-    ids = torch.tensor([lora.encode(tok, EXAMPLES[0]).input_ids])
+    ids = torch.tensor([recovery_data.encode(tok, EXAMPLES[0]).input_ids])
     with torch.no_grad():
         expected = result.model(input_ids=ids).logits
 
-    reloaded = lora.load_adapter(checkpoint.load_pruned(tmp_path / "pruned")[0], tmp_path / "adapter")
+    reloaded = adapters.load_adapter(checkpoint.load_pruned(tmp_path / "pruned")[0], tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
-        merged = lora.merge(reloaded)
+        merged = adapters.merge(reloaded)
         assert not any("lora" in n for n, _ in merged.named_parameters())
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     checkpoint.save_pruned(merged, tok, tmp_path / "merged", {"lora": str(tmp_path / "adapter")})
@@ -143,7 +143,7 @@ def test_interrupted_run_resumes_from_its_saved_step(tmp_path):
     # dropout on: resuming must restore the random state too, not only weights and optimizer
     settings = LoraSettings(max_steps=4, dropout=0.1, **{**QUICK, "save_every": 2, "warmup_ratio": 0.25})
     first = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "run", progress=False, stop_after=2)
-    assert first.steps == 2 and (tmp_path / "run" / "checkpoint-2" / "optimizer.safetensors").exists()
+    assert first.steps == 2 and (tmp_path / "run" / "snapshot-2" / "optimizer.safetensors").exists()
     assert not (tmp_path / "run" / lora.METRICS_FILE).exists()
     resumed = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "run", progress=False)
     assert resumed.resumed_from == 2 and resumed.steps == 4
@@ -189,7 +189,7 @@ def test_validation_chooses_the_adapter_with_the_lowest_validation_loss(tmp_path
     best = min(result.validation, key=lambda x: x[1])
     assert result.selected_step == best[0]
     _, tok = tiny()
-    val = [lora.encode(tok, e) for e in EXAMPLES[6:]]
+    val = [recovery_data.encode(tok, e) for e in EXAMPLES[6:]]
     assert lora.validation_loss(result.model, val, tok.pad_token_id) == pytest.approx(best[1], rel=1e-5)
     with pytest.raises(ValueError, match="needs validation examples"):
         lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "w", progress=False)
@@ -197,7 +197,7 @@ def test_validation_chooses_the_adapter_with_the_lowest_validation_loss(tmp_path
 
 def test_token_budget_sets_the_number_of_steps():
     _, tok = tiny()
-    encoded = [lora.encode(tok, e) for e in EXAMPLES]
+    encoded = [recovery_data.encode(tok, e) for e in EXAMPLES]
     per_step = sum(len(e) for e in encoded[:4])  # about: every step is 4 of these similar examples
     steps = lora.plan_steps(encoded, LoraSettings(batch_size=4, max_steps=1000, max_tokens=10 * per_step))
     assert 9 <= steps <= 11
@@ -227,10 +227,10 @@ def test_unknown_setting_and_missing_module_are_named():
         LoraSettings.from_dict({"lora_r": 8})
     model, _ = tiny()
     with pytest.raises(ValueError, match="c_attn"):
-        lora.add_lora(model, LoraSettings(target_modules=("q_proj", "c_attn")))
-    lora.add_lora(model, LoraSettings())  # adds LoRA layers to `model` in place
+        adapters.add_lora(model, LoraSettings(target_modules=("q_proj", "c_attn")))
+    adapters.add_lora(model, LoraSettings())  # adds LoRA layers to `model` in place
     with pytest.raises(ValueError, match="already carries LoRA"):
-        lora.add_lora(model, LoraSettings())
+        adapters.add_lora(model, LoraSettings())
 
 
 def test_settings_round_trip_through_json():
@@ -258,10 +258,10 @@ def test_figures_draw_curves_and_accuracy_against_n(tmp_path):
     assert save_figure(fig, tmp_path, "acc").stat().st_size > 0
 
 
-def test_gradient_checkpointing_trains_the_same_adapter_and_may_be_switched_on_resume(tmp_path):
-    # dropout on: the recomputed forward must draw the same masks (checkpointing keeps the random state)
+def test_recomputed_activations_train_the_same_adapter_and_may_be_switched_on_resume(tmp_path):
+    # dropout on: the recomputed forward must draw the same masks (recomputation keeps the random state)
     plain = LoraSettings(max_steps=4, dropout=0.1, **{**QUICK, "save_every": 2})
-    ckpt = LoraSettings(**{**plain.to_dict(), "gradient_checkpointing": True})
+    ckpt = LoraSettings(**{**plain.to_dict(), "recompute_activations": True})
     a = lora.train_lora(*tiny(), EXAMPLES, plain, tmp_path / "plain", progress=False)
     b = lora.train_lora(*tiny(), EXAMPLES, ckpt, tmp_path / "ckpt", progress=False)
     assert [v for _, v in a.losses] == pytest.approx([v for _, v in b.losses], rel=1e-5)
@@ -288,7 +288,7 @@ def _pruned_student_and_teacher():
 
 
 def _mean_kl(student, teacher, tok, tokens: str) -> float:
-    batch = lora.collate([lora.encode(tok, e) for e in EXAMPLES], tok.pad_token_id)
+    batch = recovery_data.collate([recovery_data.encode(tok, e) for e in EXAMPLES], tok.pad_token_id)
     with torch.no_grad():
         kl, n = lora.distillation_loss(student, teacher, batch, tokens=tokens)
     return float(kl) / n
@@ -298,9 +298,9 @@ def test_distillation_loss_is_zero_against_an_identical_teacher_and_counts_its_p
     import copy
 
     model, tok = tiny()
-    encoded = [lora.encode(tok, e) for e in EXAMPLES]
-    batch = lora.collate(encoded, tok.pad_token_id)
-    for tokens, expected in (("answer", sum(sum(lora.loss_mask(e)) for e in encoded)),
+    encoded = [recovery_data.encode(tok, e) for e in EXAMPLES]
+    batch = recovery_data.collate(encoded, tok.pad_token_id)
+    for tokens, expected in (("answer", sum(sum(recovery_data.loss_mask(e)) for e in encoded)),
                              ("all", sum(len(e) - 1 for e in encoded))):
         kl, n = lora.distillation_loss(model, copy.deepcopy(model), batch, temperature=2.0, tokens=tokens)
         assert n == expected and abs(float(kl)) < 1e-4
@@ -347,23 +347,23 @@ def test_flattened_at_finds_where_a_validation_curve_stopped_improving():
 
 
 def test_measure_throughput_leaves_the_model_as_it_found_it():
-    """A throughput probe before evaluation must not leave adapters, checkpointing or dropout behind."""
+    """A throughput probe before evaluation must not leave adapters, recomputation or dropout behind."""
     model, _ = tiny()
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16,
+    out = lora.measure_throughput(model, LoraSettings(recompute_activations=True), batch_size=2, seq_len=16,
                                   steps=1, warmup=0)
     assert out["tokens_per_s"] > 0 and out["batch_size"] == 2
-    assert not model.training and not checkpointing_on(model)
+    assert not model.training and not recomputes_activations(model)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_measure_throughput_keeps_checkpointing_the_caller_switched_on():
+def test_measure_throughput_keeps_the_recomputation_the_caller_switched_on():
     model, _ = tiny()
-    set_checkpointing(model, True)
-    lora.measure_throughput(model, LoraSettings(gradient_checkpointing=True), batch_size=2, seq_len=16, steps=1, warmup=0)
-    assert checkpointing_on(model)
-    lora.measure_throughput(model, LoraSettings(gradient_checkpointing=False), batch_size=2, seq_len=16, steps=1,
+    set_recompute_activations(model, True)
+    lora.measure_throughput(model, LoraSettings(recompute_activations=True), batch_size=2, seq_len=16, steps=1, warmup=0)
+    assert recomputes_activations(model)
+    lora.measure_throughput(model, LoraSettings(recompute_activations=False), batch_size=2, seq_len=16, steps=1,
                             warmup=0)
-    assert checkpointing_on(model)
+    assert recomputes_activations(model)

@@ -36,8 +36,8 @@ def test_the_limits_are_parameters_of_the_notebooks(tmp_path):
         steps = runner.discover_steps()
         resolved = runner.resolve_params(ps.PROFILE, steps, tmp_path / "run", tmp_path / "fig",
                                          params_dir=tmp_path / limits)  # a misspelled key would raise here
-        assert resolved["02_importance"]["gradient_checkpointing"] is True
-        assert resolved["04_lora_tune"]["gradient_checkpointing"] is True
+        assert resolved["02_importance"]["recompute_activations"] is True
+        assert resolved["04_lora_tune"]["recompute_activations"] is True
 
 
 def test_full_settings_items_count_what_the_paper_profile_runs():

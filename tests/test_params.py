@@ -34,12 +34,16 @@ def _refused(tmp_path, steps: dict, needle: str) -> str:
     ({"05_evaluate": {"main_k": 100000}}, "05_evaluate.main_k = 100000: must be at most the train split"),
     ({"05_evaluate": {"limit": 0}}, "05_evaluate.limit = 0: must be an integer >= 1"),
     ({"03_prune": {"method": "taylor"}}, "03_prune.method = 'taylor'"),
-    ({"03_prune": {"curve_methods": ["random", "flap_bias"]}}, "pruning methods (tailored.recipes.METHODS)"),
+    ({"03_prune": {"curve_methods": ["random", "flap_bias"]}}, "pruning methods (tailored.methods.METHODS)"),
     ({"05_evaluate": {"tasks": ["sst2", "sst-2"]}}, "05_evaluate.tasks = ['sst2', 'sst-2']"),
     ({"02_importance": {"calibration_sweep": [[10, 128], [0, 64]]}}, "a list of [windows, tokens] pairs"),
     ({"01_trace_graph": {"layer_to_draw": 99}}, "01_trace_graph.layer_to_draw = 99: must be a decoder layer index in 0..3"),
     ({"02_importance": {"check_samples": 5}}, "02_importance.check_samples = 5: must be an integer <= n_samples (2)"),
     ({"04_lora_tune": {"tailored_tasks": ["sciq"]}}, "have none: they can be scored zero-shot only"),
+    ({"02_importance": {"estimators": ["param_first", "random"]}},
+     "03_prune.method = 'fisher_refit': must be methods whose unit scores 02_importance computes and saves: add "
+     "fisher_fluctuation (for fisher_refit) to 02_importance.estimators"),
+    ({"02_importance": {"reductions": ["mean"]}}, "add sum (for random), sum (for param_first)"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, steps, needle):
     _refused(tmp_path, steps, needle)

@@ -22,7 +22,7 @@ from tailored.importance import (
 )
 from tailored.models import load
 from tailored.prune import apply, make_plan, plan_pruning
-from tailored.recipes import METHODS, Method, prune_model, summarize_curve
+from tailored.recipes import METHODS, Method, PruningCache, prune_model, summarize_curve
 from tailored.speed import FastDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -299,13 +299,9 @@ def test_the_verdict_names_the_best_method_per_share_and_its_margins():
 
 def test_a_curve_cache_gives_the_same_weights_as_pruning_from_scratch(one_thread):
     """Shares of one method reuse the dense model's first-round statistics and scores: the same result."""
-    import copy
-
-    from tailored.recipes import prune_model
-
     model, _ = load("tiny")
     batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    cache: dict = {}
+    cache = PruningCache()
     for method in ("fisher_refit", "param_first", "flap"):
         for share in (0.2, 0.4):
             cached = prune_model(copy.deepcopy(model), batch, share, method, progress=False, cache=cache)
@@ -315,3 +311,48 @@ def test_a_curve_cache_gives_the_same_weights_as_pruning_from_scratch(one_thread
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert len(cache) == 3
+
+
+def test_a_cache_entry_of_other_weights_or_windows_is_not_used(one_thread):
+    model, _ = load("tiny")
+    batch = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cache = PruningCache()
+    prune_model(copy.deepcopy(model), batch, 0.2, "param_first", progress=False, cache=cache)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(2.0)
+    again = prune_model(copy.deepcopy(other), batch, 0.2, "param_first", progress=False, cache=cache)
+    fresh = prune_model(copy.deepcopy(other), batch, 0.2, "param_first", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), fresh.model.state_dict().values()))
+
+
+# The estimators notebook 02 computes by default: every group set kind, every reduction, in one call.
+NOTEBOOK_02 = ["param_first", "param_second", "param_mix", "vectorize", "l1", "l2", "activation", "random", "flap",
+               "fisher_fluctuation"]
+
+
+@pytest.mark.parametrize("name", ["fisher_refit", "flap", "random", "param_first", "fisher_bias_local",
+                                  "param_first_4_rounds"])
+def test_pruning_from_notebook_02s_scores_gives_the_weights_scoring_again_gives(name):
+    """03 plans from 02's importance.safetensors: bit for bit what scoring the units again in 03 made."""
+    model, _, batch = dense("tiny")
+    saved = compute_importance(model, trace(model), batch, estimators=NOTEBOOK_02, reductions=("sum", "mean"),
+                               progress=False)
+    target = target_for(METHODS[name])
+    planned = prune_model(copy.deepcopy(model), batch, target, name, importance=saved, progress=False)
+    scored = prune_model(copy.deepcopy(model), batch, target, name, progress=False)
+    assert planned.record["first_round_scores"] == "importance" and scored.record["first_round_scores"] == "computed"
+    a, b = planned.model.state_dict(), scored.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_scores_of_other_windows_or_weights_are_refused():
+    model, _, batch = dense("tiny")
+    saved = compute_importance(model, trace(model), batch, estimators=["param_first"], progress=False)
+    with pytest.raises(ValueError, match="other calibration windows"):
+        prune_model(copy.deepcopy(model), batch[:2], 0.25, "param_first", importance=saved, progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(2.0)
+    with pytest.raises(ValueError, match="other weights"):
+        prune_model(other, batch, 0.25, "param_first", importance=saved, progress=False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tailored import checkpoint, cli, lora, models, runner
+from tailored import adapters, checkpoint, cli, lora, models, runner
 from tailored.artifacts import ArtifactError, read_json
 from tailored.graph import Graph
 from tailored.importance import Importance
@@ -66,8 +66,8 @@ def test_lr_1000_raises_training_diverged_and_installs_no_adapter(tmp_path):
     out = tmp_path / "blown"
     with pytest.raises(TrainingDiverged, match=r"at step 5 of 6 \(lr 250\): the model collapsed to a uniform"):
         lora.train_lora(model, tok, EXAMPLES, settings, out, progress=False)
-    assert not any((out / name).exists() for name in (*lora.ADAPTER_FILES, lora.METRICS_FILE, "best"))
-    assert not list(out.glob("checkpoint-*"))  # checkpoint-2 and -4 were saved, then removed: nothing to resume
+    assert not any((out / name).exists() for name in (*adapters.ADAPTER_FILES, lora.METRICS_FILE, "best"))
+    assert not list(out.glob("snapshot-*"))  # snapshot-2 and -4 were saved, then removed: nothing to resume
     assert issubclass(TrainingDiverged, FloatingPointError)
 
 
@@ -75,7 +75,7 @@ def test_load_adapter_refuses_a_pickled_adapter(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"a pickle would run code here")
     with pytest.raises(ValueError, match=r"adapter_model\.bin, a pickle.*safetensors only"):
-        lora.load_adapter(models.load("tiny")[0], tmp_path)
+        adapters.load_adapter(models.load("tiny")[0], tmp_path)
 
 
 def test_rerun_removes_what_a_killed_run_left_behind(tmp_path):
@@ -83,19 +83,19 @@ def test_rerun_removes_what_a_killed_run_left_behind(tmp_path):
     out = tmp_path / "run"
     lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False, stop_after=1)
     pid = dead_pid()  # killed while saving step 2: its temporary folder and file stay
-    (out / f".checkpoint-2.tmp-{pid}").mkdir()
+    (out / f".snapshot-2.tmp-{pid}").mkdir()
     (out / f".adapter_model.safetensors.tmp-{pid}").write_bytes(b"half")
-    with pytest.warns(UserWarning, match=r"interrupted run.*\.adapter_model\.safetensors\.tmp-.*\.checkpoint-2\.tmp-"):
+    with pytest.warns(UserWarning, match=r"interrupted run.*\.adapter_model\.safetensors\.tmp-.*\.snapshot-2\.tmp-"):
         result = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
     assert result.resumed_from == 1 and result.steps == 2
-    assert sorted(p.name for p in out.iterdir()) == sorted([*lora.ADAPTER_FILES, lora.METRICS_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*adapters.ADAPTER_FILES, lora.METRICS_FILE])
 
     # killed after finishing, before cleaning up: checkpoints beside the installed adapter
-    (out / "checkpoint-2").mkdir()
+    (out / "snapshot-2").mkdir()
     (out / "best").mkdir()
-    with pytest.warns(UserWarning, match=r"best, checkpoint-2"):
+    with pytest.warns(UserWarning, match=r"best, snapshot-2"):
         again = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
-    assert again.losses == result.losses and not (out / "checkpoint-2").exists() and not (out / "best").exists()
+    assert again.losses == result.losses and not (out / "snapshot-2").exists() and not (out / "best").exists()
 
 
 # ====================================================================================== models, checkpoints

@@ -67,62 +67,85 @@ def draw_block(graph: Graph, layer: int, hidden_unit: int | None = None, mlp_uni
     H = graph.hidden_size
     hidden_unit = H // 6 if hidden_unit is None else hidden_unit
     mlp_unit = mlp.units // 2 if mlp_unit is None else mlp_unit
-    w = 0.55 * H  # drawn width of a matrix (the hidden dimension), squeezed to keep the figure readable
-    gap = 0.22 * H
+    n_att = sum(len(ix) for ix in att.members[att.root].index)
+    fig, ax = plt.subplots(figsize=(13.5, 6.2))
+    block = _Block(ax, H, top=max(n_att, mlp.units))
+    xs = _draw_attention(block, att, qheads)
+    mlp_x = _draw_mlp(block, mlp, mlp_unit)
+    first_x = xs["q_proj"] if xs["left"] is None else xs["left"]
+    _draw_hidden(block, graph, hidden, hidden_unit, att.members[att.root].param, mlp.members[0].param,
+                 (first_x, mlp_x[0]))
 
+    top = block.top
+    ax.set_ylim(top * 1.1, -0.27 * top)
+    ax.set_xlim(-0.35 * H, block.x + 0.25 * H)
+    ax.axis("off")
+    kv_per_group = (qheads.units // att.units) if qheads is not None else 1
+    ax.set_title(
+        f"Coupled groups of decoder layer {layer} ({graph.model_type}): {att.units} key-value groups of "
+        f"{kv_per_group} query head{'s' if kv_per_group != 1 else ''}, {mlp.units} MLP channels, hidden {H}",
+        fontsize=11, loc="left")
+    ax.text(first_x, n_att + 0.16 * top, _reading_guide(graph, att, mlp, hidden, hidden_unit, mlp_unit), fontsize=8.5,
+            va="top", ha="left", linespacing=1.45,
+            bbox={"boxstyle": "round,pad=0.6", "facecolor": "#f7f7f7", "edgecolor": "#cccccc"})
+    ax.text(first_x, -0.2 * top, f"attention: {att.units} units", fontsize=10, fontweight="bold", va="bottom")
+    ax.text(mlp_x[0], -0.2 * top, f"MLP: {mlp.units} units", fontsize=10, fontweight="bold", va="bottom")
+    fig.tight_layout()
+    return fig
+
+
+class _Block:
+    """The drawing area of one decoder block: matrices laid out left to right, ``x`` where the next one goes."""
+
+    def __init__(self, ax, hidden: int, top: int):
+        self.ax, self.H, self.top = ax, hidden, top
+        self.w = 0.55 * hidden  # drawn width of a matrix (the hidden dimension), squeezed to keep the figure readable
+        self.gap = 0.22 * hidden
+        self.x = 0.0
+        self.boxes: dict[str, tuple[float, int]] = {}  # member param -> (x of its left edge, rows)
+
+    def matrix(self, member: Member | None, rows: int, label: str, y0: float = 0.0) -> float:
+        """An empty matrix of ``rows`` rows at ``x``, labelled; returns its left edge and moves ``x`` on."""
+        self.ax.add_patch(Rectangle((self.x, y0), self.w, rows, facecolor="white", edgecolor="black", lw=0.8,
+                                    zorder=1))
+        self.ax.text(self.x + self.w / 2, y0 + rows + 0.02 * self.top, label, ha="center", va="top", fontsize=9)
+        if member is not None:
+            self.boxes[member.param] = (self.x, rows)
+        x0, self.x = self.x, self.x + self.w + self.gap
+        return x0
+
+    def band(self, x0: float, start: int, length: int, color, y0: float = 0.0, alpha: float = 1.0) -> None:
+        """Colour rows ``start .. start + length`` of the matrix whose left edge is ``x0``."""
+        self.ax.add_patch(Rectangle((x0, y0 + start), self.w, length, facecolor=color, edgecolor="none", alpha=alpha,
+                                    zorder=2))
+
+
+def _draw_attention(block: _Block, att: GroupSet, qheads: GroupSet | None) -> dict:
+    """k | q | oᵀ | v, rows coloured by key-value group and shaded by query head, with ribbons from each kv
+    head to its query heads. Returns the left edges: ``{"left", "q_proj", "o_proj", "right"}`` (None if absent)."""
+    H, w = block.H, block.w
     producers = [m for m in att.members if m.dim == 0 and m.param.endswith("weight")]
     consumer = next(m for m in att.members if m.dim == 1)
     root = att.members[att.root]
     side = [m for m in producers if m is not root]  # k_proj (left) and v_proj (right)
     left, right = (side + [None, None])[:2]
     n_att = sum(len(ix) for ix in root.index)
-    n_mlp = mlp.units
-    top = max(n_att, n_mlp)
-
-    fig, ax = plt.subplots(figsize=(13.5, 6.2))
-    x = 0.0
-    boxes: dict[str, tuple[float, int]] = {}  # member param -> (x of its left edge, rows)
-
-    def matrix(member: Member | None, rows: int, label: str, y0: float = 0.0) -> float:
-        nonlocal x
-        ax.add_patch(Rectangle((x, y0), w, rows, facecolor="white", edgecolor="black", lw=0.8, zorder=1))
-        ax.text(x + w / 2, y0 + rows + 0.02 * top, label, ha="center", va="top", fontsize=9)
-        if member is not None:
-            boxes[member.param] = (x, rows)
-        x0, x = x, x + w + gap
-        return x0
-
-    def band(x0: float, start: int, length: int, color, y0: float = 0.0, alpha: float = 1.0) -> None:
-        ax.add_patch(Rectangle((x0, y0 + start), w, length, facecolor=color, edgecolor="none", alpha=alpha,
-                               zorder=2))
-
-    # ---- attention: k | q | oᵀ | v, rows coloured by key-value group, shaded by query head
-    heads_of = {}
+    heads_of: dict[int, list[int]] = {}
     if qheads is not None:
         for h, a in enumerate(qheads.parent or ()):
             heads_of.setdefault(a, []).append(h)
-    xk = matrix(left, sum(len(ix) for ix in left.index), f"{_short(left.param)}\n{_dims(left, H)}") if left else None
-    xq = matrix(root, n_att, f"{_short(root.param)}\n{_dims(root, H)}")
-    x -= gap * 0.75  # q and oᵀ share their rows: draw them close together
-    xo = matrix(consumer, n_att, f"{_short(consumer.param)}ᵀ\n{_dims(consumer, H)}")
-    xv = matrix(right, sum(len(ix) for ix in right.index), f"{_short(right.param)}\n{_dims(right, H)}") if right else None
+    xk = block.matrix(left, sum(len(ix) for ix in left.index), f"{_short(left.param)}\n{_dims(left, H)}") if left else None
+    xq = block.matrix(root, n_att, f"{_short(root.param)}\n{_dims(root, H)}")
+    block.x -= block.gap * 0.75  # q and oᵀ share their rows: draw them close together
+    xo = block.matrix(consumer, n_att, f"{_short(consumer.param)}ᵀ\n{_dims(consumer, H)}")
+    xv = block.matrix(right, sum(len(ix) for ix in right.index), f"{_short(right.param)}\n{_dims(right, H)}") if right else None
     for u in range(att.units):
         color = KV_COLORS[u % len(KV_COLORS)]
         for member, x0 in ((left, xk), (right, xv)):
             if member is not None:
                 for s, n in _runs(member.index[u]):
-                    band(x0, s, n, color)
-        heads = heads_of.get(u, [])
-        for member, x0 in ((root, xq), (consumer, xo)):
-            if qheads is not None and heads:
-                qm = qheads.member(_short(member.param) + ".weight")
-                for k, h in enumerate(heads):
-                    for s, n in _runs(qm.index[h]):
-                        band(x0, s, n, _shade(color, k, len(heads)))
-                        ax.plot([x0, x0 + w], [s, s], color="white", lw=0.6, zorder=3)
-            else:
-                for s, n in _runs(member.index[u]):
-                    band(x0, s, n, color)
+                    block.band(x0, s, n, color)
+        _shade_query_heads(block, u, color, heads_of.get(u, []), qheads, ((root, xq), (consumer, xo)))
         # ribbons: the kv head's rows fan out to the query heads that read them
         q_lo, q_hi = min(root.index[u]), max(root.index[u]) + 1
         for member, x0, toward in ((left, xk, xq), (right, xv, xo)):
@@ -133,60 +156,86 @@ def draw_block(graph: Graph, layer: int, hidden_unit: int | None = None, mlp_uni
                 pts = [(x0, lo), (x0, hi), (toward + w, q_hi), (toward + w, q_lo)]
             else:
                 pts = [(x0 + w, lo), (x0 + w, hi), (toward, q_hi), (toward, q_lo)]
-            ax.add_patch(Polygon(pts, closed=True, facecolor=color, alpha=0.18, edgecolor="none", zorder=0))
+            block.ax.add_patch(Polygon(pts, closed=True, facecolor=color, alpha=0.18, edgecolor="none", zorder=0))
+    _label_heads(block, att, qheads, root, ((left, xk), (right, xv)), xo)
+    return {"left": xk, "q_proj": xq, "o_proj": xo, "right": xv}
+
+
+def _shade_query_heads(block: _Block, u: int, color, heads: list[int], qheads: GroupSet | None,
+                       drawn: tuple[tuple[Member, float], ...]) -> None:
+    """The rows of kv group ``u`` in q_proj and o_projᵀ: one shade of its colour per query head (or one colour)."""
+    for member, x0 in drawn:
+        if qheads is not None and heads:
+            qm = qheads.member(_short(member.param) + ".weight")
+            for k, h in enumerate(heads):
+                for s, n in _runs(qm.index[h]):
+                    block.band(x0, s, n, _shade(color, k, len(heads)))
+                    block.ax.plot([x0, x0 + block.w], [s, s], color="white", lw=0.6, zorder=3)
+        else:
+            for s, n in _runs(member.index[u]):
+                block.band(x0, s, n, color)
+
+
+def _label_heads(block: _Block, att: GroupSet, qheads: GroupSet | None, root: Member,
+                 kv_drawn: tuple[tuple[Member | None, float | None], ...], xo: float) -> None:
+    """Name the query heads (in o_projᵀ) and the kv heads (in k_proj, v_proj) where there are few enough."""
+    w = block.w
     if qheads is not None and qheads.units <= 16:
         qm = qheads.member(_short(root.param) + ".weight")
         for h in range(qheads.units):
             mid = (min(qm.index[h]) + max(qm.index[h]) + 1) / 2
-            ax.text(xo + 0.62 * w, mid, f"q head {h}", ha="center", va="center", fontsize=7, color="white",
-                    zorder=6)
+            block.ax.text(xo + 0.62 * w, mid, f"q head {h}", ha="center", va="center", fontsize=7, color="white",
+                          zorder=6)
     if att.units <= 16:
         for u in range(att.units):
-            for member, x0 in ((left, xk), (right, xv)):
+            for member, x0 in kv_drawn:
                 if member is not None:
                     mid = (min(member.index[u]) + max(member.index[u]) + 1) / 2
-                    ax.text(x0 + 0.62 * w, mid, f"kv head {u}", ha="center", va="center", fontsize=7,
-                            color="white", zorder=6)
+                    block.ax.text(x0 + 0.62 * w, mid, f"kv head {u}", ha="center", va="center", fontsize=7,
+                                  color="white", zorder=6)
 
-    # ---- MLP: gate | up | downᵀ, one unit = one row of each
-    x += 0.6 * gap
+
+def _draw_mlp(block: _Block, mlp: GroupSet, mlp_unit: int) -> list[float]:
+    """gate | up | downᵀ, one unit = one row of each, ``mlp_unit`` highlighted; returns their left edges."""
+    H, w, top = block.H, block.w, block.top
+    block.x += 0.6 * block.gap
     mlp_x = []
     for m in mlp.members:
         suffix = "ᵀ" if m.dim == 1 else ""
-        x0 = matrix(m, n_mlp, f"{_short(m.param)}{suffix}\n{_dims(m, H)}")
-        band(x0, 0, n_mlp, MLP_COLOR)
+        x0 = block.matrix(m, mlp.units, f"{_short(m.param)}{suffix}\n{_dims(m, H)}")
+        block.band(x0, 0, mlp.units, MLP_COLOR)
         mlp_x.append(x0)
     for x0 in mlp_x:
-        ax.plot([x0, x0 + w], [mlp_unit + 0.5] * 2, color=MLP_HIGHLIGHT, lw=2.2, zorder=4)
-    ax.annotate(f"MLP unit {mlp_unit}",
-                xy=(mlp_x[-1] + w, mlp_unit), xytext=(mlp_x[-1] + w + 0.12 * H, mlp_unit + 0.12 * top),
-                fontsize=8, color=MLP_HIGHLIGHT, arrowprops={"arrowstyle": "->", "color": MLP_HIGHLIGHT})
+        block.ax.plot([x0, x0 + w], [mlp_unit + 0.5] * 2, color=MLP_HIGHLIGHT, lw=2.2, zorder=4)
+    block.ax.annotate(f"MLP unit {mlp_unit}",
+                      xy=(mlp_x[-1] + w, mlp_unit), xytext=(mlp_x[-1] + w + 0.12 * H, mlp_unit + 0.12 * top),
+                      fontsize=8, color=MLP_HIGHLIGHT, arrowprops={"arrowstyle": "->", "color": MLP_HIGHLIGHT})
+    return mlp_x
 
-    # ---- hidden: the columns of every matrix (and the norms, embedding, LM head)
+
+def _draw_hidden(block: _Block, graph: Graph, hidden: GroupSet, hidden_unit: int, q_param: str, gate_param: str,
+                 norm_x: tuple[float, float]) -> None:
+    """The hidden unit: its column of every matrix drawn, and of the norms before attention and MLP."""
+    H, w, top, ax = block.H, block.w, block.top, block.ax
     col = hidden_unit / H * w
-    for x0, rows in boxes.values():
+    for x0, rows in block.boxes.values():
         ax.plot([x0 + col] * 2, [0, rows], color=HIDDEN_HIGHLIGHT, lw=1.0, zorder=5)
-    norms = [_norm_before(graph, hidden, root.param), _norm_before(graph, hidden, mlp.members[0].param)]
-    for m, x0 in zip(norms, (xq if left is None else xk, mlp_x[0])):
+    norms = [_norm_before(graph, hidden, q_param), _norm_before(graph, hidden, gate_param)]
+    for m, x0 in zip(norms, norm_x):
         if m is None:
             continue
         y = -0.09 * top
         ax.add_patch(Rectangle((x0, y), w, 0.035 * top, facecolor=HIDDEN_COLOR, edgecolor="black", lw=0.6))
         ax.plot([x0 + col] * 2, [y, y + 0.035 * top], color=HIDDEN_HIGHLIGHT, lw=1.6, zorder=5)
         ax.text(x0 - 0.02 * H, y + 0.0175 * top, f"{_short(m.param)} ({H})", ha="right", va="center", fontsize=8)
-    first_norm_x = xq if left is None else xk
-    ax.text(first_norm_x + col, -0.1 * top, f"hidden unit {hidden_unit}", color=HIDDEN_HIGHLIGHT, fontsize=8,
+    ax.text(norm_x[0] + col, -0.1 * top, f"hidden unit {hidden_unit}", color=HIDDEN_HIGHLIGHT, fontsize=8,
             ha="center", va="bottom")
 
-    ax.set_ylim(top * 1.1, -0.27 * top)
-    ax.set_xlim(-0.35 * H, x + 0.25 * H)
-    ax.axis("off")
-    kv_per_group = (qheads.units // att.units) if qheads is not None else 1
-    ax.set_title(
-        f"Coupled groups of decoder layer {layer} ({graph.model_type}): {att.units} key-value groups of "
-        f"{kv_per_group} query head{'s' if kv_per_group != 1 else ''}, {mlp.units} MLP channels, hidden {H}",
-        fontsize=11, loc="left")
-    guide = (
+
+def _reading_guide(graph: Graph, att: GroupSet, mlp: GroupSet, hidden: GroupSet, hidden_unit: int,
+                   mlp_unit: int) -> str:
+    """The box under the figure that says how to read it, with this model's numbers."""
+    return (
         "How to read it\n"
         "• Every matrix has the hidden dimension across (o_proj, down_proj drawn transposed),\n"
         "  so its rows are the units of this layer's groups.\n"
@@ -198,13 +247,6 @@ def draw_block(graph: Graph, layer: int, hidden_unit: int | None = None, mlp_uni
         f"  {graph.num_layers} layers, plus the embedding and LM head: {hidden.params_per_unit[hidden_unit]:,} params.\n"
         "Pruning a row or column means pruning its whole unit, or the shapes stop matching."
     )
-    ax.text(xk if left is not None else xq, n_att + 0.16 * top, guide, fontsize=8.5, va="top", ha="left",
-            linespacing=1.45, bbox={"boxstyle": "round,pad=0.6", "facecolor": "#f7f7f7", "edgecolor": "#cccccc"})
-    ax.text((xk if left is not None else xq), -0.2 * top, f"attention: {att.units} units", fontsize=10,
-            fontweight="bold", va="bottom")
-    ax.text(mlp_x[0], -0.2 * top, f"MLP: {mlp.units} units", fontsize=10, fontweight="bold", va="bottom")
-    fig.tight_layout()
-    return fig
 
 
 def _norm_before(graph: Graph, hidden: GroupSet, param: str) -> Member | None:
