@@ -37,6 +37,7 @@ Rules (any may end with ``or None``):
 ``device`` / ``dtype`` a torch device (``cpu``, ``cuda``, ``auto``…) / ``float32``, ``bfloat16``…
 ``layer``              a decoder layer of ``model``; ``layer range``: ``[start, end]`` inside it
 ``names``              a list of strings; ``sizes``: a list of integers >= 1 (may be empty)
+``claim sizes``        ``{name: {task: examples}}``: known tasks, integers >= 1 (may be empty)
 ``text`` / ``bool``    a string / true or false
 =====================  ======================================================================
 """
@@ -211,6 +212,11 @@ def _check_rule(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> 
     if rule == "sizes":
         ok = isinstance(value, list) and all(_number(v, "int") and v >= 1 for v in value)
         return None if ok else "a list of integers >= 1 (empty for none)"
+    if rule == "claim sizes":
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) and all(
+            t in data.TASKS and _number(n, "int") and n >= 1 for t, n in v.items()) for k, v in value.items())
+        return None if ok else ("a mapping {name: {task: examples}} of known tasks and integers >= 1, e.g. "
+                                "{'pruning': {'piqa': 600}} (empty for none)")
     if rule == "names":
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
     if rule == "text":

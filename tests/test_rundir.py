@@ -60,25 +60,6 @@ def test_checkpoints_a_new_plan_no_longer_makes_are_moved_aside(tmp_path):
     assert rundir.retire_checkpoints(tmp_path, keep=["block_30"]) == ["block_50"]
 
 
-def test_evaluation_jobs_follow_the_model_kind():
-    dense = rundir.RunModel("dense", "dense", "tiny")
-    lora = rundir.RunModel("b+t", "lora", "dir", 0.2, base="b", adapter="a", recipe="tailored", tasks=("piqa",),
-                           prompt="task_specific")
-    sweep = rundir.RunModel("b+t-n10", "lora", "dir", 0.2, base="b", adapter="a", recipe="tailored",
-                            tasks=("piqa",), prompt="task_specific", n=10)
-    tasks = ["piqa", "squad", "wikitext"]
-    jobs = evaluate.evaluation_jobs(dense, tasks, ["harness", "task_specific"], 0, k_sweep=[0, 5],
-                                    k_sweep_tasks=["piqa"], generation_prompts=["task_specific"],
-                                    headline_prompt="harness", k_sweep_limit=50)
-    assert [j.label for j in jobs] == ["piqa harness k=0", "piqa task_specific k=0", "squad task_specific k=0",
-                                       "piqa task_specific k=0 n=50", "piqa task_specific k=5 n=50",
-                                       "wikitext k=0"]  # the headline first; squad has no harness prompt here
-    assert [j.label for j in evaluate.evaluation_jobs(lora, tasks, ["harness"], 0, headline_prompt="harness")] == [
-        "piqa harness k=0", "piqa task_specific k=0", "wikitext k=0"]  # trained for piqa: headline + own prompt
-    assert [j.label for j in evaluate.evaluation_jobs(sweep, tasks, ["harness"], 0, headline_prompt="harness")] == [
-        "piqa task_specific k=0"]
-
-
 def test_an_interrupted_evaluation_resumes_from_the_store(tmp_path, monkeypatch):
     calls = []
 
