@@ -312,7 +312,8 @@ def cell_cost(costs: pd.DataFrame, task: str, prompt: str | None, k: int) -> flo
     part = costs[costs["task"] == task]
     if part.empty:
         raise ValueError(f"no cost for task {task!r} in the costs table (tasks: {sorted(set(costs['task']))})")
-    exact = part[part["k"] == k]
+    exact = part[(part["k"] == k) & (part["prompt"].fillna("") == (prompt or ""))]
+    exact = exact if len(exact) else part[part["k"] == k]
     if len(exact):
         return float(exact["seconds_per_example"].mean())
     base = float(part.loc[part["k"] == part["k"].min(), "seconds_per_example"].mean())
@@ -324,16 +325,50 @@ def cell_cost(costs: pd.DataFrame, task: str, prompt: str | None, k: int) -> flo
     return base * (1 + (factor - 1) * k / kk)
 
 
+def combine_costs(reference: pd.DataFrame, timing: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The costs table ``cell_cost`` reads: ``reference`` (seconds per example of each task under the harness
+    prompt at k = 0, measured on the machine the plan is for), and for every other (task, prompt, k) that
+    ``timing`` measured (``scripts/pilot_evaluation.py --timing``), the reference scaled by the ratio measured
+    side by side against the harness prompt at k = 0 on the same examples (the median over repetitions). A
+    ``wikitext`` row of ``timing`` (seconds per model) is scaled by the mean ratio of reference to measured
+    harness costs of the timed tasks."""
+    ref = reference[["task", "prompt", "k", "seconds_per_example"]].copy()
+    if timing is None or timing.empty:
+        return ref
+    base = timing[(timing["prompt"] == "harness") & (timing["k"] == 0)].set_index(["task", "rep"])["seconds_per_example"]
+    scored = timing[timing["task"] != "wikitext"]
+    ratio = scored.assign(ratio=[r.seconds_per_example / base[(r.task, r.rep)] for r in scored.itertuples()])
+    ratio = ratio.groupby(["task", "prompt", "k"], as_index=False)["ratio"].median()
+    at = ref.set_index("task")["seconds_per_example"]
+    rows = [{"task": r.task, "prompt": r.prompt, "k": r.k, "seconds_per_example": at[r.task] * r.ratio}
+            for r in ratio.itertuples() if r.task in at.index and not (r.prompt == "harness" and r.k == 0)]
+    text = timing[timing["task"] == "wikitext"]
+    timed = [t for t in dict.fromkeys(base.index.get_level_values(0)) if t in at.index]
+    if len(text) and timed:
+        scale = np.mean([at[t] / base.loc[t].median() for t in timed])
+        rows.append({"task": "wikitext", "prompt": None, "k": 0,
+                     "seconds_per_example": float(text["seconds_per_example"].median()) * scale})
+    return pd.concat([ref, pd.DataFrame(rows)], ignore_index=True)
+
+
 def plan_cost(plan: pd.DataFrame, costs: pd.DataFrame, available: Mapping[str, int]) -> pd.DataFrame:
     """Seconds of every evaluation of the plan at the costs' seconds per example: ``cells`` with ``seconds``
-    (perplexity: the costs' ``wikitext`` row is seconds per model)."""
+    (perplexity: the costs' ``wikitext`` row is seconds per model; ``nan`` where the costs have no row)."""
     out = cells(plan)
     out["examples"] = [1 if data.TASKS[t].kind == "text" else (n if n is not None else available.get(t, 0))
                        for t, n in zip(out["task"], out["n"])]
     out["examples"] = [min(e, available.get(t, e)) for t, e in zip(out["task"], out["examples"])]
-    out["seconds"] = [cell_cost(costs, t, p, k) * e for t, p, k, e in
+    out["seconds"] = [_priced(costs, t, p, k) * e for t, p, k, e in
                       zip(out["task"], out["prompt"], out["k"], out["examples"])]
     return out
+
+
+def _priced(costs: pd.DataFrame, task: str, prompt: str | None, k: int) -> float:
+    """``cell_cost``, or ``nan`` for a task the costs table has no row for (left out of the sums, and shown)."""
+    try:
+        return cell_cost(costs, task, prompt, k)
+    except ValueError:
+        return float("nan")
 
 
 # ============================================================================== a profile's plan, from the command line
@@ -372,11 +407,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", default="study")
     ap.add_argument("--costs", type=Path, default=REPO_ROOT / "params" / "eval_costs.csv",
                     help="seconds per example per task (and k): task,prompt,k,seconds_per_example")
+    ap.add_argument("--timing", type=Path, help="scripts/pilot_evaluation.py --timing's timing.csv: the ratios "
+                    "of other prompts and k to the reference costs")
+    ap.add_argument("--budget", type=float, help="minutes of evaluation the plan may take: the claim families' n "
+                    "are scaled down together until it fits, and their half-widths grow as 1 / sqrt(n)")
     args = ap.parse_args(argv)
     params = profile_params(args.profile)
     models = profile_models(params)
     settings = PlanSettings.from_params(params["05_evaluate"])
-    costs = pd.read_csv(args.costs, comment="#")
+    costs = combine_costs(pd.read_csv(args.costs, comment="#"),
+                          pd.read_csv(args.timing) if args.timing else None)
     available = {t: data.splits(t).get(data.TASKS[t].eval_split, 0) for t in data.TASKS if data.TASKS[t].eval_split}
     examples, _ = read_examples(args.examples)
     plan = evaluation_plan(models, settings)
@@ -385,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                 for f, g in sizes.groupby("family", sort=False)}})
     now, then = plan_cost(plan, costs, available), plan_cost(evaluation_plan(models, proposed), costs, available)
     pd.set_option("display.width", 200)
+    print("seconds per example (2 cores):\n", costs.round(3).to_string())
     print("variance of the paired difference per example (fraction²), measured:\n", measured.round(4).to_string())
     print("\nproposed examples per deciding task (half-width", settings.claims.half_width, "points):\n",
           sizes.round(4).to_string())
@@ -393,7 +434,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         by = cost.groupby("families")["seconds"].sum().div(60).round(1)
         print(f"\n{name}: {cost['seconds'].sum() / 60:.1f} min of evaluation at these costs; by families:\n"
               f"{by.to_string()}")
+    if args.budget:
+        factor, fitted = fit_budget(models, proposed, costs, available, 60 * args.budget)
+        print(f"\nwithin {args.budget:g} min: every claim family at {factor:.2f} of the proposed n (half-widths "
+              f"about {proposed.claims.half_width / math.sqrt(factor):.1f} points), {fitted / 60:.1f} min; claim_n:",
+              yaml.safe_dump(scaled(proposed, factor).claim_n, default_flow_style=True, sort_keys=False).strip())
     return 0
+
+
+def scaled(p: PlanSettings, factor: float, minimum: int = 50) -> PlanSettings:
+    """``p`` with every family's n times ``factor`` (at least ``minimum``)."""
+    claim_n = {f: {t: max(minimum, int(n * factor)) for t, n in v.items()} for f, v in p.claim_n.items()}
+    return PlanSettings(**{**p.__dict__, "claim_n": claim_n})
+
+
+def fit_budget(models: pd.DataFrame, p: PlanSettings, costs: pd.DataFrame, available: Mapping[str, int],
+               seconds: float) -> tuple[float, float]:
+    """The largest factor (to 1%) by which the claim families' n can be scaled so the plan takes ``seconds``,
+    and what it then takes (bisection: the cost grows with the factor)."""
+    def total(f):
+        return float(plan_cost(evaluation_plan(models, scaled(p, f)), costs, available)["seconds"].sum())
+
+    lo, hi = 0.0, 1.0
+    if total(hi) <= seconds:
+        return 1.0, total(hi)
+    while hi - lo > 0.01:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) <= seconds else (lo, mid)
+    return lo, total(lo)
 
 
 if __name__ == "__main__":

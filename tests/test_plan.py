@@ -139,3 +139,22 @@ def test_perplexity_keeps_no_prompt_in_the_cells():
     text = cells[cells["task"] == "wikitext"]
     assert len(text) and text["prompt"].isna().all() and text["n"].isna().all()
     assert cells.loc[cells["task"] != "wikitext", "prompt"].notna().all()
+
+
+def test_measured_ratios_scale_the_reference_costs():
+    reference = pd.DataFrame({"task": ["piqa", "arc_easy"], "prompt": ["harness"] * 2, "k": [0, 0],
+                              "seconds_per_example": [0.3, 0.2]})
+    timing = pd.DataFrame([  # a machine twice as slow as the reference, at two loads
+        {"task": "piqa", "prompt": "harness", "k": 0, "rep": 0, "seconds_per_example": 0.6},
+        {"task": "piqa", "prompt": "task_specific", "k": 25, "rep": 0, "seconds_per_example": 1.8},
+        {"task": "piqa", "prompt": "harness", "k": 0, "rep": 1, "seconds_per_example": 1.2},
+        {"task": "piqa", "prompt": "task_specific", "k": 25, "rep": 1, "seconds_per_example": 3.6},
+        {"task": "wikitext", "prompt": "", "k": 0, "rep": 0, "seconds_per_example": 40.0}])
+    costs = plan.combine_costs(reference, timing)
+    assert plan.cell_cost(costs, "piqa", "task_specific", 25) == pytest.approx(0.9)  # 3x the reference, both loads
+    assert plan.cell_cost(costs, "wikitext", None, 0) == pytest.approx(40.0 * 0.3 / 0.9)  # median of 0.6 and 1.2
+    assert plan.cell_cost(costs, "arc_easy", "general", 0) == 0.2  # not timed: the reference
+    cells = plan.plan_cost(plan.evaluation_plan(_models(), _settings(), has_train=lambda t: t != "squad"), costs,
+                           {"boolq": 3270, "piqa": 1838, "arc_easy": 2376, "squad": 500})
+    assert cells.loc[cells["task"] == "boolq", "seconds"].isna().all()  # no cost row: left out, not guessed
+    assert cells.loc[cells["task"] == "piqa", "seconds"].notna().all()
