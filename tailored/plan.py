@@ -9,7 +9,7 @@ family     cells (deciding tasks, first ``claim_n[family][task]`` of the task's 
 =========  =============================================================================================
 paper      every model, headline prompt and k, every task of ``tasks`` (LoRA: its own tasks, also with its
            own prompt), ``limit`` examples (``adapter_limit`` for LoRA; ``generation_limit`` for SQuAD and
-           XSum, dense and pruned with ``generation_prompts``); perplexity
+           XSum, dense and the claim checkpoints with ``generation_prompts``); perplexity
 pruning    the dense model and each claim checkpoint, headline: *pruning costs / keeps accuracy*
 levels     every other pruned checkpoint, headline: *the best pruning level depends on the task*
 lora       every adapter, its checkpoint and the dense model under ``lora_prompt``: the LoRA claims
@@ -116,6 +116,10 @@ def evaluation_plan(models: pd.DataFrame, p: PlanSettings,
     deciding = [t for t in c.deciding_tasks if t in scored] if c.deciding_tasks else [
         t for t in scored if _kind(t) not in GENERATED_KINDS]
     rows: list[dict] = []
+    dense = main.loc[main["kind"] == "dense", "model"].tolist()
+    pruned = main.loc[main["kind"] == "pruned", "model"].tolist()
+    checkpoints = [m for m in pruned if not c.claim_checkpoints or m in c.claim_checkpoints]
+    lora = models[models["kind"] == "lora"]
 
     def shots(task, k):
         return k if has_train(task) else 0
@@ -129,10 +133,6 @@ def evaluation_plan(models: pd.DataFrame, p: PlanSettings,
             rows.append({"family": family, "model": model, "task": t, "prompt": prompt, "k": shots(t, k),
                          "n": n(t) if callable(n) else n})
 
-    dense = main.loc[main["kind"] == "dense", "model"].tolist()
-    pruned = main.loc[main["kind"] == "pruned", "model"].tolist()
-    checkpoints = [m for m in pruned if not c.claim_checkpoints or m in c.claim_checkpoints]
-    lora = models[models["kind"] == "lora"]
     for _, m in models.iterrows():  # the paper's table, and the sweep runs' own prompt
         mine = [t for t in scored if m["tasks"] in ("all", "") or t in m["tasks"].split(", ")]
         if m["kind"] == "lora":
@@ -143,7 +143,8 @@ def evaluation_plan(models: pd.DataFrame, p: PlanSettings,
         else:
             add("paper", m["model"], [t for t in scored if _kind(t) not in GENERATED_KINDS], head_prompt, main_k,
                 p.limit)
-            for prompt in p.generation_prompts or p.prompts:
+            ladder_only = m["kind"] == "pruned" and m["model"] not in checkpoints  # accuracy only: generation is slow
+            for prompt in () if ladder_only else p.generation_prompts or p.prompts:
                 add("paper", m["model"], [t for t in scored if _kind(t) in GENERATED_KINDS], prompt, main_k,
                     p.generation_limit or p.limit)
         if m["kind"] != "lora" or pd.isna(m["n"]):
@@ -430,10 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nproposed examples per deciding task (half-width", settings.claims.half_width, "points):\n",
           sizes.round(4).to_string())
     print("\nclaim_n:", yaml.safe_dump(proposed.claim_n, default_flow_style=True, sort_keys=False).strip())
+    per_record = args.examples.stat().st_size / max(1, len(examples))  # compressed bytes per record, as measured
     for name, cost in (("the profile's plan", now), ("the proposed plan", then)):
         by = cost.groupby("families")["seconds"].sum().div(60).round(1)
-        print(f"\n{name}: {cost['seconds'].sum() / 60:.1f} min of evaluation at these costs; by families:\n"
-              f"{by.to_string()}")
+        records = int(cost.loc[cost["task"] != "wikitext", "examples"].sum())
+        print(f"\n{name}: {cost['seconds'].sum() / 60:.1f} min of evaluation at these costs "
+              f"({cost['seconds'].isna().sum()} evaluations not priced); {records:,} per-example records, about "
+              f"{records * per_record / 1e6:.1f} MB compressed; by families:\n{by.to_string()}")
     if args.budget:
         factor, fitted = fit_budget(models, proposed, costs, available, 60 * args.budget)
         print(f"\nwithin {args.budget:g} min: every claim family at {factor:.2f} of the proposed n (half-widths "
