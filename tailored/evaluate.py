@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,12 +36,14 @@ from tqdm.auto import tqdm
 from tailored import adapters, data, rundir
 from tailored.metrics import (
     ACCURACY_METRICS,
+    choice_bytes,
     choice_predictions,
     ci95,
     exact_match,
     f1_score,
     majority_baseline,
     mean_stderr,
+    not_above_chance,
     perplexity_interval,
     rouge_scores,
 )
@@ -59,6 +61,9 @@ from tailored.tokens import encode, encode_request
 
 SCORED_KINDS = ("multiple_choice", "classification", "extractive_qa", "summarization")
 GENERATED_KINDS = ("extractive_qa", "summarization")
+# what each example's record holds beside its metrics: scored answers (False), generated ones (True)
+RECORD_FIELDS = {False: ("gold", "pred", "pred_norm", "loglikelihoods", "choice_bytes"), True: ("prediction",)}
+RECORDS_VERSION = 2  # in every result key: results stored before the records held this evidence are redone
 
 
 # =========================================================================================== one task
@@ -85,14 +90,19 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
     """Score examples with a prompt and a shared prefix: per-example values and their means.
 
     Returns ``{"n", "metrics": {name: mean}, "stderr": {name: se}, "ci95": {name: (lo, hi)}, "per_example"}``
-    (``per_example``: the example ids and each metric's value per example, in order: what paired statistics
-    between two models read) and, with ``details``, ``"examples"``: one record per example (log-likelihoods
-    and predictions, or generations). ``score_dtype`` and ``batch_tokens``: see ``scoring.score_token_requests``
-    (log-likelihood tasks; generation runs in the weights' dtype).
+    and, with ``details``, ``"examples"``: one record per example (log-likelihoods and predictions, or
+    generations). ``per_example`` holds one list per field, in example order: ``ids`` and each metric's value
+    (what paired statistics between two models read), and the evidence behind them (``RECORD_FIELDS``): for
+    scored answers ``gold``, ``pred``, ``pred_norm``, ``loglikelihoods`` (one list per example: every
+    answer's log-likelihood, nats) and ``choice_bytes`` (each answer's length in bytes, what ``acc_norm``
+    divides by); for generated ones the ``prediction`` text. From these alone accuracy and the gold answer's
+    margin (``tailored.metrics.gold_margin``) can be recomputed. ``score_dtype`` and ``batch_tokens``: see
+    ``scoring.score_token_requests`` (log-likelihood tasks; generation runs in the weights' dtype).
     """
     if not examples:
         raise ValueError(f"no examples to evaluate for task {prompt.task!r}")
-    per_example: dict[str, list[float]] = {m: [] for m in prompt.metrics}
+    per_example: dict[str, list] = {m: [] for m in prompt.metrics}
+    evidence: dict[str, list] = {f: [] for f in RECORD_FIELDS[prompt.scoring == "generate"]}
     records: list[dict[str, Any]] = []
     if prompt.scoring in ("choices", "partial"):
         requests = [prompt.requests(ex) for ex in examples]
@@ -111,6 +121,10 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
             values = {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
             for m in prompt.metrics:
                 per_example[m].append(values[m])
+            for field, value in (("gold", gold), ("pred", pred), ("pred_norm", pred_norm),
+                                 ("loglikelihoods", [float(v) for v in ex_lls]),
+                                 ("choice_bytes", choice_bytes(prompt.choice_texts(ex)))):
+                evidence[field].append(value)
             if details:
                 records.append({"id": ex.id, "label": gold, "pred": pred, "pred_norm": pred_norm,
                                 "loglikelihoods": [float(v) for v in ex_lls]})
@@ -131,11 +145,12 @@ def evaluate_examples(model: torch.nn.Module, tokenizer, prompt: Prompt, example
                 values.update(rouge_scores(out, refs))
             for m in prompt.metrics:
                 per_example[m].append(values[m])
+            evidence["prediction"].append(out)
             if details:
                 records.append({"id": ex.id, "prediction": out, "references": refs,
                                 **{m: values[m] for m in prompt.metrics}})
     result: dict[str, Any] = {"n": len(examples), "metrics": {}, "stderr": {}, "ci95": {},
-                              "per_example": {"ids": [ex.id for ex in examples], **per_example}}
+                              "per_example": {"ids": [ex.id for ex in examples], **per_example, **evidence}}
     for m, vals in per_example.items():
         mean, se = mean_stderr(vals)
         result["metrics"][m], result["stderr"][m], result["ci95"][m] = mean, se, ci95(mean, se)
@@ -190,7 +205,10 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
         ppl = perplexity(model, tokenizer, texts, max_length=max_length, stride=stride, batch_size=batch_size,
                          progress=progress, max_tokens=ppl_tokens)
         interval = perplexity_interval(ppl["window_nll"], ppl["window_tokens"], seed=seed)
+        windows = {"ids": [str(i) for i in range(len(ppl["window_nll"]))], "nll": list(ppl["window_nll"]),
+                   "tokens": list(ppl["window_tokens"])}  # per window: what the perplexity is recomputed from
         return {**base, "prompt": None, "k": 0, "k_used": 0, "n": len(texts), "n_tokens": ppl["n_tokens"],
+                "per_example": windows,
                 "metrics": {"perplexity": ppl["perplexity"], "nll": ppl["nll"]}, "stderr": {},
                 "ci95": {"perplexity": interval}, "max_length": ppl["max_length"], "stride": ppl["stride"],
                 "chance": None, "majority": None, "near_chance": None, "seconds": time.perf_counter() - t0}
@@ -224,12 +242,6 @@ def evaluate_task(model: torch.nn.Module, tokenizer, task: str, prompt: str | Pr
             **scored, "chance": chance, "majority": majority, "majority_label": majority_label,
             "near_chance": near_chance, "prefix_tokens": prefix.n_tokens, "use_prefix_cache": use_prefix_cache,
             "seconds": time.perf_counter() - t0}
-
-
-def not_above_chance(value: float, chance: float, stderr: float) -> bool:
-    """True unless ``value`` is above ``chance`` by more than two standard errors: a model at chance, or below it
-    (a prompt it answers the wrong way), has no accuracy that pruning could keep (the † of notebook 05)."""
-    return bool(value - chance <= 2 * stderr)
 
 
 def result_rows(result: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
@@ -284,7 +296,7 @@ def result_key(model_id: str, job: EvalJob, examples: Sequence[Any], seed: int, 
     prompt = asdict(get_prompt(job.task, job.prompt)) if job.prompt else None
     ids = [getattr(e, "id", None) or hashlib.sha256(str(e).encode()).hexdigest()[:12] for e in examples]
     blob = json.dumps({"model": model_id, "job": asdict(job), "prompt": prompt, "seed": seed, "examples": ids,
-                       "settings": dict(settings)}, sort_keys=True, default=str)
+                       "settings": dict(settings), "records": RECORDS_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -399,48 +411,9 @@ def load_run_model(entry: rundir.RunModel, device: str = "cpu", dtype: str = "fl
     return model, tokenizer
 
 
-def evaluation_jobs(entry: rundir.RunModel, tasks: Sequence[str], prompts: Sequence[str], main_k: int,
-                    k_sweep: Sequence[int] = (), k_sweep_tasks: Sequence[str] = (),
-                    generation_prompts: Sequence[str] | None = None, headline_prompt: str = "task_specific",
-                    k_sweep_limit: int | None = None, perplexity: bool = True) -> list[EvalJob]:
-    """What notebook 05 evaluates on one model, headline first.
-
-    - Every model: the headline, every task with ``headline_prompt`` at ``main_k`` shots (the paper's
-      convention: the harness prompt, zero-shot). A LoRA model covers the tasks it was trained for (all for a
-      generic adapter); a data-sweep run only its own prompt (it feeds the accuracy-against-n figure).
-    - Dense and pruned models: every other prompt of ``prompts`` at ``main_k`` (``generation_prompts`` for the
-      generated tasks, SQuAD and XSum), the k sweep on ``k_sweep_tasks`` with the task-specific prompt on the
-      first ``k_sweep_limit`` examples, and perplexity.
-    - A LoRA model: also the prompt it was trained with (a generic adapter: the task-specific one), and
-      perplexity unless it is a data-sweep run.
-
-    A task without a train split is scored zero-shot whatever k says.
-    """
-    text_tasks = [t for t in tasks if task_info(t).kind == "text"]
-    scored = [t for t in tasks if t not in text_tasks]
-
-    def shots(task: str, k: int) -> int:  # a task without a train split is scored zero-shot only
-        return k if "train" in data.splits(task) else 0
-
-    def prompts_for(task: str) -> Sequence[str]:
-        return (generation_prompts or prompts) if task_info(task).kind in GENERATED_KINDS else prompts
-
-    def headline(task: str) -> bool:  # every scored task; a generated one only if its prompts include it
-        return task_info(task).kind not in GENERATED_KINDS or headline_prompt in prompts_for(task)
-
-    if entry.kind == "lora":
-        mine = [t for t in scored if not entry.tasks or t in entry.tasks]
-        own = entry.prompt or "task_specific"
-        jobs = [] if entry.n is not None else [EvalJob(t, headline_prompt, shots(t, main_k)) for t in mine
-                                                 if headline(t)]
-        jobs += [EvalJob(t, own, shots(t, main_k)) for t in mine]
-        with_ppl = perplexity and entry.n is None
-    else:
-        jobs = [EvalJob(t, headline_prompt, shots(t, main_k)) for t in scored if headline(t)]
-        jobs += [EvalJob(t, p, shots(t, main_k)) for t in scored for p in prompts_for(t)]
-        jobs += [EvalJob(t, "task_specific", shots(t, k), k_sweep_limit) for t in k_sweep_tasks for k in k_sweep]
-        with_ppl = perplexity
-    jobs = list(dict.fromkeys(jobs))
-    if with_ppl:
-        jobs += [EvalJob(t, None, 0) for t in (text_tasks or ["wikitext"])]
-    return jobs
+def evaluation_jobs(cells: Iterable[Mapping[str, Any]], model: str) -> list[EvalJob]:
+    """What notebook 05 evaluates on one model: its cells of the evaluation plan (``tailored.plan.cells``
+    records: ``model, task, prompt, k, n``), in plan order (the headline first), each on the first ``n`` of
+    its task's examples (``None``: all of them)."""
+    return [EvalJob(c["task"], c["prompt"], int(c["k"]), None if c["n"] is None or c["n"] != c["n"] else int(c["n"]))
+            for c in cells if c["model"] == model]  # n != n: a NaN, pandas' None

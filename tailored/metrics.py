@@ -29,8 +29,28 @@ def choice_predictions(lls: Sequence[float], choice_texts: Sequence[str]) -> tup
     normalization independent of the script the answer is written in.
     """
     lls = np.asarray(lls, dtype=np.float64)
-    n_bytes = np.array([max(len(t.encode("utf-8")), 1) for t in choice_texts], dtype=np.float64)
+    n_bytes = np.array(choice_bytes(choice_texts), dtype=np.float64)
     return int(np.argmax(lls)), int(np.argmax(lls / n_bytes))
+
+
+def choice_bytes(choice_texts: Sequence[str]) -> list[int]:
+    """Each answer's length in UTF-8 bytes (at least 1): what ``acc_norm`` divides a log-likelihood by."""
+    return [max(len(t.encode("utf-8")), 1) for t in choice_texts]
+
+
+def gold_margin(lls: Sequence[float], gold: int, n_bytes: Sequence[int] | None = None) -> float:
+    """How far the gold answer's score lies above the best wrong answer's: ``s_gold − max_{j≠gold} s_j``.
+
+    ``s_j`` is the log-likelihood of answer j (nats), or per byte of the answer with ``n_bytes`` (nats per
+    byte, as ``acc_norm`` scores). Positive: the model prefers the gold answer (it is right); the size says by
+    how much, which 0/1 accuracy does not. ``nan`` for fewer than two answers.
+    """
+    s = np.asarray(lls, dtype=np.float64)
+    if n_bytes is not None:
+        s = s / np.asarray(n_bytes, dtype=np.float64)
+    if len(s) < 2:
+        return float("nan")
+    return float(s[gold] - np.delete(s, gold).max())
 
 # =========================================================================================== text metrics
 def normalize_answer(text: str) -> str:
@@ -113,3 +133,9 @@ def majority_baseline(train_examples: Sequence[ExampleLike],
         return None, None
     label = Counter(labels).most_common(1)[0][0]
     return label, float(np.mean([ex.label == label for ex in examples]))
+
+
+def not_above_chance(value: float, chance: float, stderr: float) -> bool:
+    """True unless ``value`` is above ``chance`` by more than two standard errors: a model at chance, or below it
+    (a prompt it answers the wrong way), has no accuracy that pruning could keep (the † of notebook 05)."""
+    return bool(value - chance <= 2 * stderr)

@@ -38,6 +38,7 @@ Rules (any may end with ``or None``):
 ``device`` / ``dtype`` a torch device (``cpu``, ``cuda``, ``auto``…) / ``float32``, ``bfloat16``…
 ``layer``              a decoder layer of ``model``; ``layer range``: ``[start, end]`` inside it
 ``names``              a list of strings; ``sizes``: a list of integers >= 1 (may be empty)
+``claim sizes``        ``{name: {task: examples}}``: known tasks, integers >= 1 (may be empty)
 ``text`` / ``bool``    a string / true or false
 =====================  ======================================================================
 """
@@ -225,6 +226,11 @@ def _plain(rule: str, value: Any, ctx: dict) -> str | None:
     if rule == "sizes":
         ok = isinstance(value, list) and all(_number(v, "int") and v >= 1 for v in value)
         return None if ok else "a list of integers >= 1 (empty for none)"
+    if rule == "claim sizes":
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) and all(
+            t in data.TASKS and _number(n, "int") and n >= 1 for t, n in v.items()) for k, v in value.items())
+        return None if ok else ("a mapping {name: {task: examples}} of known tasks and integers >= 1, e.g. "
+                                "{'pruning': {'piqa': 600}} (empty for none)")
     if rule == "names":
         return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
     return None if isinstance(value, str) else "a string"  # text
@@ -233,7 +239,7 @@ def _plain(rule: str, value: Any, ctx: dict) -> str | None:
 _RULES = {"share": _shares, "shares": _shares, "estimator": _named, "estimators": _named, "reduction": _named,
           "reductions": _named, "method": _named, "methods": _named, "prompts": _named, "windows": _windows,
           "tasks": _tasks, "train tasks": _tasks, "device": _device, "layer": _layer, "layer range": _layer,
-          **{r: _plain for r in ("model", "dtype", "bool", "sizes", "names", "text")}}
+          **{r: _plain for r in ("model", "dtype", "bool", "sizes", "claim sizes", "names", "text")}}
 
 
 def _from_step(rule: str, value: Any, values: Mapping[str, Any], ctx: dict) -> str | None:

@@ -12,7 +12,7 @@ import shutil
 import papermill
 import pytest
 
-from tailored import rundir, runner
+from tailored import analysis, rundir, runner
 from tailored.artifacts import read_metrics
 
 pytestmark = pytest.mark.chain
@@ -131,13 +131,23 @@ def test_05_evaluate_wrote_metrics_for_every_model_task_prompt(smoke_run):
     assert {"dense", *pruned} <= set(table)
     assert {f"{p} + {recipe} LoRA" for p in pruned for recipe in ("generic", "tailored")} <= set(table)
     assert m["notes"]["prompt"] == s["headline_prompt"] and m["notes"]["k"] == s["main_k"]
-    assert m["claims"] and {c["verdict"] for c in m["claims"]} <= {"supported", "contradicted", "not settled"}
-    for c in m["claims"]:  # every claim rests on paired examples and says what it could have detected
-        assert c["n"] > 0
+    verdicts = {c["verdict"] for c in m["claims"]}
+    assert m["claims"] and all(v in ("supported", "contradicted", "not settled") or v.startswith("no effect beyond ±")
+                               for v in verdicts)
+    for c in m["claims"]:  # every claim rests on paired examples and says how precise it is
+        assert c["n"] > 0 and c["tasks"]
         if c["estimate"] is None:  # undefined (a random model's dense accuracy of 0): nothing is decided
             assert c["verdict"] == "not settled"
-        else:
-            assert c["low"] <= c["estimate"] <= c["high"] and c["mde"] >= 0
+        elif c["claim"] != "the best pruning level depends on the task":  # a discrete statistic: may sit outside
+            assert c["low"] <= c["estimate"] <= c["high"] and c["half-width"] >= 0
+    claims = {c["claim"] for c in m["claims"]}
+    assert [f["claim"] for f in m["findings"]] == list(dict.fromkeys(c["claim"] for c in m["claims"]))
+    assert {r["row"] for r in m["claims"] if r["claim"] == "pruning costs accuracy"} == {"deciding", "margin"}
+    assert {"pruning costs accuracy", "LoRA recovers accuracy", "few-shot helps"} <= claims
+    # the published per-example file reproduces the claims and the headline table, with no model and no data
+    published = run_dir / "figures" / "examples.csv.gz"
+    assert published.exists() and m["examples_file"]["bytes"] == published.stat().st_size
+    assert analysis.check_published(published) == {"eval_claims": True, "eval_main_table": True}
 
 
 @pytest.fixture(scope="module")

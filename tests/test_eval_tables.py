@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tailored import analysis as figs
 from tailored.checkpoint import FORMAT
+from tailored.paths import REPO_ROOT
 from tailored.prune import Plan
 from tailored.rundir import RunModel, run_models
 
@@ -87,3 +89,92 @@ def test_a_task_the_dense_model_scores_below_chance_is_marked_like_one_at_chance
               "ci95": {}, "chance": 0.5, "majority": 0.62, "near_chance": False, "seconds": 1.0}
     near = {r["metric"]: r["near_chance"] for r in result_rows(result, "dense")}
     assert near == {"acc": True, "acc_norm": False}  # recomputed from the values, whatever the stored flag says
+
+
+# ------------------------------------------------------------------------------------------ the published file
+def _published_results():
+    """Per-example results of a small run: two models on a scored task, a generated one and perplexity."""
+    rng = np.random.default_rng(0)
+
+    def scored(task, n, prompt="harness"):
+        lls = rng.normal(-8, 2, (n, 4)).round(6)
+        gold = rng.integers(0, 4, n)
+        pred = lls.argmax(1)
+        return {"task": task, "prompt": prompt, "k": 0, "per_example": {
+            "ids": [f"q{i}" for i in range(n)], "acc": list((pred == gold).astype(float)),
+            "acc_norm": list((pred == gold).astype(float)), "gold": list(gold), "pred": list(pred),
+            "pred_norm": list(pred), "loglikelihoods": lls.tolist(), "choice_bytes": [[5, 9, 12, 3]] * n}}
+
+    squad = {"task": "squad", "prompt": "task_specific", "k": 0, "per_example": {
+        "ids": ["s1", "s2"], "exact_match": [1.0, 0.0], "f1": [1.0, 1 / 3], "prediction": ['a "quoted", answer', "b\nc"]}}
+    text = {"task": "wikitext", "prompt": None, "k": 0,
+            "per_example": {"ids": ["0", "1"], "nll": [300.123456, 280.5], "tokens": [127, 127]}}
+    return {"dense": [scored("arc_easy", 60), scored("piqa", 40), squad, text],
+            "block_20": [scored("arc_easy", 60), scored("piqa", 40), squad, text]}
+
+
+def _published(tmp_path):
+    models = figs.models_frame([RunModel("dense", "dense", "m"), RunModel("block_20", "pruned", "d", 0.2)])
+    settings = figs.ClaimSettings(deciding_tasks=("piqa", "arc_easy"), n_boot=500)
+    examples = figs.example_frame(_published_results())
+    return figs.write_examples(examples, tmp_path / "examples.csv.gz", models, settings), examples
+
+
+def test_the_per_example_file_is_byte_stable_and_reads_back_what_was_written(tmp_path):
+    path, examples = _published(tmp_path)
+    first = path.read_bytes()
+    assert first[4:8] == b"\0\0\0\0"  # gzip mtime 0: the same run writes the same bytes
+    back, header = figs.read_examples(path)
+    figs.write_examples(back, tmp_path / "again.csv.gz", header["models"], header["settings"])
+    assert (tmp_path / "again.csv.gz").read_bytes() == first
+    assert header["settings"].deciding_tasks == ("piqa", "arc_easy") and list(header["models"]["model"]) == [
+        "dense", "block_20"]
+    key = ["model", "task", "prompt", "k", "id"]
+    merged = back.merge(examples, on=key, suffixes=("", "_live"))
+    assert len(merged) == len(examples) == len(back)
+    assert np.allclose(np.vstack(merged["loglikelihoods"].dropna()), np.vstack(merged["loglikelihoods_live"].dropna()),
+                       atol=5e-5)  # stored to 1e-4 nats
+    assert (merged["pred"].dropna() == merged["pred_live"].dropna()).all()
+    squad = back[back["task"] == "squad"].set_index(["model", "id"])
+    assert squad.loc[("dense", "s1"), "prediction"] == 'a "quoted", answer'
+    assert squad.loc[("dense", "s2"), "prediction"] == "b\nc"
+
+
+def test_tables_from_the_file_match_the_rows_they_summarize(tmp_path):
+    path, examples = _published(tmp_path)
+    back, header = figs.read_examples(path)
+    rows = figs.rows_from_examples(back).set_index(["model", "task", "metric"])
+    arc = examples[(examples["model"] == "dense") & (examples["task"] == "arc_easy")]
+    assert rows.loc[("dense", "arc_easy", "acc"), "value"] == pytest.approx(arc["acc"].mean())
+    assert rows.loc[("dense", "arc_easy", "acc"), "chance"] == 0.25 and rows.loc[("dense", "arc_easy", "acc"), "n"] == 60
+    assert rows.loc[("dense", "wikitext", "perplexity"), "value"] == pytest.approx(math.exp((300.1235 + 280.5) / 254))
+    assert rows.loc[("dense", "squad", "f1"), "value"] == pytest.approx(2 / 3, abs=1e-6)
+    tables = figs.tables_from_examples(back, header["models"], header["settings"])
+    table = tables["eval_main_table"].set_index("model")
+    assert table.loc["dense", "piqa †"] == pytest.approx(100 * rows.loc[("dense", "piqa", "acc"), "value"], abs=0.01)
+    assert table.loc["dense", "squad F1"] == pytest.approx(200 / 3, abs=0.01)
+
+
+def test_the_tables_are_recomputed_byte_for_byte_from_the_file_alone(tmp_path, capsys):
+    path, _ = _published(tmp_path)
+    back, header = figs.read_examples(path)
+    tables = figs.tables_from_examples(back, header["models"], header["settings"])
+    for name in ("eval_claims", "eval_main_table"):
+        (tmp_path / f"{name}.csv").write_text(figs.table_csv(tables[name], name))
+    assert figs.check_published(path) == {"eval_claims": True, "eval_main_table": True}
+    assert figs.main([str(path)]) == 0 and "eval_claims.csv: identical" in capsys.readouterr().out
+    (tmp_path / "eval_claims.csv").write_text(figs.table_csv(tables["eval_claims"], "eval_claims").replace("1", "2"))
+    assert figs.main([str(path)]) == 1 and "eval_claims.csv: DIFFERS" in capsys.readouterr().out
+
+
+COMMITTED = [folder for folder in (REPO_ROOT / "figures", REPO_ROOT / "figures" / "study")]
+
+
+@pytest.mark.parametrize("folder", COMMITTED, ids=["class", "study"])
+def test_committed_claims_and_headline_tables_reproduce_from_the_published_examples(folder):
+    """What a reader checks: `python -m tailored.analysis figures/study/examples.csv.gz`, with no model and no
+    data. Runs as soon as a profile run has committed its examples.csv.gz beside its tables."""
+    path = folder / "examples.csv.gz"
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO_ROOT)} is not committed yet: the next class/study run writes it")
+    assert figs.check_published(path) == {"eval_claims": True, "eval_main_table": True}

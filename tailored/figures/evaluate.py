@@ -173,28 +173,83 @@ def plot_tailored_vs_generic(frame: pd.DataFrame):
 
 
 VERDICT_COLORS = {"supported": "C2", "contradicted": "C3", "not settled": "0.45"}
+EQUIVALENT_COLOR = "C0"  # "no effect beyond ±δ"
+
+
+def _verdict_color(v: str) -> str:
+    return VERDICT_COLORS.get(v, EQUIVALENT_COLOR if str(v).startswith("no effect") else "0.45")
+
+
+def _claim_panel(ax, rows: pd.DataFrame, xlabel: str) -> None:
+    """One panel of ``plot_claims``: estimates with 95% intervals, coloured by verdict; dotted: the threshold,
+    shaded: ±δ around it where the row has one."""
+    y = np.arange(len(rows))[::-1]
+    ax.errorbar(rows["estimate"], y, xerr=[rows["estimate"] - rows["low"], rows["high"] - rows["estimate"]],
+                fmt="none", ecolor="0.6", capsize=3)
+    ax.scatter(rows["estimate"], y, c=[_verdict_color(v) for v in rows["verdict"]], zorder=3, s=30)
+    for yi, (_, r) in zip(y, rows.iterrows()):
+        thr = 50.0 if "%" in r["measure"] else 0.0
+        ax.plot([thr, thr], [yi - 0.4, yi + 0.4], color="black", lw=1, ls=":")
+        if np.isfinite(r["delta"]) and "margin" not in r["measure"]:
+            ax.fill_betweenx([yi - 0.4, yi + 0.4], thr - r["delta"], thr + r["delta"], color=EQUIVALENT_COLOR,
+                             alpha=0.12, lw=0)
+        if np.isfinite(r.get("paper", np.nan)):
+            ax.scatter([r["paper"]], [yi], marker="x", color="black", s=30, zorder=4)
+    ax.set_yticks(y, [f"{r['claim']} · {r['comparison']}\n{r['measure']} ({r['tasks'].count(',') + 1} tasks, "
+                      f"n = {r['n']})" for _, r in rows.iterrows()], fontsize=6.5)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def plot_claims(pooled: pd.DataFrame):
-    """Each claim's pooled estimate with its 95% paired interval, coloured by verdict; the dotted line is the
-    threshold it must clear (0 points for a difference, 50% for a share of accuracy kept)."""
-    n = len(pooled)
-    fig, ax = plt.subplots(figsize=(8.0, 0.42 * n + 1.6))
-    y = np.arange(n)[::-1]
-    colors = [VERDICT_COLORS.get(v, "0.45") for v in pooled["verdict"]]
-    ax.errorbar(pooled["estimate"], y, xerr=[pooled["estimate"] - pooled["low"], pooled["high"] - pooled["estimate"]],
-                fmt="none", ecolor="0.6", capsize=3)
-    ax.scatter(pooled["estimate"], y, c=colors, zorder=3, s=36)
-    for yi, thr in zip(y, pooled["threshold"]):
-        ax.plot([thr, thr], [yi - 0.4, yi + 0.4], color="black", lw=1, ls=":")
-    labels = [f"{c} · {m}\n{cmp}" for c, m, cmp in zip(pooled["claim"], pooled["measure"], pooled["comparison"])]
-    ax.set_yticks(y, labels, fontsize=7)
-    ax.set_xlabel("estimate with its 95% paired-bootstrap interval (points, or % for shares kept)")
-    for verdict_name, color in VERDICT_COLORS.items():
-        ax.scatter([], [], c=color, s=36, label=verdict_name)
-    ax.legend(fontsize=7, frameon=False, loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"The study's claims, decided on paired examples (n = {int(pooled['n'].min())}–"
-                 f"{int(pooled['n'].max())} per comparison)", fontsize=10)
+    """The claims in two panels: shares kept (%, the dotted line at 50%; a cross marks the paper's own
+    figure) and differences in accuracy points (dotted at 0, shaded ±δ), each with its 95% paired interval
+    and coloured by verdict. Margin rows (in SD of the dense model's margin) are left to the table."""
+    shares = pooled[pooled["measure"].str.contains("%", regex=False)]
+    points = pooled[(pooled["row"] == "deciding") & ~pooled["measure"].str.contains("%", regex=False)
+                    & ~pooled["measure"].str.contains("points of share", regex=False)]
+    panels = [(part, label) for part, label in ((shares, "share of the dense model's accuracy kept (%)"),
+                                                (points, "difference (accuracy points)")) if len(part)]
+    heights = [max(1.5, 0.42 * len(part) + 0.6) for part, _ in panels] or [1.5]
+    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(8.4, sum(heights) + 1.2), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (part, label) in zip(axes[:, 0], panels):
+        _claim_panel(ax, part, label)
+    handles = [axes[0, 0].scatter([], [], c=color, s=30, label=name)
+               for name, color in (*VERDICT_COLORS.items(), ("no effect beyond ±δ", EQUIVALENT_COLOR))]
+    if len(shares) and shares["paper"].notna().any():
+        handles.append(axes[0, 0].scatter([], [], marker="x", color="black", s=30, label="the paper's figure"))
+    fig.suptitle("The study's claims, decided on paired examples (bars: 95% paired-bootstrap intervals)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
+    fig.legend(handles=handles, fontsize=7, frameon=False, loc="upper center", ncols=len(handles),
+               bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()))
+    return fig
+
+
+def plot_pruning_levels(levels: pd.DataFrame, tolerated: pd.DataFrame | None = None, tolerance: float | None = None):
+    """Per task, accuracy (%) and the gold margin against the share of decoder parameters removed, with 95%
+    bootstrap intervals; a vertical tick marks the largest share each task tolerates (from ``tolerated``, the
+    per-task rows of ``tailored.analysis.pruning_levels``)."""
+    fig, (acc_ax, margin_ax) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    tol = {} if tolerated is None else dict(zip(tolerated["task"], tolerated["estimate"]))
+    for i, (task, part) in enumerate(levels.groupby("task", sort=False)):
+        part = part.sort_values("share")
+        color, x = f"C{i % 10}", part["share"] + 0.4 * (i - 1)  # a small offset keeps the bars apart
+        acc_ax.errorbar(x, part["accuracy"], yerr=[part["accuracy"] - part["accuracy low"],
+                                                   part["accuracy high"] - part["accuracy"]],
+                        color=color, marker="o", ms=4, capsize=2, lw=1.2, label=f"{task} ({part['metric'].iloc[0]})")
+        margin_ax.errorbar(x, part["margin"], yerr=[part["margin"] - part["margin low"],
+                                                    part["margin high"] - part["margin"]],
+                           color=color, marker="o", ms=4, capsize=2, lw=1.2)
+        if task in tol:
+            acc_ax.axvline(tol[task] + 0.4 * (i - 1), color=color, ls="--", lw=0.8, alpha=0.7)
+    acc_ax.set_ylabel("accuracy (%)")
+    margin_ax.set_ylabel("gold margin (nats; per byte for acc_norm)")
+    for ax in (acc_ax, margin_ax):
+        ax.set_xlabel("decoder parameters removed (%)")
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=7, frameon=False)
+    what = f"dashed: the largest share losing < {tolerance:g} points" if tolerance is not None else "dashed: tolerated"
+    fig.suptitle(f"Does the best pruning level depend on the task? (95% intervals; {what})", fontsize=10)
     fig.tight_layout()
     return fig
