@@ -141,7 +141,8 @@ def save_calibration(batch: torch.Tensor, path: str | Path, settings: Mapping | 
     notebook 03 prunes on exactly the windows notebook 02 scored."""
     meta = {"format": CALIBRATION_FORMAT, "settings": json.dumps(dict(settings or {}), sort_keys=True, default=str)}
     path = Path(path)
-    atomic_write_bytes(path, save({"input_ids": batch.detach().to("cpu", torch.long).contiguous()}, metadata=meta))
+    ids = {"input_ids": batch.detach().to("cpu", torch.long).contiguous()}
+    atomic_write_bytes(path, _sorted_metadata(save(ids, metadata=meta)))  # the header's keys in one order
     return path
 
 

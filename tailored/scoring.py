@@ -46,6 +46,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tailored.anatomy import preserved
 from tailored.prompts import ExampleLike, Prompt, get_prompt
 from tailored.tokens import encode, encode_request, leading_special_ids, padding_id
 
@@ -136,14 +137,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate with dropout off (LoRA adds some), then restore the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
+    """Evaluate with dropout off (LoRA adds some), without gradients; every module's mode restored afterwards."""
+    with preserved(model), torch.inference_mode():
+        model.eval()
+        yield
 
 
 def check_score_dtype(score_dtype: str) -> str:

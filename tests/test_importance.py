@@ -432,3 +432,16 @@ def test_recomputed_passes_give_the_same_scores_and_recompute_each_layer():
     assert ckpt.settings["recompute_activations"] and not plain.settings["recompute_activations"]
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()), "left switched on"
     assert not model.training and not any(layer.training for layer in model.model.layers)
+
+
+def test_the_calibration_batch_is_written_byte_stably_and_read_back(tmp_path):
+    """safetensors' writer orders the metadata from a hash map (it changes from process to process): the saved
+    header keeps its keys sorted, so two same-seed runs write the same bytes, and the ids come back exactly."""
+    from tailored.importance import load_calibration, save_calibration
+
+    batch = torch.arange(24).reshape(3, 8)
+    path = save_calibration(batch, tmp_path / "calibration.safetensors", {"seq_len": 8, "n_samples": 3, "a": 1})
+    raw = path.read_bytes()
+    meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    assert list(meta) == sorted(meta) and json.loads(meta["settings"]) == {"a": 1, "n_samples": 3, "seq_len": 8}
+    assert torch.equal(load_calibration(path), batch)

@@ -60,3 +60,21 @@ def test_a_notebook_run_by_hand_writes_to_its_own_run_directory():
         declared = runner.notebook_parameters(step.path)
         run_dir, figures_dir = declared["run_dir"].default, declared["figures_dir"].default
         assert run_dir == "../runs/lab" and figures_dir.startswith(run_dir + "/"), step.name
+
+
+def test_paper_scale_finds_the_main_cell_of_every_notebook():
+    """benchmarks/paper_scale.py times each step's main cell by a line of its source: an edit that drops the
+    line would make that step's time 0 and its full-size estimate meaningless, found only by the slow test."""
+    import importlib.util
+
+    from tailored import paths
+
+    spec = importlib.util.spec_from_file_location("paper_scale", paths.REPO_ROOT / "benchmarks" / "paper_scale.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    steps = runner.discover_steps()
+    assert set(ps.MAIN_CELL) == {s.name for s in steps}
+    for step in steps:
+        nb = nbformat.read(step.path, as_version=4)
+        hits = [c for c in nb.cells if c.cell_type == "code" and ps.MAIN_CELL[step.name] in c.source]
+        assert len(hits) == 1, (step.name, ps.MAIN_CELL[step.name])
