@@ -139,7 +139,10 @@ def evaluation_plan(models: pd.DataFrame, p: PlanSettings,
             n = p.adapter_limit or p.limit
             if pd.isna(m["n"]):
                 add("paper", m["model"], [t for t in mine if _kind(t) not in GENERATED_KINDS], head_prompt, main_k, n)
-            add("paper", m["model"], mine, m["prompt"] or "task_specific", main_k, n)
+            own = m["prompt"] or "task_specific"  # generation at generation_limit, as for every model
+            add("paper", m["model"], [t for t in mine if _kind(t) not in GENERATED_KINDS], own, main_k, n)
+            add("paper", m["model"], [t for t in mine if _kind(t) in GENERATED_KINDS], own, main_k,
+                p.generation_limit or n)
         else:
             add("paper", m["model"], [t for t in scored if _kind(t) not in GENERATED_KINDS], head_prompt, main_k,
                 p.limit)

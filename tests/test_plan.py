@@ -55,6 +55,7 @@ def test_each_claim_reads_its_cells_at_its_n_and_nothing_else_is_scored_at_large
                                                                                  "task_specific", 25) is None
     assert _n(cells, "dense", "squad", "task_specific") == 10 and _n(cells, "dense", "wikitext", None) is None
     assert _n(cells, "block_10", "squad", "task_specific") is None  # the ladder's other levels: accuracy only
+    assert _n(cells, "block_20+generic", "squad", "task_specific") == 10  # an adapter's generation: the same limit
     large = cells[cells["n"].fillna(0) > 100]
     assert set(large["task"]) <= set(DECIDING), "only the deciding tasks are scored beyond limit"
     assert not cells.duplicated(["model", "task", "prompt", "k"]).any()
