@@ -283,3 +283,20 @@ def test_applying_a_plan_to_an_already_pruned_model_is_refused():
     apply(plan, model, graph)
     with pytest.raises(ValueError, match="already pruned"):
         apply(plan, model, graph)
+
+
+def test_the_kept_widths_title_says_which_layers_every_plan_left_whole():
+    """The figure's title is read from the plans, not typed: a method that cuts the last layer says so."""
+    from types import SimpleNamespace
+
+    from tailored.figures.prune import _whole_layers
+
+    dense = {"q_heads": 4, "mlp": 8}
+
+    def plan(*mlp):
+        return SimpleNamespace(widths=[{"layer": i, "q_heads": 4, "mlp": m} for i, m in enumerate(mlp)])
+
+    assert _whole_layers({"a": plan(8, 8, 4, 8, 8)}, 5, dense) == "layers 0-1, 3-4"
+    assert _whole_layers({"a": plan(8, 8, 4, 8, 8), "b": plan(8, 4, 4, 4, 8)}, 5, dense) == "layers 0, 4"
+    assert _whole_layers({"a": plan(4, 8, 4, 4, 4)}, 5, dense) == "layer 1"
+    assert _whole_layers({"a": plan(4, 4, 4, 4, 4)}, 5, dense) == "no layer"

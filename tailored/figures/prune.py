@@ -58,6 +58,22 @@ def kept_widths(plans: dict, num_layers: int, dense: dict):
         ax.set_ylabel(label)
         ax.set_ylim(0, dense[key] * 1.08)
     axes[0].legend(frameon=False, fontsize=8, loc="lower left")
-    fig.suptitle("Kept width per layer: first and last layers are left whole (block-wise pruning)")
+    fig.suptitle(f"Kept width per layer; left whole in every plan: {_whole_layers(plans, num_layers, dense)}")
     fig.tight_layout()
     return fig
+
+
+def _whole_layers(plans: dict, num_layers: int, dense: dict) -> str:
+    """The layers every plan keeps at full width, read from the plans ("layers 0-3, 29", or "no layer")."""
+    whole = [layer for layer in range(num_layers)
+             if all(all(w[k] == dense[k] for k in dense) for plan in plans.values()
+                    for w in plan.widths if w["layer"] == layer)
+             and all(any(w["layer"] == layer for w in plan.widths) for plan in plans.values())]
+    if not whole:
+        return "no layer"
+    runs, start = [], whole[0]
+    for a, b in zip(whole, whole[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ("layer " if len(whole) == 1 else "layers ") + ", ".join(runs)
