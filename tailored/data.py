@@ -12,7 +12,8 @@ classification task in a common format (a saved dataset, oe-eval request documen
 with a field mapping) is built from its entry alone, so a new task is one registry entry plus one prompt.
 
 No dataset hub is reachable on the build machines, so each task of the study is read from a pip package
-that ships it (see DESIGN.md, "Offline sources"). Those packages are never imported (their dependencies
+that ships it (each task's `source` in tailored/tasks.yaml names the package and the folder; ``PACKAGES`` the
+pip requirement). Those packages are never imported (their dependencies
 are not installed): ``importlib.util.find_spec`` finds their folders and the files are read directly.
 
 ==============  ==============================================  ==============================================
