@@ -445,3 +445,14 @@ def test_the_calibration_batch_is_written_byte_stably_and_read_back(tmp_path):
     meta = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
     assert list(meta) == sorted(meta) and json.loads(meta["settings"]) == {"a": 1, "n_samples": 3, "seq_len": 8}
     assert torch.equal(load_calibration(path), batch)
+
+
+def test_the_estimate_against_truth_figure_has_a_panel_per_estimator_titled_with_its_rank_correlation():
+    from tailored.figures import plt
+    from tailored.figures.importance import plot_estimate_vs_truth
+
+    truth = torch.tensor([0.1, 0.4, 0.2, 0.9])
+    fig = plot_estimate_vs_truth({"param_first": truth * 3, "random": torch.tensor([4.0, 1.0, 3.0, 2.0])}, truth, "t")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["param_first  (ρ = 1.00)", "random  (ρ = -0.80)"]
+    plt.close(fig)

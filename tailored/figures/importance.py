@@ -3,6 +3,7 @@
 - ``plot_unit_heatmaps``: layer × unit maps of one estimator for attention (key-value groups), query heads
   and MLP channels (channels sorted within each layer and averaged in bins, so 1536 channels fit a row).
 - ``plot_estimator_correlation``: Spearman rank correlation between estimators (seaborn heatmap).
+- ``plot_estimate_vs_truth``: each unit's score against the true loss change of removing it (the check).
 - ``plot_depth_profile``: mean unit importance per layer, relative to the average layer, one line per
   estimator: LLM-Pruner found the first and last layers matter most, and this lets the reader check it.
 
@@ -174,5 +175,27 @@ def plot_depth_profile(importance: Importance, graph: Graph, kinds: Sequence[str
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"Importance across depth ({reduction} reduction; first and last layers shaded)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_estimate_vs_truth(estimates: dict[str, torch.Tensor], truth: torch.Tensor, title: str):
+    """One panel per estimator: each unit's score against the true loss change of removing it alone.
+
+    ``estimates``: estimator -> scores of the same units as ``truth`` (``zeroing_loss_change``). The scores are
+    on their own scales, so each panel has its own x axis; what matters is whether the points rise together
+    (the panel's Spearman ρ in its title). The picture that shows why a gradient estimates importance.
+    """
+    names = list(estimates)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.0), sharey=True, squeeze=False)
+    y = truth.float().numpy()
+    for ax, name in zip(axes[0], names):
+        x = estimates[name].float().numpy()
+        ax.scatter(x, y, s=12, alpha=0.7, color="C0" if name != "random" else "C7")
+        ax.set_title(f"{name}  (ρ = {spearman(estimates[name], truth):.2f})", fontsize=9)
+        ax.set_xlabel("estimated importance")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("true loss change when removed")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
