@@ -178,3 +178,19 @@ def test_committed_claims_and_headline_tables_reproduce_from_the_published_examp
     if not path.exists():
         pytest.skip(f"{path.relative_to(REPO_ROOT)} is not committed yet: the next class/study run writes it")
     assert figs.check_published(path) == {"eval_claims": True, "eval_main_table": True}
+
+
+def test_the_few_shot_figure_keeps_its_legend_off_the_bands():
+    """The legend sits below the panels (a figure legend), so no confidence band is hidden behind it."""
+    from tailored.figures import evaluate as draw
+    from tailored.figures import plt
+
+    rows = pd.DataFrame([{"model": m, "task": t, "kind": "multiple_choice", "prompt": "task_specific", "k": k,
+                          "k_used": k, "n": 50, "metric": "acc", "value": v, "stderr": 0.05, "ci_low": v - 0.1,
+                          "ci_high": v + 0.1, "chance": 0.25, "majority": 0.3, "near_chance": False}
+                         for m, v in (("dense", 0.6), ("block_50", 0.4)) for t in ("piqa", "arc_easy")
+                         for k in (0, 1, 5)])
+    fig = draw.plot_accuracy_vs_k(rows, ["piqa", "arc_easy"])
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dense", "block_50", "chance"]
+    plt.close(fig)

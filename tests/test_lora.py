@@ -247,7 +247,19 @@ def test_figures_draw_curves_and_accuracy_against_n(tmp_path):
     fig = plot_loss_curves({"generic": [(1, 3.0), (2, 2.5), (3, 2.2)],
                             "tailored boolq": [(1, 2.0), (2, 1.0), (3, 0.8)]}, smooth=2)
     assert len(fig.axes[0].lines) == 2 and fig.axes[0].lines[0].get_linestyle() == "--"
+    assert fig.axes[0].get_xlabel() == "optimizer step"  # bare (step, loss) lists: no tokens to count
     assert save_figure(fig, tmp_path, "loss").stat().st_size > 0
+    from tailored.lora import TrainResult
+
+    def run(steps, tokens):  # the same token budget in a different number of steps
+        return TrainResult(adapter_dir=tmp_path, steps=steps, tokens=tokens, train_s=1.0, wall_s=1.0,
+                           tokens_per_s=1.0, losses=tuple((s, 2.0) for s in range(1, steps + 1)),
+                           validation=((steps // 2, 2.2), (steps, 1.9)))
+    fig = plot_loss_curves({"generic": run(40, 8000), "tailored": run(10, 8000)})
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("trained tokens")
+    ends = [line.get_xdata()[-1] for line in ax.lines if "validation" in line.get_label()]
+    assert ends == [8.0, 8.0]  # both end at the budget, in thousands of tokens
     df = pd.DataFrame([
         {"task": t, "method": m, "n": n, "accuracy": a, "ci_low": a - 0.05, "ci_high": a + 0.05, "chance": 0.5}
         for t in ("boolq", "piqa") for m, n, a in

@@ -64,9 +64,10 @@ def plot_accuracy_vs_k(rows: pd.DataFrame, tasks: Sequence[str], prompt: str = "
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7, frameon=False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(f"More shots, {prompt} prompt: accuracy against k (bands: 95% CI)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))  # room below the panels: the legend covers no band
+    fig.legend(handles, labels, fontsize=7, frameon=False, loc="lower center", ncols=min(len(labels), 6))
     return fig
 
 

@@ -16,13 +16,15 @@ from tailored.lora import read_train_metrics
 KIND_STYLE = {"generic": {"linestyle": "--"}, "tailored": {"linestyle": "-"}}
 
 
-def _curves(run) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(training curve, validation curve) of a TrainResult, a finished run's folder, or a list of (step, loss)."""
+def _curves(run) -> tuple[list[tuple[int, float]], list[tuple[int, float]], float | None]:
+    """(training curve, validation curve, trained tokens per step) of a TrainResult, a finished run's folder, or a
+    list of (step, loss) (no tokens: the x axis stays in steps)."""
     if isinstance(run, (str, Path)):
         run = read_train_metrics(run)
     if hasattr(run, "losses"):
-        return list(run.losses), list(getattr(run, "validation", ()))
-    return [tuple(x) for x in run], []
+        per_step = run.tokens / run.steps if getattr(run, "steps", 0) and getattr(run, "tokens", 0) else None
+        return list(run.losses), list(getattr(run, "validation", ())), per_step
+    return [tuple(x) for x in run], [], None
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:
@@ -38,29 +40,36 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 def plot_loss_curves(runs: Mapping[str, object], kinds: Mapping[str, str] | None = None, smooth: int = 1,
                      ax=None, title: str = "LoRA recovery: loss on the answer tokens"):
-    """Training loss against optimizer step, several runs on one axes.
+    """Loss against trained tokens (the budget both recipes share), several runs on one axes.
 
     ``runs`` maps a label to a ``TrainResult``, a finished run's ``out_dir``, or a list of (step, loss).
     ``kinds`` marks each label ``"generic"`` (dashed) or ``"tailored"`` (solid); by default a label that
-    contains "generic" is generic. Validation losses, where recorded, are drawn as dots in the run's colour.
-    Note that the curves of different data are not comparable in level (the answers differ); what they show
-    is how fast each run learns its own data.
+    contains "generic" is generic. Validation losses, where recorded, are the main mark (large dots joined);
+    the training loss is drawn thin behind them. The x axis is the step times the run's mean trained tokens per
+    step (prompt + answer, ``TrainResult.tokens / steps``), so runs with the same token budget end together
+    however long their examples are; runs given as bare (step, loss) lists keep a step axis. Note that the
+    training curves of different data are not comparable in level (the answers differ).
     """
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.0, 3.6))
+    in_tokens = True
     for i, (label, run) in enumerate(runs.items()):
-        train, val = _curves(run)
+        train, val, per_step = _curves(run)
+        in_tokens = in_tokens and per_step is not None
+        scale = (per_step or 1.0) / (1000.0 if per_step else 1.0)
         kind = (kinds or {}).get(label, "generic" if "generic" in label.lower() else "tailored")
         color = f"C{i % 10}"
         if train:
             steps, losses = zip(*train)
-            ax.plot(steps, _smooth(list(losses), max(1, smooth)), color=color, label=f"{label} ({kind})",
-                    lw=1.4, **KIND_STYLE.get(kind, {}))
+            ax.plot([scale * x for x in steps], _smooth(list(losses), max(1, smooth)), color=color, lw=0.9,
+                    alpha=0.45, label=f"{label} ({kind}): training", **KIND_STYLE.get(kind, {}))
         if val:
             vs, vl = zip(*val)
-            ax.plot(vs, vl, "o", color=color, ms=4, label=f"{label}: validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per answer token (nats)" + (f", mean of {smooth} steps" if smooth > 1 else ""))
+            ax.plot([scale * x for x in vs], vl, marker="o", ms=5, lw=1.6, color=color,
+                    label=f"{label} ({kind}): validation", **KIND_STYLE.get(kind, {}))
+    ax.set_xlabel("trained tokens (thousands, prompt + answer)" if in_tokens else "optimizer step")
+    ax.set_ylabel("loss per answer token (nats)" + (f"; training: mean of {smooth} steps" if smooth > 1 else ""))
     ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig

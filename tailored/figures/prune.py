@@ -22,15 +22,17 @@ METHOD_LABELS = {"random": "random (the floor)", "param_first": "Taylor 1st orde
 def perplexity_curve(df: pd.DataFrame, dense_ppl: float, title: str = ""):
     """Perplexity (log scale) against the share of decoder parameters removed, one line per method.
 
-    ``df`` columns: ``method`` (or ``estimator``), share (achieved, 0–1), perplexity; random dashed.
+    ``df`` columns: ``method`` (or ``estimator``), share (achieved, 0–1), perplexity; random dashed. Every
+    line starts at the dense point (0% removed) and marks each measured share.
     """
     key = "method" if "method" in df.columns else "estimator"
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for name, part in df.dropna(subset=["perplexity"]).groupby(key, sort=False):
-        part = part.sort_values("share")
-        ax.plot(100 * part["share"], part["perplexity"], marker="o", ms=4,
+        part = part.sort_values("share")  # every line starts at the dense model: nothing removed, dense_ppl
+        ax.plot([0.0, *(100 * part["share"])], [dense_ppl, *part["perplexity"]], marker="o", ms=4,
                 label=METHOD_LABELS.get(name, ESTIMATOR_LABELS.get(name, name)), ls="--" if name == "random" else "-")
-    ax.axhline(dense_ppl, color="black", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
+    ax.axhline(dense_ppl, color="black", lw=0.8, ls=":")
+    ax.plot([0.0], [dense_ppl], "s", color="black", ms=6, label=f"dense ({dense_ppl:.1f})", zorder=5)
     ax.set_yscale("log")
     ax.set_xlabel("decoder parameters removed (%)")
     ax.set_ylabel("perplexity (log scale, lower is better)")
