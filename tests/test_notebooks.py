@@ -78,3 +78,20 @@ def test_paper_scale_finds_the_main_cell_of_every_notebook():
         nb = nbformat.read(step.path, as_version=4)
         hits = [c for c in nb.cells if c.cell_type == "code" and ps.MAIN_CELL[step.name] in c.source]
         assert len(hits) == 1, (step.name, ps.MAIN_CELL[step.name])
+
+
+READABLE = {"02_importance": 1, "03_prune": 2, "04_lora_tune": 1, "05_evaluate": 1}  # cells marked "# readable version"
+
+
+def test_each_key_algorithm_has_a_readable_version_asserted_equal_to_the_fast_path_in_its_notebook():
+    """02's Taylor score, 03's greedy planner and hand-cut MLP group, 04's LoRA layer, 05's log-likelihood: each a
+    visible code cell that asserts (so papermill stops when the two diverge), after a markdown cell saying what."""
+    for step in NOTEBOOKS:
+        if step.name not in READABLE:
+            continue
+        cells = nbformat.read(str(step.path), as_version=4).cells
+        marked = [i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.startswith("# readable version")]
+        assert len(marked) == READABLE[step.name], f"{step.name}: {len(marked)} readable-version cells"
+        for i in marked:
+            assert "\nassert " in cells[i].source, f"{step.name} cell {i}: a readable version that asserts nothing"
+            assert cells[i - 1].cell_type == "markdown", f"{step.name} cell {i}: no markdown says what it checks"
