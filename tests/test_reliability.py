@@ -383,12 +383,12 @@ def test_an_unreachable_target_for_the_method_is_refused_before_any_step(tmp_pat
 def test_the_reach_of_a_layer_range_from_the_config_is_the_planners(variant, attention):
     """The up-front check counts from config.json what plan_pruning counts on the traced graph."""
     from tailored.graph import trace
-    from tailored.prune import plan_pruning
+    from tailored.prune import max_share, plan_pruning
 
     model, _ = models.build_tiny(variant)
     graph = trace(model)
     config = models.tiny_config(variant).to_dict()
-    most = runner.max_block_share(config, (1, 3), attention)
+    most = max_share(config, (1, 3), attention)
     scores = {g.name: torch.rand(g.units) for g in graph.groups}
     plan_pruning(graph, scores, target=most, layer_range=(1, 3), attention=attention)  # reachable exactly
     with pytest.raises(ValueError, match=f"removes at most {most:.1%}"):
