@@ -13,14 +13,17 @@ damaged one is never used. Training them is ``tailored.lora``'s job.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError
 
 from tailored.artifacts import is_sealed, open_safetensors, seal, verify
+from tailored.paths import write_failed
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -135,9 +138,24 @@ def write_adapter(peft_model, dest: Path) -> None:
     """``save_pretrained`` into a temporary folder, then rename: a reader never sees half an adapter."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    save_peft(peft_model, tmp, dest)
     seal(tmp)
     swap_dir(tmp, dest)
+
+
+def save_peft(peft_model, tmp: Path, dest: Path) -> None:
+    """PEFT's ``save_pretrained`` into the temporary folder ``tmp`` of ``dest``; a failed write (a full disk, a
+    file-size limit) removes ``tmp`` and raises ``tailored.paths.WriteFailed`` naming ``dest``'s weights file, where
+    safetensors' own error says only "I/O error: File too large"."""
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):  # safetensors' Rust writer: the cause is only in its text
+            text = str(err).lower()
+            code = errno.EFBIG if "too large" in text else errno.ENOSPC if "no space" in text else None
+            err = OSError(code, str(err))
+        raise write_failed(dest / WEIGHTS, err) from None
 
 
 def install_adapter(src: Path, out_dir: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tailored.adapters import load_adapter_weights, swap_dir, trainable
+from tailored.adapters import load_adapter_weights, save_peft, swap_dir, trainable
 from tailored.artifacts import check_seal, read_json, seal, write_json, write_safetensors
 from tailored.lock import pid_alive
 
@@ -38,7 +38,7 @@ def save_snapshot(out_dir: Path, step: int, peft_model, optimizer, state: dict) 
     dest = out_dir / f"{PREFIX}{step}"
     tmp = out_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    save_peft(peft_model, tmp, dest)
     # Optimizer: its tensors (per parameter: step, exp_avg, exp_avg_sq) in safetensors, the rest in JSON.
     sd = optimizer.state_dict()
     tensors = {f"{idx}.{key}": value.detach().contiguous().cpu()

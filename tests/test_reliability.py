@@ -576,3 +576,24 @@ def test_lr_1000_on_the_smoke_model_installs_no_adapter_and_says_the_numbers(tmp
     healthy = lora.train_lora(*models.build_tiny("tiny", seed=0), EXAMPLES, LoraSettings(max_steps=3, **QUICK),
                               tmp_path / "ok", validation=EXAMPLES[:4], progress=False)
     assert (tmp_path / "ok" / "SHA256SUMS").is_file() and healthy.validation[-1][1] < U - 0.01
+
+
+def test_a_file_size_limit_while_saving_an_adapter_names_the_file(tmp_path):
+    """`ulimit -f` during PEFT's save: the adapter's weights file is named, and no temporary folder stays."""
+    script = (
+        "import pathlib, resource, sys\n"
+        "from tailored import adapters, models\n"
+        "from tailored.lora import LoraSettings\n"
+        "peft_model = adapters.add_lora(models.build_tiny('tiny')[0], LoraSettings())\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ\n"
+        "try:\n"
+        "    adapters.write_adapter(peft_model, pathlib.Path(sys.argv[1]) / 'best')\n"
+        "except OSError as err:\n"
+        "    print(type(err).__name__ + ': ' + str(err))\n")
+    env = {**os.environ, "PYTHONPATH": str(runner.paths.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert len(out) == 1 and out[0].startswith(
+        f"WriteFailed: cannot write {tmp_path / 'best' / 'adapter_model.safetensors'}: the file is larger than this "
+        "process may write (a file-size limit: `ulimit -f`"), out
+    assert list(tmp_path.iterdir()) == []
