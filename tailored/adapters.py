@@ -6,21 +6,29 @@ LoRA (Hu et al., 2021) freezes every weight ``W`` of the model and learns a low-
 
 The matrices follow the model's (pruned) shapes layer by layer. An adapter is saved in PEFT's format,
 ``adapter_config.json`` + ``adapter_model.safetensors`` (never a pickle), always through a temporary folder
-and a rename, so a reader never sees half of one. Training them is ``tailored.lora``'s job.
+and a rename, so a reader never sees half of one. A finished run's folder is sealed (``SHA256SUMS``: the sha256
+of each file, ``tailored.artifacts.seal``), and a sealed adapter is checked by content before it is loaded, so a
+damaged one is never used. Training them is ``tailored.lora``'s job.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+
+from tailored.artifacts import is_sealed, open_safetensors, seal, verify
+from tailored.paths import write_failed
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WEIGHTS = "adapter_model.safetensors"
+RETRAIN = "train it again (notebook 04: `tailored run --steps 04 --force`)"  # what rebuilds a damaged adapter
 
 
 class AdapterSettings(Protocol):
@@ -79,6 +87,7 @@ def load_adapter(model, adapter_dir: str | Path):
                              "tailored loads adapters from adapter_model.safetensors only. Train the adapter again, "
                              "or convert it once where you trust it (load it with PEFT, save_pretrained it)")
         raise FileNotFoundError(f"{adapter_dir} holds no adapter_model.safetensors: the adapter's weights are missing")
+    check_adapter(adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     peft_model.eval()
     return peft_model
@@ -102,23 +111,57 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def check_adapter(adapter_dir: str | Path) -> None:
+    """Raise ``ArtifactError`` (one line, naming the file) unless the adapter's bytes are as written: a sealed folder
+    is checked against its ``SHA256SUMS``; an unsealed one (a snapshot's, or saved elsewhere) only by reading
+    its safetensors header, which a truncated file fails."""
+    adapter_dir = Path(adapter_dir)
+    if is_sealed(adapter_dir):
+        verify(adapter_dir, RETRAIN)
+    else:
+        with open_safetensors(adapter_dir / WEIGHTS, RETRAIN):
+            pass
+
+
 def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
-    """Load the adapter weights saved in ``adapter_dir`` into ``peft_model``'s LoRA layers, in place."""
+    """Load the adapter weights saved in ``adapter_dir`` into ``peft_model``'s LoRA layers, in place (checked
+    first: ``check_adapter``)."""
     from peft import set_peft_model_state_dict  # peft is imported lazily: 5 s, and only training needs it
 
-    set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    check_adapter(adapter_dir)
+    with open_safetensors(Path(adapter_dir) / WEIGHTS, RETRAIN) as fh:
+        weights = {k: fh.get_tensor(k) for k in fh.keys()}
+    set_peft_model_state_dict(peft_model, weights)
 
 
 def write_adapter(peft_model, dest: Path) -> None:
     """``save_pretrained`` into a temporary folder, then rename: a reader never sees half an adapter."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    save_peft(peft_model, tmp, dest)
+    seal(tmp)
     swap_dir(tmp, dest)
 
 
+def save_peft(peft_model, tmp: Path, dest: Path) -> None:
+    """PEFT's ``save_pretrained`` into the temporary folder ``tmp`` of ``dest``; a failed write (a full disk, a
+    file-size limit) removes ``tmp`` and raises ``tailored.paths.WriteFailed`` naming ``dest``'s weights file, where
+    safetensors' own error says only "I/O error: File too large"."""
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):  # safetensors' Rust writer: the cause is only in its text
+            text = str(err).lower()
+            code = errno.EFBIG if "too large" in text else errno.ENOSPC if "no space" in text else None
+            err = OSError(code, str(err))
+        raise write_failed(dest / WEIGHTS, err) from None
+
+
 def install_adapter(src: Path, out_dir: Path) -> None:
-    """Copy an adapter's files into ``out_dir`` itself, each through a temporary file and a rename."""
+    """Copy an adapter's files into ``out_dir`` itself, each through a temporary file and a rename (``src`` checked
+    first: ``check_adapter``). The caller seals ``out_dir`` once the run's metrics are beside them."""
+    check_adapter(src)
     for name in ADAPTER_FILES:
         tmp = out_dir / f".{name}.tmp-{os.getpid()}"
         shutil.copyfile(src / name, tmp)

@@ -9,6 +9,7 @@ every layer; ``LlamaConfig`` has one number for each. So a pruned checkpoint is 
     model.safetensors      the weights (no pickle: LLM-Pruner's torch.save files run code when loaded)
     pruning.json           every tensor's shape, a per-layer summary, and the pruning record
     tokenizer files
+    SHA256SUMS             the sha256 of every file above: load_pruned checks the bytes against it first
 
 Bias compensation (FLAP) gives ``o_proj`` / ``down_proj`` a bias that HF Llama builds without; such
 tensors are listed under ``added_biases`` in ``pruning.json`` and ``load_pruned`` creates them.
@@ -28,15 +29,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tailored.anatomy import decoder_layers, dispatch, resolve_device, resolve_dtype, sync_module_attributes
-from tailored.artifacts import json_safe
+from tailored.artifacts import is_sealed, json_safe, seal, verify, write_safetensors
 
 FORMAT = "tailored.pruned/1"
 WEIGHTS = "model.safetensors"
 RECORD = "pruning.json"
+RESAVE = "save the checkpoint again (in a run: notebook 03, `tailored run --from 03`)"
 CONFIG = "config.json"
 _LAYER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,13 +84,14 @@ def save_pruned(model: torch.nn.Module, tokenizer, dir: str | Path, record: Mapp
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"}, sealed=False)
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECORD).write_text(_readable_json(meta))
+        seal(tmp)  # SHA256SUMS arrives with the files, in the one rename
         old = dir.with_name(f".{dir.name}.old-{os.getpid()}")
         if dir.exists():
             os.replace(dir, old)  # a directory cannot be replaced in one step: move the old one aside first
@@ -175,7 +177,8 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     Weights are read with safetensors only (never ``torch.load``). Raises ``FileNotFoundError`` when
     ``dir`` is not a pruned checkpoint (saying which files are missing) and ``ValueError`` naming the file
     and tensor when a file is corrupted or its shapes disagree with ``pruning.json``, and naming the key when
-    ``config.json`` disagrees with the stored tensors (``_check_config``).
+    ``config.json`` disagrees with the stored tensors (``_check_config``). A sealed checkpoint (``SHA256SUMS``,
+    as ``save_pruned`` writes) is checked by content first: a changed byte raises ``ArtifactError`` naming the file.
 
     ``device_map`` (a pruned model that does not fit one device): built on ``device`` (the CPU), then spread
     with ``tailored.anatomy.dispatch`` (``"auto"`` or ``{module name: device}``; ``"disk"`` entries are kept in
@@ -188,6 +191,8 @@ def load_pruned(dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     if missing:
         raise FileNotFoundError(f"{dir} is not a pruned checkpoint: missing {', '.join(missing)} "
                                 "(save_pruned writes config.json, model.safetensors and pruning.json)")
+    if is_sealed(dir):
+        verify(dir, RESAVE)
     meta = read_record(dir)
     shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
     weights = dir / WEIGHTS

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters, preserved
-from tailored.artifacts import ArtifactError, write_json
+from tailored.artifacts import ArtifactError, is_sealed, json_safe, verify, write_sealed
 
 KINDS = ("attention", "qheads", "mlp", "hidden")
 
@@ -123,13 +123,16 @@ class Graph:
         return cls(groups=tuple(groups), **fields_)
 
     def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict(), indent=None)
+        """Write the graph as one line of JSON, atomically, sealed (``graph.json.sha256``)."""
+        return write_sealed(path, (json.dumps(json_safe(self.to_dict())) + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> Graph:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 01 (`tailored run --steps 01`) first")
+        if is_sealed(path):  # every byte as written, or named
+            verify(path, "rebuild it with notebook 01: `tailored run --steps 01 --force`")
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or bytes, or not a graph's fields

@@ -58,15 +58,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from tailored.anatomy import decoder_layers, preserved, set_recompute_activations, weights_fingerprint
-from tailored.artifacts import ArtifactError
+from tailored.artifacts import ArtifactError, open_safetensors, write_sealed
 from tailored.choices import ESTIMATORS, FISHER_ESTIMATORS, GRADIENT_ESTIMATORS, READER_ESTIMATORS, REDUCTIONS
 from tailored.graph import KINDS, Graph, GroupSet
-from tailored.paths import atomic_write_bytes
 
 FORMAT = "tailored.importance/1"
 
@@ -134,6 +132,7 @@ def calibration_batch(tokenizer, texts: Sequence[str], n_samples: int = 10, seq_
 
 
 CALIBRATION_FORMAT = "tailored.calibration/1"
+REBUILD = "rerun notebook 02: `tailored run --steps 02 --force`"  # what writes the calibration, scores, statistics
 
 
 def save_calibration(batch: torch.Tensor, path: str | Path, settings: Mapping | None = None) -> Path:
@@ -142,7 +141,7 @@ def save_calibration(batch: torch.Tensor, path: str | Path, settings: Mapping | 
     meta = {"format": CALIBRATION_FORMAT, "settings": json.dumps(dict(settings or {}), sort_keys=True, default=str)}
     path = Path(path)
     ids = {"input_ids": batch.detach().to("cpu", torch.long).contiguous()}
-    atomic_write_bytes(path, _sorted_metadata(save(ids, metadata=meta)))  # the header's keys in one order
+    write_sealed(path, _sorted_metadata(save(ids, metadata=meta)))  # the header's keys in one order; sealed
     return path
 
 
@@ -152,7 +151,7 @@ def load_calibration(path: str | Path) -> torch.Tensor:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with open_safetensors(path, REBUILD) as fh:  # its seal checked first, a damaged file named
             if (fh.metadata() or {}).get("format") != CALIBRATION_FORMAT:
                 raise ArtifactError(f"{path} is not a calibration batch (format {CALIBRATION_FORMAT!r} expected)")
             return fh.get_tensor("input_ids")
@@ -256,7 +255,7 @@ class Importance(Mapping):
         meta = {"format": FORMAT, "settings": json.dumps(self.settings, sort_keys=True, default=str),
                 "keys": json.dumps(list(tensors))}  # safetensors sorts its keys; this keeps our order
         path = Path(path)
-        atomic_write_bytes(path, _sorted_metadata(save(tensors, metadata=meta)))
+        write_sealed(path, _sorted_metadata(save(tensors, metadata=meta)))
         return path
 
     @classmethod
@@ -265,7 +264,7 @@ class Importance(Mapping):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
         try:
-            with safe_open(str(path), framework="pt") as fh:
+            with open_safetensors(path, REBUILD) as fh:  # its seal checked first
                 meta = fh.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"{path} is not an importance file (format {meta.get('format')!r}, "
@@ -275,6 +274,8 @@ class Importance(Mapping):
                     est, red, gs = key.split("/", 2)
                     scores[(est, red, gs)] = fh.get_tensor(key)
             return cls(scores=scores, settings=json.loads(meta.get("settings", "{}")))
+        except ArtifactError:
+            raise
         except Exception as e:  # safetensors raises its own SafetensorError for a truncated or garbled file
             raise ArtifactError(f"{path} is damaged ({type(e).__name__}: {e}); rebuild it with notebook 02: "
                                 "`tailored run --steps 02 --force`") from None
@@ -580,7 +581,7 @@ class Activations:
         meta = {"format": ACTIVATIONS_FORMAT, "tokens": str(self.tokens),
                 "settings": json.dumps(self.settings, sort_keys=True, default=str)}
         path = Path(path)
-        atomic_write_bytes(path, save(tensors, metadata=meta))
+        write_sealed(path, _sorted_metadata(save(tensors, metadata=meta)))
         return path
 
     @classmethod
@@ -589,7 +590,7 @@ class Activations:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run notebook 02 (`tailored run --steps 02`) first")
         parts: dict[str, dict[str, torch.Tensor]] = {"mean": {}, "second": {}, "fisher": {}}
-        with safe_open(str(path), framework="pt") as fh:
+        with open_safetensors(path, REBUILD) as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != ACTIVATIONS_FORMAT:
                 raise ValueError(f"{path} is not an activations file (format {meta.get('format')!r}, expected "

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tailored.adapters import (
+    ADAPTER_FILES,
     PROJECTIONS,
     add_lora,
     install_adapter,
@@ -56,7 +57,7 @@ from tailored.adapters import (
     write_adapter,
 )
 from tailored.anatomy import preserved, set_recompute_activations, weights_fingerprint
-from tailored.artifacts import read_json, write_json
+from tailored.artifacts import check_seal, read_json, seal, write_json
 from tailored.recovery_data import IGNORE, Encoded, TrainExample, collate, encode, loss_mask
 from tailored.snapshots import (
     BEST,
@@ -66,12 +67,13 @@ from tailored.snapshots import (
     latest_snapshot,
     load_snapshot,
     save_snapshot,
+    snapshot_problem,
 )
 
 PRECISIONS = ("auto", "bf16", "fp32")
 SELECTIONS = ("last", "validation")
 DISTILL_TOKENS = ("answer", "all")
-METRICS_FILE = "train_metrics.json"  # written last: a run with it is finished
+METRICS_FILE = "train_metrics.json"  # written last (then the folder's seal): a run with it is finished
 # The divergence rule (see ``divergence``): the smoothing window of the blow-up test, how many steps pinned
 # at ln(vocab) make a collapse, and how close (nats) counts as "at" it.
 SMOOTHING_STEPS = 5
@@ -377,13 +379,14 @@ def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -
 
 
 def _set_aside(out_dir: Path, reason: str) -> Path:
-    """Move a stale run to ``<out_dir>.replaced`` (replacing an older one there), saying so: it is kept for a
-    look, never read again, and ``out_dir`` trains afresh."""
+    """Move a stale or damaged run to ``<out_dir>.replaced`` (replacing an older one there), saying so: it is kept
+    for a look, never read again, and ``out_dir`` trains afresh. ``reason``: "made from <what differs>", or what
+    is damaged (``check_seal``'s sentence, naming the file)."""
     aside = out_dir.with_name(out_dir.name + ".replaced")
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(out_dir, aside)
-    warnings.warn(f"{out_dir} held a LoRA run made from {reason}: it is kept at {aside}, and the run is trained "
-                  "afresh", stacklevel=3)
+    warnings.warn(f"{out_dir} held a LoRA run {reason}: it is kept at {aside}, and the run is trained afresh",
+                  stacklevel=3)
     return aside
 
 
@@ -445,6 +448,33 @@ def divergence(losses: Sequence[float], vocab_size: int, validation: float | Non
         if first < uniform - 0.1 and abs(validation - uniform) < UNIFORM_TOLERANCE:
             return (f"the model collapsed to a uniform guess: the validation loss is ln({vocab_size}) = "
                     f"{uniform:.4f}, every token equally likely (step 1: {first:.3g})")
+    return None
+
+
+class NothingLearned(TrainingDiverged):
+    """The chosen adapter's validation loss is not below the base model's, or is a uniform guess (see
+    ``not_learned``): it was not installed."""
+
+
+def not_learned(validation: float, base: float, vocab_size: int) -> str | None:
+    """Why an adapter whose validation loss is ``validation`` learned nothing, or None: the rule applied before
+    an adapter is installed (``base``: the same loss of the model without the adapter; nats per answer token).
+
+    Refused when
+
+    1. ``validation`` is not below ``base``: the adapter made the held-out answers no likelier (or less likely);
+    2. ``validation`` lies within 0.001 of U = ln(vocab_size): every token equally likely.
+
+    Rule 2 matters where the base itself is near U, as a random model is (the smoke profile's: base U − 0.025,
+    so an adapter collapsed to U, 0.025 *above* it, is caught by rule 1 too; two steps of lr 0.01 reach U − 0.29).
+    A collapse pins the loss at U to 1e-5; a model that learned a little moves it by hundredths at least.
+    """
+    uniform = math.log(vocab_size)
+    if not validation < base:
+        return f"its validation loss {validation:.4f} is not below the base model's {base:.4f}"
+    if abs(validation - uniform) < UNIFORM_TOLERANCE:
+        return (f"its validation loss {validation:.4f} is ln({vocab_size}) = {uniform:.4f}, a uniform guess "
+                f"(the base model's: {base:.4f})")
     return None
 
 
@@ -519,7 +549,11 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     ``stop_after`` leaves after that many steps, as an interruption would, keeping the schedule of the full
     run (for tests and for splitting a long run over sessions). A diverged run (a NaN loss, a blow-up or a
     collapse to a uniform guess: ``divergence``) raises ``TrainingDiverged`` naming the step, the loss and
-    the learning rate; its adapter is never installed and its snapshots are removed. Leftovers of a killed
+    the learning rate; its adapter is never installed and its snapshots are removed. So is an adapter that
+    learned nothing (``NothingLearned``, a ``TrainingDiverged``: its validation loss not below the base
+    model's, or a uniform guess; see ``not_learned``; checked where validation examples are given). The
+    installed folder is sealed (``SHA256SUMS``), and a finished run is reused only while every byte is as
+    written (a damaged one is set aside and trained again). Leftovers of a killed
     run in ``out_dir`` are removed first (``snapshots.clean_leftovers``). ``model`` is wrapped in place
     (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
 
@@ -611,9 +645,10 @@ class _Run:
         if not (self.out_dir / METRICS_FILE).exists():
             return None
         done = read_json(self.out_dir / METRICS_FILE)
+        damage = check_seal(self.out_dir)  # every byte as written, or it is trained again
         reason = self.changed(done)
-        if reason is not None:
-            self.set_aside(reason)
+        if damage is not None or reason is not None:
+            self.set_aside(f"that is damaged ({damage})" if damage else f"made from {reason}")
             return None
         load_adapter_weights(self.peft_model, self.out_dir)
         self.peft_model.eval()
@@ -622,10 +657,18 @@ class _Run:
     def resume_or_start(self) -> None:
         """Continue from the latest snapshot of the same run, or start afresh (a stale one is set aside)."""
         snapshot = latest_snapshot(self.out_dir)
+        damage = snapshot_problem(snapshot) if snapshot is not None else None
+        if damage is not None:  # never resume from damaged bytes: start afresh (the run is a function of its seed)
+            _barrier()
+            if self.main:
+                warnings.warn(f"{snapshot} is not resumed from: {damage}; the run starts afresh", stacklevel=3)
+                discard(self.out_dir)
+            _barrier()
+            snapshot = None
         if snapshot is not None:
             reason = self.changed(read_json(snapshot / STATE))
             if reason is not None:
-                self.set_aside(reason)
+                self.set_aside(f"made from {reason}")
                 snapshot = None
         if snapshot is not None:
             self.state = load_snapshot(snapshot, self.peft_model, self.optimizer)
@@ -697,11 +740,34 @@ class _Run:
         finally:
             bar.close()
 
+    def learned_nothing(self, step: int, v: float) -> NothingLearned | None:
+        """Why the chosen adapter (of ``step``, validation loss ``v``) is not installed, or None (see ``not_learned``):
+        its validation loss against the base model's, measured now with the adapters switched off."""
+        with self.peft_model.disable_adapter():
+            base = validation_loss(self.peft_model, self.val_encoded, self.pad_id,
+                                   self.settings.micro_batch_size or self.settings.batch_size, self.autocast)
+        problem = not_learned(v, base, self.vocab)
+        if problem is None:
+            return None
+        if self.main:
+            discard(self.out_dir)
+        return NothingLearned(
+            f"LoRA run {self.out_dir}: the adapter of step {step} of {self.total} is not installed: {problem}. Its "
+            f"snapshots were removed. A loss that rose: lower the learning rate (settings.lr={self.settings.lr:g}; "
+            "the paper: 1e-4); one that did not move: more steps or examples, or a higher one; then rerun")
+
     def finish(self, n_examples: int) -> TrainResult:
-        """The result; a finished run also installs the chosen adapter in ``out_dir``, then its metrics (last)."""
+        """The result; a finished run also installs the chosen adapter in ``out_dir`` (unless it learned nothing:
+        ``NothingLearned``), then its metrics, then the folder's seal (last)."""
         state, out_dir = self.state, self.out_dir
         finished = state["step"] == self.total
         selected = state["step"]
+        if finished and state["validation"]:
+            best = self.settings.select == "validation" and state["best"] is not None
+            step, v = state["best"] if best else state["validation"][-1]
+            refused = self.learned_nothing(step, v)
+            if refused is not None:
+                raise refused
         if finished:  # out_dir gets the chosen adapter, then the metrics (written last: the run is done)
             if self.settings.select == "validation" and state["best"] is not None:
                 selected = state["best"][0]
@@ -721,6 +787,7 @@ class _Run:
         if finished and self.main:
             write_json(out_dir / METRICS_FILE, {**result.to_dict(), "data_fingerprint": self.fingerprint,
                                                 "base_fingerprint": self.base})
+            seal(out_dir, files=[*ADAPTER_FILES, METRICS_FILE])  # checked before the adapter is ever reused
             discard(out_dir)
         _barrier()
         self.peft_model.eval()

@@ -13,6 +13,10 @@ adapter finished (same settings, examples and base weights) and loads it::
 
 On a machine without GPUs the processes run on the CPU and talk through gloo (how the tests run it); with
 GPUs, process i uses ``cuda:i`` and NCCL.
+
+A process that fails writes its error to ``<job>.error-<rank>.json`` before it exits; ``launch`` raises it as
+one line, of the worker's own type where the caller knows it (``TrainingDiverged``, ``ArtifactError``, ...),
+not the launcher's traceback (which, with the whole output, stays in ``<job>.log``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -30,8 +35,16 @@ import torch
 import torch.distributed as dist
 
 from tailored import models
-from tailored.artifacts import read_json, write_json
-from tailored.lora import LoraSettings, TrainExample, train_lora
+from tailored.artifacts import ArtifactError, read_json, write_json
+from tailored.lora import LoraSettings, NothingLearned, TrainExample, TrainingDiverged, train_lora
+
+# A worker's error raised again in the caller as the same kind (a user error stays one; the rest: WorkerFailed)
+KNOWN_ERRORS = {e.__name__: e for e in (NothingLearned, TrainingDiverged, ArtifactError, models.ModelNotAvailable,
+                                        FileNotFoundError, ValueError, MemoryError)}
+
+
+class WorkerFailed(RuntimeError):
+    """A process of a data-parallel LoRA run failed: its own error, in one line."""
 
 
 def write_job(path: str | Path, base: str, examples: Sequence[TrainExample], settings: LoraSettings,
@@ -75,6 +88,8 @@ def launch(job: str | Path, processes: int, env: dict | None = None) -> None:
     the output if one fails (the adapter folder then holds the last snapshot, and a rerun resumes from it).
     An interrupt stops the processes before it is passed on: none keeps writing into the adapter folder."""
     log_path = Path(f"{job}.log")
+    for stale in Path(job).parent.glob(f"{Path(job).name}.error-*.json"):
+        stale.unlink()
     tail: collections.deque[str] = collections.deque(maxlen=60)
     env = {**os.environ, "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
@@ -91,8 +106,37 @@ def launch(job: str | Path, processes: int, env: dict | None = None) -> None:
             proc.wait()
             raise
     if proc.returncode != 0:
+        worker_error(job, processes, log_path)
         raise RuntimeError(f"the data-parallel LoRA run of {job} failed (exit {proc.returncode}); the whole "
                            f"output is in {log_path}; its last lines:\n" + "".join(tail)[-3000:])
+
+
+def error_path(job: str | Path, rank: int) -> Path:
+    """Where process ``rank`` of a job leaves its error: ``<job>.error-<rank>.json``."""
+    return Path(f"{job}.error-{rank}.json")
+
+
+def worker_error(job: str | Path, processes: int, log_path: Path) -> None:
+    """Raise the error the lowest-ranked failed process recorded, in one line and of its own kind where known
+    (``KNOWN_ERRORS``, else ``WorkerFailed``); return when none recorded one (killed: the caller says so)."""
+    found = sorted(Path(job).parent.glob(f"{Path(job).name}.error-*.json"),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1].split(".")[0]))
+    if not found:
+        return
+    err = read_json(found[0])
+    message = " ".join(str(err["message"]).split())  # one line
+    where = f"(process {err['rank']} of {processes} failed, in the data-parallel LoRA run of {job}; the whole output: {log_path})"
+    kind = KNOWN_ERRORS.get(err["type"])
+    if kind is not None:
+        raise kind(f"{message} {where}")
+    raise WorkerFailed(f"{err['type']}: {message} {where}")
+
+
+def _record_error(job: str | Path, err: BaseException) -> None:
+    """Write this process's error for ``launch`` (and its traceback to the log, for a closer look)."""
+    traceback.print_exc()
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    write_json(error_path(job, rank), {"rank": rank, "type": type(err).__name__, "message": str(err) or repr(err)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,7 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: accelerate launch --multi_gpu --num_processes N -m tailored.lora_launch JOB.json",
               file=sys.stderr)
         return 2
-    job = read_json(args[0])
+    try:
+        return _run_job(args[0])
+    except Exception as err:  # the worker's own error, for launch to raise in one line
+        _record_error(args[0], err)
+        return 1
+
+
+def _run_job(job_path: str) -> int:
+    """Train the job of ``job_path`` in this process (one of ``WORLD_SIZE``)."""
+    job = read_json(job_path)
     local, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = job["device"]
     if device.startswith("cuda"):

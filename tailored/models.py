@@ -42,6 +42,9 @@ TINY_VARIANTS: dict[str, dict] = {
     "tiny-qwen2": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},  # q/k/v biases
 }
 
+# Architectures (config.json's model_type) whose modules the tracer, the pruner and the checkpoint format are
+# tested on: LLaMA's layout (q/k/v/o projections, a gated MLP, RMSNorm), Qwen2 adding q/k/v biases.
+LLAMA_FAMILY = ("llama", "qwen2")
 RANDOM_PREFIX = "random:"
 # Real LLaMA-family shapes for ``random:<name>``: time and memory of a step depend on shapes, not on weights.
 RANDOM_SHAPES: dict[str, dict] = {

@@ -70,6 +70,32 @@ def default_layer_range(num_layers: int) -> tuple[int, int]:
     return start, end
 
 
+def max_share(config: dict, layer_range: tuple[int, int], attention: str = "kv", round_to: int = 1) -> float:
+    """The largest share of the decoder's parameters block-wise pruning of ``layer_range`` can remove: every group
+    of those layers down to the units it must keep (one key-value group, or one query head per key-value group;
+    ``round_to`` MLP channels), as ``tailored.prune.plan_pruning`` counts them. From the config alone::
+
+        kv group    (H/K)·d·h q rows + 2·d·h k, v rows + (H/K)·d·h o columns (+ their biases)
+        MLP channel 3·h (gate and up rows, a down column; + 2 biases)
+
+    with hidden ``h``, ``H`` query and ``K`` key-value heads of ``d`` channels."""
+    h, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    kv = config.get("num_key_value_heads") or heads
+    d = config.get("head_dim") or h // heads
+    inter = config["intermediate_size"]
+    qkv_bias = config.get("model_type") == "qwen2" or bool(config.get("attention_bias"))
+    o_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    q_head = 2 * d * h + (d if qkv_bias else 0)  # a query head: its q rows and o columns
+    kv_group = (heads // kv) * q_head + 2 * (d * h + (d if qkv_bias else 0))
+    channel = 3 * h + (2 if mlp_bias else 0)
+    per_layer = (kv * kv_group + (h if o_bias else 0) + inter * channel + (h if mlp_bias else 0)
+                 + 2 * h)  # + the two RMSNorms
+    attn = (heads - kv) * q_head if attention == "qheads" else (kv - 1) * kv_group
+    removable = attn + (inter - max(1, round_to)) * channel
+    start, end = layer_range
+    return (end - start) * removable / (layers * per_layer)
+
+
 def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float = 0.2, mode: str = "block",
                  allocation: str = "local", layer_range: tuple[int, int] | None = None, round_to: int = 1,
                  attention: str = "kv", denominator: str = "decoder", normalize: str = "kind",

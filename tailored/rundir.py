@@ -69,9 +69,11 @@ RECIPES = ("generic", "tailored")
 TAILORED_MODES = ("multi", "per_task")
 
 
-# What each step writes, for the runner: a step is skipped only while these are as it left them.
-STEP_OUTPUTS = {"01_trace_graph": (GRAPH,), "02_importance": (IMPORTANCE, CALIBRATION), "03_prune": (PRUNED,),
-                "04_lora_tune": (ADAPTERS,), "05_evaluate": ()}
+# What each step writes, for the runner: a step is skipped only while these are as it left them (a sealed file's
+# seal too: the notebook that reads it checks the bytes against it).
+STEP_OUTPUTS = {"01_trace_graph": (GRAPH, GRAPH + SEAL_SUFFIX),
+                "02_importance": (IMPORTANCE, IMPORTANCE + SEAL_SUFFIX, CALIBRATION, CALIBRATION + SEAL_SUFFIX),
+                "03_prune": (PRUNED,), "04_lora_tune": (ADAPTERS,), "05_evaluate": ()}
 
 
 # Which notebook writes what: the first part of a path inside the run directory -> step number.

@@ -52,6 +52,7 @@ from tailored.artifacts import (
 )
 from tailored.lock import run_lock
 from tailored.models import (
+    LLAMA_FAMILY,
     RANDOM_PREFIX,
     RANDOM_SHAPES,
     SMOLLM2,
@@ -63,7 +64,7 @@ from tailored.params import INJECTED, Declared, ParamsError, declared
 from tailored.params import check as check_params
 from tailored.paths import atomic_write_text
 from tailored.prompts import check_prompts, prompt_table
-from tailored.prune import TOLERANCE, default_layer_range
+from tailored.prune import TOLERANCE, default_layer_range, max_share
 from tailored.recipes import METHODS
 from tailored.sources import step_sources
 
@@ -73,9 +74,6 @@ KERNEL_NAME = "tailored"
 # Profiles whose figures and tables are committed, and where (relative to the repository); the others write
 # theirs into runs/<profile>/figures.
 COMMITTED_FIGURES = {"class": "figures", "study": "figures/study"}
-# Architectures (config.json's model_type) whose modules the tracer, the pruner and the checkpoint format are
-# tested on: LLaMA's layout (q/k/v/o projections, a gated MLP, RMSNorm), Qwen2 adding q/k/v biases.
-LLAMA_FAMILY = ("llama", "qwen2")
 
 
 class StepFailed(RuntimeError):
@@ -338,32 +336,6 @@ def model_shape(spec) -> dict | None:
         return None
 
 
-def max_block_share(config: dict, layer_range: tuple[int, int], attention: str = "kv", round_to: int = 1) -> float:
-    """The largest share of the decoder's parameters block-wise pruning of ``layer_range`` can remove: every group
-    of those layers down to the units it must keep (one key-value group, or one query head per key-value group;
-    ``round_to`` MLP channels), as ``tailored.prune.plan_pruning`` counts them. From the config alone::
-
-        kv group    (H/K)·d·h q rows + 2·d·h k, v rows + (H/K)·d·h o columns (+ their biases)
-        MLP channel 3·h (gate and up rows, a down column; + 2 biases)
-
-    with hidden ``h``, ``H`` query and ``K`` key-value heads of ``d`` channels."""
-    h, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
-    kv = config.get("num_key_value_heads") or heads
-    d = config.get("head_dim") or h // heads
-    inter = config["intermediate_size"]
-    qkv_bias = config.get("model_type") == "qwen2" or bool(config.get("attention_bias"))
-    o_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
-    q_head = 2 * d * h + (d if qkv_bias else 0)  # a query head: its q rows and o columns
-    kv_group = (heads // kv) * q_head + 2 * (d * h + (d if qkv_bias else 0))
-    channel = 3 * h + (2 if mlp_bias else 0)
-    per_layer = (kv * kv_group + (h if o_bias else 0) + inter * channel + (h if mlp_bias else 0)
-                 + 2 * h)  # + the two RMSNorms
-    attn = (heads - kv) * q_head if attention == "qheads" else (kv - 1) * kv_group
-    removable = attn + (inter - max(1, round_to)) * channel
-    start, end = layer_range
-    return (end - start) * removable / (layers * per_layer)
-
-
 def reach_problems(prune_params: dict) -> list[str]:
     """The targets of notebook 03 that its ``method`` cannot reach (``plan_pruning`` would refuse them inside the
     notebook): checked from the model's config before any step runs. Block-wise methods only; layer- and
@@ -378,7 +350,7 @@ def reach_problems(prune_params: dict) -> list[str]:
                                                                 else default_layer_range(layers))
     except ValueError as err:
         return [f"03_prune.method = {prune_params['method']!r}: {err}"]
-    most = max_block_share(config, span, method.attention, method.round_to)
+    most = max_share(config, span, method.attention, method.round_to)
     out = [t for t in prune_params.get("targets") or () if isinstance(t, (int, float)) and t > most + TOLERANCE]
     if not out:
         return []

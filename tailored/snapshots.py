@@ -5,7 +5,8 @@ optimizer's state (safetensors + JSON), the random state and the trainer's state
 settings, fingerprints). A rerun continues from the latest complete snapshot instead of restarting; a finished
 run keeps only its adapter. (A *checkpoint* in this project is a pruned model, ``tailored.checkpoint``.) Every
 write goes through a temporary folder and a rename, so a crash at any point leaves the last complete
-snapshot in place; ``clean_leftovers`` removes what a killed run left behind.
+snapshot in place; ``clean_leftovers`` removes what a killed run left behind. A snapshot is sealed
+(``SHA256SUMS``) before its rename and checked by content before a run resumes from it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tailored.adapters import load_adapter_weights, swap_dir, trainable
-from tailored.artifacts import read_json, write_json
+from tailored.adapters import load_adapter_weights, save_peft, swap_dir, trainable
+from tailored.artifacts import check_seal, read_json, seal, write_json, write_safetensors
 from tailored.lock import pid_alive
 
 PREFIX = "snapshot-"  # snapshot-<step>
@@ -37,20 +38,21 @@ def save_snapshot(out_dir: Path, step: int, peft_model, optimizer, state: dict) 
     dest = out_dir / f"{PREFIX}{step}"
     tmp = out_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), safe_serialization=True)
+    save_peft(peft_model, tmp, dest)
     # Optimizer: its tensors (per parameter: step, exp_avg, exp_avg_sq) in safetensors, the rest in JSON.
     sd = optimizer.state_dict()
     tensors = {f"{idx}.{key}": value.detach().contiguous().cpu()
                for idx, per_param in sd["state"].items() for key, value in per_param.items()}
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    write_safetensors(tmp / "optimizer.safetensors", tensors, sealed=False)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in sd["param_groups"]]
     write_json(tmp / "optimizer.json", {"param_groups": groups,
                                         "param_names": [n for n, _ in trainable(peft_model)]})
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    save_file(rng, str(tmp / "rng.safetensors"))
+    write_safetensors(tmp / "rng.safetensors", rng, sealed=False)
     write_json(tmp / STATE, state)
+    seal(tmp)  # the seal arrives with the files, in the one rename
     swap_dir(tmp, dest)
     for old in out_dir.glob(f"{PREFIX}*"):
         if old != dest and old.is_dir():
@@ -65,8 +67,14 @@ def latest_snapshot(out_dir: str | Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def snapshot_problem(snapshot: Path) -> str | None:
+    """What is wrong with a snapshot's bytes, naming the file (``None``: each is as written)."""
+    return check_seal(snapshot)
+
+
 def load_snapshot(snapshot: Path, peft_model, optimizer) -> dict:
-    """Put a snapshot's adapter weights, optimizer state and random state back; return its trainer state."""
+    """Put a snapshot's adapter weights, optimizer state and random state back; return its trainer state.
+    (Check it first with ``snapshot_problem``: a damaged one is not resumed from.)"""
     load_adapter_weights(peft_model, snapshot)
     meta = read_json(snapshot / "optimizer.json")
     names = [n for n, _ in trainable(peft_model)]

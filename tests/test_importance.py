@@ -298,7 +298,8 @@ def test_importance_saves_to_safetensors_and_loads_back(tmp_path):
     imp = compute_importance(model, graph, random_batch(), estimators=("param_first", "l2"),
                              reductions=("sum", "root"), kinds=("attention", "mlp"), progress=False)
     path = imp.save(tmp_path / "importance.safetensors")
-    assert [p.name for p in tmp_path.iterdir()] == ["importance.safetensors"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["importance.safetensors", "importance.safetensors.sha256"]
+    # (the file and its seal, no temporary left behind)
     back = Importance.load(path)
     assert back == imp
     assert back.estimators == ("param_first", "l2") and back.reductions == ("sum", "root")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tailored import lora, lora_launch, models
+from tailored import checkpoint, lora, lora_launch, models
+from tailored.artifacts import ArtifactError
 from tailored.lora import LoraSettings, TrainExample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,13 +61,22 @@ def test_two_processes_make_the_one_process_run(tmp_path, env):
     assert again.train_s == dp.train_s and again.steps == 4
 
 
-def test_a_bad_job_fails_with_the_processes_output(tmp_path, env):
-    job = lora_launch.write_job(tmp_path / "job.json", base="no-such-model", examples=EXAMPLES, settings=SETTINGS,
+def test_a_failed_worker_is_its_own_error_in_one_line(tmp_path, env):
+    """A worker's error comes back as itself, not as the launcher's traceback: a damaged base checkpoint is the
+    same ArtifactError, naming the file, that one process would raise; the whole output stays in the log."""
+    base = checkpoint.save_pruned(*models.load("tiny", seed=0), tmp_path / "block_20", {"method": "none"})
+    weights = base / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])  # a full disk cut it
+    job = lora_launch.write_job(tmp_path / "job.json", base=str(base), examples=EXAMPLES, settings=SETTINGS,
                                 out_dir=tmp_path / "dp")
-    with pytest.raises(RuntimeError, match="failed"):
+    with pytest.raises(ArtifactError) as err:
         lora_launch.launch(job, processes=2, env=env)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{weights} is damaged: "), message
+    assert f"(process 0 of 2 failed, in the data-parallel LoRA run of {job}; the whole output: {job}.log)" in message
     assert not (tmp_path / "dp" / lora.METRICS_FILE).exists()
-    assert "no-such-model" in (tmp_path / "job.json.log").read_text()  # the whole output, kept beside the job
+    assert "Traceback" in (tmp_path / "job.json.log").read_text()  # the whole output, kept beside the job
 
 
 def test_write_job_refuses_what_cannot_run(tmp_path):

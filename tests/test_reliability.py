@@ -88,7 +88,7 @@ def test_rerun_removes_what_a_killed_run_left_behind(tmp_path):
     with pytest.warns(UserWarning, match=r"interrupted run.*\.adapter_model\.safetensors\.tmp-.*\.snapshot-2\.tmp-"):
         result = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
     assert result.resumed_from == 1 and result.steps == 2
-    assert sorted(p.name for p in out.iterdir()) == sorted([*adapters.ADAPTER_FILES, lora.METRICS_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*adapters.ADAPTER_FILES, lora.METRICS_FILE, "SHA256SUMS"])
 
     # killed after finishing, before cleaning up: checkpoints beside the installed adapter
     (out / "snapshot-2").mkdir()
@@ -135,6 +135,7 @@ def test_config_that_disagrees_with_the_tensors_is_refused(pruned_dir, tmp_path,
     config = json.loads((ckpt / "config.json").read_text())
     config[key] = value
     (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "SHA256SUMS").unlink()  # edited by hand: the seal would refuse it before the config is read
     if not recorded:  # a checkpoint from before save_pruned recorded the config: the tensors alone decide
         meta = json.loads((ckpt / "pruning.json").read_text())
         del meta["config"]
@@ -157,7 +158,7 @@ def test_damaged_artifacts_name_the_file_and_the_step_that_rebuilds_it(tmp_path)
     imp = Importance(scores={("l1", "sum", "hidden"): torch.ones(3)})
     blob = imp.save(tmp_path / "importance.safetensors").read_bytes()
     (tmp_path / "importance.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a full disk
-    with pytest.raises(ArtifactError, match=r"importance\.safetensors is damaged .*`tailored run --steps 02 --force`"):
+    with pytest.raises(ArtifactError, match=r"importance\.safetensors is damaged.*`tailored run --steps 02 --force`"):
         Importance.load(tmp_path / "importance.safetensors")
 
     (tmp_path / "graph.json").write_text('{"groups": [{"name": "hidden", ')
@@ -382,12 +383,12 @@ def test_an_unreachable_target_for_the_method_is_refused_before_any_step(tmp_pat
 def test_the_reach_of_a_layer_range_from_the_config_is_the_planners(variant, attention):
     """The up-front check counts from config.json what plan_pruning counts on the traced graph."""
     from tailored.graph import trace
-    from tailored.prune import plan_pruning
+    from tailored.prune import max_share, plan_pruning
 
     model, _ = models.build_tiny(variant)
     graph = trace(model)
     config = models.tiny_config(variant).to_dict()
-    most = runner.max_block_share(config, (1, 3), attention)
+    most = max_share(config, (1, 3), attention)
     scores = {g.name: torch.rand(g.units) for g in graph.groups}
     plan_pruning(graph, scores, target=most, layer_range=(1, 3), attention=attention)  # reachable exactly
     with pytest.raises(ValueError, match=f"removes at most {most:.1%}"):
@@ -448,3 +449,151 @@ def test_a_damaged_input_of_the_selected_step_is_refused_naming_the_step_that_re
                    progress=False, log=lambda *_: None)
     assert str(err.value) == ("calibration.safetensors is damaged: its content differs from the sha256 recorded when "
                               "the step wrote it; notebook 02 rebuilds it: `tailored run --from 02`")
+
+
+# ===================================================================== issue 23, phase 2: checked before reuse
+def _damage(path, offset: int | None = None) -> None:
+    """64 bytes overwritten in the middle of ``path``, its modification time put back (as `touch -r` or bit rot)."""
+    blob, st = path.read_bytes(), path.stat()
+    at = len(blob) // 2 if offset is None else offset
+    path.write_bytes(blob[:at] + bytes(b ^ 0xFF for b in blob[at: at + 64]) + blob[at + 64:])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_damaged_finished_adapter_is_trained_again_not_loaded(tmp_path):
+    settings = LoraSettings(max_steps=2, **{**QUICK, "save_every": 1})
+    out = tmp_path / "run"
+    first = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
+    assert (out / "SHA256SUMS").is_file() and not adapters.check_adapter(out)
+    good = (out / "adapter_model.safetensors").read_bytes()
+    _damage(out / "adapter_model.safetensors")
+    with pytest.raises(ArtifactError, match=r"run/adapter_model\.safetensors is damaged: .*notebook 04"):
+        adapters.load_adapter(models.load("tiny")[0], out)  # notebook 05's path: refused, named
+    with pytest.warns(UserWarning, match=r"run held a LoRA run that is damaged \(.*run/adapter_model\.safetensors "
+                                         r"is damaged: .*trained afresh"):
+        again = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
+    assert again.losses == first.losses and (out / "adapter_model.safetensors").read_bytes() == good
+
+
+def test_a_truncated_adapter_is_named_in_one_line_sealed_or_not(tmp_path):
+    settings = LoraSettings(max_steps=1, **{**QUICK, "save_every": 1})
+    out = tmp_path / "run"
+    lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
+    weights = out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a full disk cut it
+    for sealed in (True, False):
+        if not sealed:  # an adapter from elsewhere, without SHA256SUMS: the header says it is cut
+            (out / "SHA256SUMS").unlink()
+        with pytest.raises(ArtifactError) as err:
+            adapters.load_adapter(models.load("tiny")[0], out)
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{weights} is damaged"), str(err.value)
+        assert "`tailored run --steps 04 --force`" in str(err.value)
+
+
+def test_a_damaged_snapshot_is_not_resumed_from(tmp_path):
+    settings = LoraSettings(max_steps=2, **{**QUICK, "save_every": 1})
+    out = tmp_path / "run"
+    whole = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, tmp_path / "whole", progress=False)
+    lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False, stop_after=1)
+    _damage(out / "snapshot-1" / "optimizer.safetensors", offset=200)
+    with pytest.warns(UserWarning, match=r"snapshot-1 is not resumed from: .*optimizer\.safetensors is damaged"):
+        result = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
+    assert result.resumed_from == 0 and result.losses == whole.losses
+
+
+def test_a_pruned_checkpoint_damaged_with_its_mtime_restored_is_refused_naming_the_file(pruned_dir, tmp_path):
+    ckpt = tmp_path / "block_20"
+    shutil.copytree(pruned_dir, ckpt)
+    assert "model.safetensors" in (ckpt / "SHA256SUMS").read_text()
+    _damage(ckpt / "model.safetensors")
+    with pytest.raises(ArtifactError) as err:
+        models.load(str(ckpt))  # how notebooks 04 and 05 load it
+    assert "\n" not in str(err.value) and str(err.value) == (
+        f"{ckpt / 'model.safetensors'} is damaged: its content differs from the sha256 recorded when it was written; "
+        "save the checkpoint again (in a run: notebook 03, `tailored run --from 03`)")
+
+
+def test_a_truncated_calibration_batch_is_named_in_one_line(tmp_path):
+    from tailored.importance import load_calibration, save_calibration
+
+    path = save_calibration(torch.arange(64).reshape(2, 32), tmp_path / "calibration.safetensors", {"n": 2})
+    assert (tmp_path / "calibration.safetensors.sha256").is_file()
+    path.write_bytes(path.read_bytes()[:40])
+    for sealed in (True, False):
+        if not sealed:  # without its seal, safetensors' "incomplete metadata" is named too
+            (tmp_path / "calibration.safetensors.sha256").unlink()
+        with pytest.raises(ArtifactError) as err:
+            load_calibration(path)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{path} is damaged") and "notebook 02" in message, message
+
+
+def test_a_damaged_graph_is_refused_by_its_seal(tmp_path):
+    graph = Graph.load(Graph.save(_tiny_graph(), tmp_path / "graph.json"))
+    assert (tmp_path / "graph.json.sha256").is_file() and graph.groups
+    text = (tmp_path / "graph.json").read_text()
+    (tmp_path / "graph.json").write_text(text.rstrip("\n") + " \n")  # still valid JSON, the same graph
+    with pytest.raises(ArtifactError, match=r"graph\.json is damaged: .*`tailored run --steps 01 --force`"):
+        Graph.load(tmp_path / "graph.json")
+
+
+def _tiny_graph() -> Graph:
+    from tailored.graph import trace
+
+    return trace(models.build_tiny("tiny")[0])
+
+
+# ====================================================================== issue 23, phase 2: nothing learned
+@pytest.mark.parametrize("validation, base, needle", [
+    (5.259, 5.5236, None),  # the smoke model after two steps of lr 0.01 (its base: U - 0.025)
+    (U, 5.5236, "is not below the base model's 5.5236"),  # lr 1000 on the smoke model: a uniform guess, above base
+    (U - 2e-4, U + 0.01, "is ln(257) = 5.5491, a uniform guess"),  # below a base above U, but still uniform
+    (3.30, 3.25, "is not below the base model's 3.2500"),  # a real model made worse
+    (float("nan"), 3.25, "is not below"),
+    (3.20, 3.25, None),
+])
+def test_the_nothing_learned_rule_on_known_losses(validation, base, needle):
+    problem = lora.not_learned(validation, base, 257)
+    assert (problem is None) if needle is None else (needle in problem), problem
+
+
+def test_lr_1000_on_the_smoke_model_installs_no_adapter_and_says_the_numbers(tmp_path):
+    """The smoke model is random (std 0.02): its base loss is near ln(vocab) (here 0.035 above it; on the smoke
+    profile's sst2 examples 0.025 below), and lr 1000 collapses it to exactly ln(vocab) without tripping the
+    training-loss rules, so the validation loss decides: a uniform guess, though below this base's."""
+    model, tok = models.build_tiny("tiny", seed=0)
+    settings = LoraSettings(max_steps=3, **{**QUICK, "lr": 1000.0, "save_every": 1})
+    out = tmp_path / "blown"
+    with pytest.raises(lora.NothingLearned) as err:
+        lora.train_lora(model, tok, EXAMPLES, settings, out, validation=EXAMPLES[:4], progress=False)
+    message = str(err.value)
+    assert "\n" not in message and f"LoRA run {out}: the adapter of step 3 of 3 is not installed: its " in message
+    assert f"its validation loss {U:.4f} is ln(257) = {U:.4f}, a uniform guess (the base model's: 5.5840)" in message
+    assert isinstance(err.value, TrainingDiverged)
+    assert not any((out / name).exists() for name in (*adapters.ADAPTER_FILES, lora.METRICS_FILE, "best"))
+    assert not list(out.glob("snapshot-*"))
+
+    healthy = lora.train_lora(*models.build_tiny("tiny", seed=0), EXAMPLES, LoraSettings(max_steps=3, **QUICK),
+                              tmp_path / "ok", validation=EXAMPLES[:4], progress=False)
+    assert (tmp_path / "ok" / "SHA256SUMS").is_file() and healthy.validation[-1][1] < U - 0.01
+
+
+def test_a_file_size_limit_while_saving_an_adapter_names_the_file(tmp_path):
+    """`ulimit -f` during PEFT's save: the adapter's weights file is named, and no temporary folder stays."""
+    script = (
+        "import pathlib, resource, sys\n"
+        "from tailored import adapters, models\n"
+        "from tailored.lora import LoraSettings\n"
+        "peft_model = adapters.add_lora(models.build_tiny('tiny')[0], LoraSettings())\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ\n"
+        "try:\n"
+        "    adapters.write_adapter(peft_model, pathlib.Path(sys.argv[1]) / 'best')\n"
+        "except OSError as err:\n"
+        "    print(type(err).__name__ + ': ' + str(err))\n")
+    env = {**os.environ, "PYTHONPATH": str(runner.paths.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert len(out) == 1 and out[0].startswith(
+        f"WriteFailed: cannot write {tmp_path / 'best' / 'adapter_model.safetensors'}: the file is larger than this "
+        "process may write (a file-size limit: `ulimit -f`"), out
+    assert list(tmp_path.iterdir()) == []
