@@ -56,7 +56,7 @@ LIMITS: dict[str, dict[str, dict]] = {
         "04_lora_tune": {"pruned": ["block_20"], "tailored_tasks": ["boolq"], "length_tasks": ["boolq"],
                          "n_train": 48, "n_generic": 48, "n_validation": 16, "n_sweep": [48],
                          "batch_size": 16, "micro_batch_size": 16, "max_steps": 3, "save_every": 3,
-                         "max_seq_len": 256},
+                         "max_seq_len": 256, "require_learning": False},  # random weights: memory, not learning
         "05_evaluate": {"tasks": ["arc_easy", "boolq"], "prompts": ["task_specific"], "main_k": 25,
                         "k_sweep": [25], "k_sweep_tasks": ["boolq"], "limit": 16, "generation_limit": 4,
                         "generation_new_tokens": 16, "generation_prompts": ["task_specific"], "ppl_tokens": 1024,
@@ -71,7 +71,8 @@ LIMITS: dict[str, dict[str, dict]] = {
                      "speed_prefill_len": 8},
         "04_lora_tune": {"tailored_tasks": ["sst2"], "length_tasks": ["sst2"], "n_train": 2, "n_generic": 2,
                          "n_validation": 1, "n_sweep": [2], "batch_size": 2, "micro_batch_size": 2,
-                         "max_steps": 1, "save_every": 1, "max_seq_len": 32, "threads": 0},
+                         "max_steps": 1, "save_every": 1, "max_seq_len": 32, "threads": 0,
+                         "require_learning": False},  # one step on a random model measures memory, not learning
         "05_evaluate": {"tasks": ["sst2"], "prompts": ["task_specific"], "main_k": 0, "k_sweep": [0],
                         "k_sweep_tasks": ["sst2"], "limit": 1, "generation_limit": 1, "generation_new_tokens": 2,
                         "generation_prompts": ["task_specific"], "ppl_tokens": 128, "ppl_max_length": 64,

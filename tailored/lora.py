@@ -122,6 +122,7 @@ class LoraSettings:
     seed: int = 0
     save_every: int = 50  # steps between saved (resumable) snapshots; also when validation loss is measured
     select: str = "last"  # which adapter out_dir ends with: the last one, or the best on validation loss
+    require_learning: bool = True  # refuse an adapter whose validation loss is not below the base model's
     recompute_activations: bool = False  # recompute layer activations in the backward pass: less memory
     distill: float = 0.0  # weight of the KL to a teacher's next-token distribution (0: plain LM loss; 1: KL alone)
     temperature: float = 1.0  # softens both distributions in the KL (Hinton et al.); the KL is scaled by T²
@@ -762,7 +763,7 @@ class _Run:
         state, out_dir = self.state, self.out_dir
         finished = state["step"] == self.total
         selected = state["step"]
-        if finished and state["validation"]:
+        if finished and state["validation"] and self.settings.require_learning:
             best = self.settings.select == "validation" and state["best"] is not None
             step, v = state["best"] if best else state["validation"][-1]
             refused = self.learned_nothing(step, v)

@@ -577,6 +577,13 @@ def test_lr_1000_on_the_smoke_model_installs_no_adapter_and_says_the_numbers(tmp
                               tmp_path / "ok", validation=EXAMPLES[:4], progress=False)
     assert (tmp_path / "ok" / "SHA256SUMS").is_file() and healthy.validation[-1][1] < U - 0.01
 
+    # a scale check (benchmarks/paper_scale.py: one step on random weights) measures memory and time, not
+    # learning: with require_learning off the same collapsed run is installed
+    kept = lora.train_lora(*models.build_tiny("tiny", seed=0), EXAMPLES, LoraSettings(
+        max_steps=3, **{**QUICK, "lr": 1000.0, "save_every": 1}, require_learning=False), tmp_path / "scale",
+        validation=EXAMPLES[:4], progress=False)
+    assert kept.steps == 3 and (tmp_path / "scale" / lora.METRICS_FILE).is_file()
+
 
 def test_a_file_size_limit_while_saving_an_adapter_names_the_file(tmp_path):
     """`ulimit -f` during PEFT's save: the adapter's weights file is named, and no temporary folder stays."""
