@@ -45,6 +45,16 @@ combined by a *group reduction*: ``sum``, ``mean``, ``max``, ``prod`` or ``root`
 The loss is the language-modelling loss averaged over every token of the calibration batch; ``g`` is its
 gradient. Gradients are never held for the whole model: a hook on each parameter folds its gradient into
 per-unit sums the moment autograd writes it, then drops it (see ``compute_importance``).
+
+Same bytes: the passes run one micro-batch after another, each hook adds only to its own parameter's sums,
+per-unit sums are float64, ``random`` draws from its own seeded generator, and PyTorch's deterministic kernels
+are on during the passes (``deterministic_algorithms``). The same weights, batch and seed therefore give the
+same scores, and ``Importance.save`` the same file, from run to run and process to process on one machine; on
+this project's CPU (AMD EPYC, torch 2.13 with MKL 2024.2) also at 1 to 4 threads (measured on SmolLM2-135M).
+What is *not* promised: the same bits on another CPU type (MKL and PyTorch choose their SIMD kernels by CPU,
+and AVX2 and AVX-512 kernels add in different orders), with other library versions, on CUDA against the CPU,
+or on CUDA without ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the process starts. The last bits matter
+where units nearly tie: they can swap two units of a plan, which moves a perplexity in its last digits.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,14 +313,14 @@ def _sorted_metadata(blob: bytes) -> bytes:
 class _Use:
     """Where one member reads its parameter, along ``dim``: either the equal consecutive blocks
     ``offset + u·width … offset + (u+1)·width − 1`` of units u (how traced graphs come), or any positions
-    ``index``, each owned by unit ``unit``."""
+    ``index``: unit u owns ``index[slots[u]]`` (``slots`` padded with k, which points at an appended zero)."""
 
     key: tuple[int, int]  # (group set number, member number)
     dim: int
     units: int
     block: tuple[int, int] | None = None  # (offset, width)
     index: torch.Tensor | None = None  # (k,) long
-    unit: torch.Tensor | None = None  # (k,) long
+    slots: torch.Tensor | None = None  # (units, widest unit) long, into index; k for "none"
 
 
 def _along(e: torch.Tensor, dim: int) -> torch.Tensor:
@@ -329,9 +340,9 @@ def _fold(e: torch.Tensor, uses: Sequence[_Use], acc: dict, dtype: torch.dtype) 
         if use.block is not None:
             off, width = use.block
             part = r.narrow(0, off, use.units * width).view(use.units, width).sum(1).to(dtype)  # (units,)
-        else:
-            part = torch.zeros(use.units, dtype=dtype, device=r.device).index_add_(0, use.unit,
-                                                                                    r[use.index].to(dtype))
+        else:  # a gather and a row sum, not index_add_ (whose CUDA kernel adds in whatever order atomics land)
+            picked = torch.cat([r[use.index].to(dtype), r.new_zeros(1, dtype=dtype)])  # (k + 1,): the last is 0
+            part = picked[use.slots].sum(1)  # (units,)
         if use.key in acc:
             acc[use.key] += part
         else:
@@ -372,14 +383,41 @@ def _uses_by_param(model: torch.nn.Module, groups: Sequence[GroupSet], device: t
             if width and torch.equal(flat, torch.arange(off, off + len(flat))):
                 use = _Use(key=(gi, mi), dim=m.dim, units=g.units, block=(off, width))
             else:
-                unit = torch.repeat_interleave(torch.arange(g.units), torch.tensor([len(ix) for ix in m.index]))
-                use = _Use(key=(gi, mi), dim=m.dim, units=g.units, index=flat.to(device), unit=unit.to(device))
+                slots, start = torch.full((g.units, max(len(ix) for ix in m.index)), len(flat), dtype=torch.long), 0
+                for u, ix in enumerate(m.index):
+                    slots[u, :len(ix)] = torch.arange(start, start + len(ix))
+                    start += len(ix)
+                use = _Use(key=(gi, mi), dim=m.dim, units=g.units, index=flat.to(device), slots=slots.to(device))
             uses_by_param.setdefault(canonical[id(p)], []).append(use)
     return uses_by_param
 
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Within the block, PyTorch picks its deterministic kernel wherever it has one (a warning names any op that
+    has none); afterwards the switch is as it was. On the CPU the passes here measured the same bits either way;
+    on CUDA it replaces kernels that add with atomics (``index_add_``, ``scatter_add_``, ``index_put_`` with
+    ``accumulate=True``), whose order of addition changes from run to run. (cuBLAS also needs
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment before the process starts; not tried on a GPU here.)
+
+    A switch the caller turned on stays on, strict or not. Filling uninitialized memory with NaN, which the
+    switch also turns on as a debugging aid, is left off inside the block: it costs time and changes no result.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 # ----------------------------------------------------------------------------------- gradient passes
@@ -672,7 +710,7 @@ def activation_statistics(model: torch.nn.Module, graph: Graph, batch: torch.Ten
     passes = [batch[i:i + micro_batch] for i in range(0, batch.shape[0], micro_batch)]
     bar = tqdm(passes, desc="activation statistics", unit="pass", disable=not progress)
     try:
-        with preserved(model):
+        with preserved(model), deterministic_algorithms():
             model.eval()
             model.requires_grad_(False)
             embed = model.get_input_embeddings()
@@ -906,7 +944,7 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
         "recompute_activations": recompute, **passes.losses(),
         "kinds": sorted({g.kind for g in groups}),
         "groupsets": {g.name: {"kind": g.kind, "layer": g.layer, "units": g.units} for g in groups},
-        "model": getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__,
+        "model": _model_name(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_sha256": _batch_hash(batch),
         "weights": weights_fingerprint(model),  # which weights were scored (anatomy.weights_fingerprint)
@@ -914,6 +952,13 @@ def compute_importance(model: torch.nn.Module, graph: Graph, batch: torch.Tensor
     if reader_est:
         settings["activations"] = {"tokens": activations.tokens, **activations.settings}
     return Importance(scores=scores, settings=settings)
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    """The model as the settings name it: a hub id as it is, a local directory by its own name only (the folder
+    it sits in differs from machine to machine, and the file must not)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    return Path(name).name if Path(name).is_absolute() or Path(name).is_dir() else name
 
 
 def _check_batch(batch: torch.Tensor, kinds: Sequence[str] | None, micro_batch: int) -> None:
@@ -960,7 +1005,7 @@ def _score_passes(model: torch.nn.Module, passes: _Passes, uses_by_param: dict[s
     bar = tqdm(passes.chunks, desc="importance (forward + backward)" if grad_est else "importance (forward)",
                unit="pass", disable=not progress or not passes.chunks)
     try:
-        with preserved(model):
+        with preserved(model), deterministic_algorithms():
             model.eval()  # no dropout: the scores are a function of the weights and the batch
             if recompute:
                 set_recompute_activations(model, True)

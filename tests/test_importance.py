@@ -14,6 +14,7 @@ from tailored.importance import (
     READER_ESTIMATORS,
     REDUCTIONS,
     Importance,
+    activation_statistics,
     calibration_batch,
     compute_importance,
     reduce_members,
@@ -457,3 +458,52 @@ def test_the_estimate_against_truth_figure_has_a_panel_per_estimator_titled_with
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["param_first  (ρ = 1.00)", "random  (ρ = -0.80)"]
     plt.close(fig)
+
+
+ALL = dict(estimators=tuple(ESTIMATORS), reductions=tuple(REDUCTIONS))
+
+
+def test_the_same_seed_writes_the_same_importance_bytes_again_and_at_two_threads(tmp_path):
+    """Notebook 02's call (every estimator and reduction) twice, and once at two threads: the same file bytes.
+    (The tiny model's matrices are small, so little is split across threads here; SmolLM2's passes were
+    measured the same at 1 to 4 threads on this machine's CPU type.)"""
+    model, _ = build_tiny("tiny", seed=0)
+    graph, batch = trace(model), random_batch(2, 32, seed=1)
+    paths = [compute_importance(model, graph, batch, seed=3, progress=False, **ALL).save(tmp_path / f"{i}.safetensors")
+             for i in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        paths.append(compute_importance(model, graph, batch, seed=3, progress=False, **ALL).save(tmp_path / "2.safetensors"))
+    finally:
+        torch.set_num_threads(before)
+    first = paths[0].read_bytes()
+    assert [p.read_bytes() == first for p in paths[1:]] == [True, True]
+
+
+def test_the_passes_run_with_deterministic_kernels_and_leave_the_switch_as_it_was():
+    model, _ = build_tiny("tiny", seed=0)
+    graph, batch = trace(model), random_batch(2, 8)
+    seen = []
+    model.model.layers[0].mlp.register_forward_hook(lambda *_: seen.append(torch.are_deterministic_algorithms_enabled()))
+    compute_importance(model, graph, batch, estimators=("param_first",), kinds=("mlp",), progress=False)
+    activation_statistics(model, graph, batch, kinds=("mlp",), gradients=True, progress=False)
+    assert seen and all(seen), "the passes ran without deterministic kernels"
+    assert not torch.are_deterministic_algorithms_enabled(), "the switch was left on"
+    torch.use_deterministic_algorithms(True)  # a caller's own strict setting stays strict
+    try:
+        compute_importance(model, graph, batch, estimators=("param_first",), kinds=("mlp",), progress=False)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_the_settings_name_a_local_model_directory_without_the_folders_above_it(tmp_path):
+    """The folder a model sits in differs from machine to machine; importance.safetensors must not."""
+    model, _ = build_tiny("tiny", seed=0)
+    graph, batch = trace(model), random_batch(1, 8)
+    for name, recorded in ((str(tmp_path / "models" / "smollm2-135m"), "smollm2-135m"),
+                           ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")):
+        model.config.name_or_path = name
+        imp = compute_importance(model, graph, batch, estimators=("l2",), kinds=("mlp",), progress=False)
+        assert imp.settings["model"] == recorded
