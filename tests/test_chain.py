@@ -169,14 +169,12 @@ def test_a_same_seed_rerun_writes_byte_identical_figures_and_tables(smoke_run, s
     assert not differ, f"figures that differ between two same-seed runs: {differ}"
 
 
-# What a smoke chain hands between its steps. Pending (phase 2 of the same-bytes work): gradient-based scores can
-# vary in their last bits with threaded reductions in the backward pass, which then moves everything pruned and
-# tuned from them (identical on the smoke profile with OMP_NUM_THREADS=1, and so far with threads on this machine;
-# not guaranteed until the reductions are made deterministic). The calibration batch is written with its header
-# sorted (tailored.importance._sorted_metadata), so it must be identical.
-PENDING = "phase 2: deterministic backward-pass reductions"
-ARTIFACTS = [("graph.json", None), ("calibration.safetensors", None), ("importance.safetensors", PENDING),
-             ("pruned/*/model.safetensors", PENDING), ("adapters/*/*/adapter_model.safetensors", PENDING)]
+# What a smoke chain hands between its steps, each with the reason it may differ (an expected failure) or None.
+# The calibration batch and the scores are written with their headers sorted (tailored.importance._sorted_metadata);
+# the scores' passes run in a fixed order with deterministic kernels (tailored.importance.deterministic_algorithms),
+# and the checkpoints and adapters are functions of the scores, the batch and the seed.
+ARTIFACTS = [("graph.json", None), ("calibration.safetensors", None), ("importance.safetensors", None),
+             ("pruned/*/model.safetensors", None), ("adapters/*/*/adapter_model.safetensors", None)]
 # (eval/<key>.json holds each evaluation's seconds, and the run's metrics/ its timings: not compared)
 
 
