@@ -47,14 +47,15 @@ gradient. Gradients are never held for the whole model: a hook on each parameter
 per-unit sums the moment autograd writes it, then drops it (see ``compute_importance``).
 
 Same bytes: the passes run one micro-batch after another, each hook adds only to its own parameter's sums,
-per-unit sums are float64, ``random`` draws from its own seeded generator, and PyTorch's deterministic kernels
-are on during the passes (``deterministic_algorithms``). The same weights, batch and seed therefore give the
-same scores, and ``Importance.save`` the same file, from run to run and process to process on one machine; on
-this project's CPU (AMD EPYC, torch 2.13 with MKL 2024.2) also at 1 to 4 threads (measured on SmolLM2-135M).
-What is *not* promised: the same bits on another CPU type (MKL and PyTorch choose their SIMD kernels by CPU,
-and AVX2 and AVX-512 kernels add in different orders), with other library versions, on CUDA against the CPU,
-or on CUDA without ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the process starts. The last bits matter
-where units nearly tie: they can swap two units of a plan, which moves a perplexity in its last digits.
+per-unit sums are float64 (float32 on MPS), ``random`` draws from its own seeded generator, and PyTorch's
+deterministic kernels are on during the passes (``deterministic_algorithms``). The same weights, batch and
+seed therefore give the same scores, and ``Importance.save`` the same file, from run to run and process to
+process on one machine; on this project's CPU (AMD EPYC, torch 2.13 with MKL 2024.2) also at 1 to 4 threads
+(measured on SmolLM2-135M). What is *not* promised: the same bits on another CPU type (MKL and PyTorch choose
+their SIMD kernels by CPU, and AVX2 and AVX-512 kernels add in different orders), with other library
+versions, on CUDA against the CPU, or on CUDA without ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before the
+process starts. The last bits matter where units nearly tie: they can swap two units of a plan, which moves
+a perplexity in its last digits.
 """
 
 from __future__ import annotations
