@@ -56,6 +56,7 @@ from tailored.adapters import (
 )
 from tailored.anatomy import preserved, set_recompute_activations, weights_fingerprint
 from tailored.artifacts import check_seal, read_json, seal, write_json
+from tailored.records import from_dict
 from tailored.recovery_data import IGNORE, Encoded, TrainExample, collate, encode, loss_mask
 from tailored.rundir import retire, run_dir_of
 from tailored.snapshots import (
@@ -184,11 +185,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LoraSettings: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """bf16 on a CUDA device that supports it (``"auto"``, ``"bf16"``); ``None`` means plain fp32."""

@@ -23,6 +23,7 @@ from tailored.choices import (
     MODES,
     NORMALIZATIONS,
 )
+from tailored.records import from_dict
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,7 @@ class Method:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Method:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Method: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 # The methods the study compares (benchmarks/bench_pruning.py, notebook 03). Names say what they are.
