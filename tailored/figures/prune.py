@@ -21,7 +21,8 @@ ESTIMATOR_LABELS = {"param_first": "Taylor, 1st order |w·g|", "param_second": "
 METHOD_LABELS = {"random": "random (the floor)", "param_first": "Taylor 1st order (LLM-Pruner)",
                  "param_second": "Taylor 2nd order (LLM-Pruner)", "param_first_4_rounds": "Taylor 1st order, 4 rounds",
                  "param_first_8_rounds": "Taylor 1st order, 8 rounds", "flap": "FLAP (fluctuation, bias)",
-                 "flap_no_bias": "FLAP without bias compensation", "fisher_bias": "Fisher fluctuation, bias",
+                 "flap_no_bias": "FLAP without bias compensation", "fisher_local": "Fisher fluctuation, local",
+                 "fisher_bias_local": "Fisher fluctuation, local, bias", "fisher_bias": "Fisher fluctuation, bias",
                  "fisher_refit": "Fisher fluctuation, refit (ours)",
                  "depth_block_influence": "whole layers, block influence (ShortGPT)"}
 
