@@ -70,9 +70,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 from tailored import paths
+from tailored.records import read_tasks_yaml
 
 CACHE_VERSION = 2  # bump when a builder changes: caches of an older version are rebuilt
 SPLIT_SEED = 1234  # the one seed that carves train/eval out of sources that ship a single set
@@ -264,14 +263,7 @@ def read_registry(path: str | os.PathLike = TASKS_FILE) -> dict[str, TaskInfo]:
     at the top of ``tasks.yaml``).
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RegistryError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
-        raise RegistryError(f"{path}: expected a top-level mapping 'tasks:' of task name -> entry")
+    raw = read_tasks_yaml(path, "task name -> entry", RegistryError, column=True)
     return {str(name): _task_info(str(name), entry, path) for name, entry in raw["tasks"].items()}
 
 

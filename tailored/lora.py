@@ -34,8 +34,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -58,7 +56,9 @@ from tailored.adapters import (
 )
 from tailored.anatomy import preserved, set_recompute_activations, weights_fingerprint
 from tailored.artifacts import check_seal, read_json, seal, write_json
+from tailored.records import from_dict
 from tailored.recovery_data import IGNORE, Encoded, TrainExample, collate, encode, loss_mask
+from tailored.rundir import retire, run_dir_of
 from tailored.snapshots import (
     BEST,
     STATE,
@@ -185,11 +185,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> LoraSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LoraSettings: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """bf16 on a CUDA device that supports it (``"auto"``, ``"bf16"``); ``None`` means plain fp32."""
@@ -380,15 +376,11 @@ def _changed(saved: dict, settings: LoraSettings, fingerprint: str, base: str) -
 
 
 def _set_aside(out_dir: Path, reason: str) -> Path:
-    """Move a stale or damaged run to ``<out_dir>.replaced`` (replacing an older one there), saying so: it is kept
-    for a look, never read again, and ``out_dir`` trains afresh. ``reason``: "made from <what differs>", or what
-    is damaged (``check_seal``'s sentence, naming the file)."""
-    aside = out_dir.with_name(out_dir.name + ".replaced")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(out_dir, aside)
-    warnings.warn(f"{out_dir} held a LoRA run {reason}: it is kept at {aside}, and the run is trained afresh",
-                  stacklevel=3)
-    return aside
+    """Move a stale or damaged run to ``retired/<its path>`` of its run directory (``rundir.retire``, where replaced
+    checkpoints go too; replacing an older one there), saying so in a warning: it is kept for a look, never read
+    again, and ``out_dir`` trains afresh. ``reason``: "made from <what differs>", or what is damaged
+    (``check_seal``'s sentence, naming the file)."""
+    return retire(run_dir_of(out_dir), out_dir, f"it held a LoRA run {reason}; the run is trained afresh")
 
 
 # ========================================================================================== divergence
@@ -545,7 +537,7 @@ def train_lora(model, tokenizer, examples: Sequence[TrainExample], settings: Lor
     ``train_metrics.json``. A rerun with an unfinished ``out_dir`` continues from its last snapshot; with a
     finished one it loads the adapter and returns at once. Either only if the saved run was made with the same
     settings, the same examples and the same base weights (``weights_fingerprint``); otherwise the old run is
-    moved to ``<out_dir>.replaced``, with a warning, and the run trains afresh.
+    moved to ``retired/`` (``rundir.retire``), with a warning, and the run trains afresh.
 
     ``stop_after`` leaves after that many steps, as an interruption would, keeping the schedule of the full
     run (for tests and for splitting a long run over sessions). A diverged run (a NaN loss, a blow-up or a

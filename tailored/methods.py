@@ -11,7 +11,7 @@ runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tailored.choices import (
@@ -23,6 +23,7 @@ from tailored.choices import (
     MODES,
     NORMALIZATIONS,
 )
+from tailored.records import from_dict
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,7 @@ class Method:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Method:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Method: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 # The methods the study compares (benchmarks/bench_pruning.py, notebook 03). Names say what they are.
@@ -104,7 +101,10 @@ METHODS: dict[str, Method] = {
     "flap": Method(estimator="flap", allocation="global", normalize="none", layer_range="all", compensation="bias"),
     "flap_no_bias": Method(estimator="flap", allocation="global", normalize="none", layer_range="all"),
     "fluctuation_local_bias": Method(estimator="fluctuation", compensation="bias"),
-    # ours: the loss each unit's fluctuation costs, compared per parameter across all layers and kinds
+    # ours: the loss each unit's fluctuation costs, compared per parameter across all layers and kinds; the
+    # local ones keep LLM-Pruner's allocation, so param_first -> fisher_local -> fisher_bias_local -> fisher_bias
+    # -> fisher_refit changes one group of fields at a time (LADDER)
+    "fisher_local": Method(estimator="fisher_fluctuation"),
     "fisher_bias_local": Method(estimator="fisher_fluctuation", compensation="bias"),
     "fisher_bias": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
                           layer_range="all", compensation="bias"),
@@ -117,3 +117,44 @@ METHODS: dict[str, Method] = {
     "depth_block_influence_iterative": Method(estimator="block_influence", mode="layer", layer_range="all",
                                               rounds=15),  # SmolLM2: about one of its 30 layers per round
 }
+
+
+# The fields of a Method by the choice they make, for saying what one method changes from another.
+FIELD_GROUPS: dict[str, tuple[str, ...]] = {
+    "estimator": ("estimator", "reduction"),
+    "allocation": ("mode", "allocation", "normalize", "layer_range", "attention", "round_to"),
+    "compensation": ("compensation", "damping"),
+    "rounds": ("rounds",),
+}
+# From LLM-Pruner's method to ours, one group of fields at a time (notebook 03's curve can draw it rung by rung).
+LADDER = ("param_first", "fisher_local", "fisher_bias_local", "fisher_bias", "fisher_refit")
+
+
+def _field_text(name: str, value) -> str:
+    return "LLM-Pruner's range" if name == "layer_range" and value is None else str(value)
+
+
+def changes(before: Method, after: Method) -> dict[str, str]:
+    """What ``after`` changes from ``before``, per group of fields (``FIELD_GROUPS``): ``{"compensation":
+    "compensation bias → refit"}``; empty for the same method. Read from the dataclasses' fields, never typed."""
+    out = {}
+    for group, names in FIELD_GROUPS.items():
+        moved = [f"{n} {_field_text(n, getattr(before, n))} → {_field_text(n, getattr(after, n))}"
+                 for n in names if getattr(before, n) != getattr(after, n)]
+        if moved:
+            out[group] = ", ".join(moved)
+    return out
+
+
+def ladder(names: Sequence[str]) -> list[dict]:
+    """One row per method of ``names`` in order: ``rung`` (0, 1, ...), ``method``, ``changed`` (the groups of
+    fields that differ from the rung before, ``changes``), ``what changed`` (their fields, old → new) and
+    ``one change`` (whether exactly one group moved: the rung's point on the curve isolates that choice)."""
+    rows = []
+    for i, name in enumerate(names):
+        diff = changes(METHODS[names[i - 1]], METHODS[name]) if i else {}
+        start = ", ".join(f"{g} {getattr(METHODS[name], g)}" for g in FIELD_GROUPS)  # each group's own field
+        rows.append({"rung": i, "method": name, "changed": ", ".join(diff) if i else "(start)",
+                     "what changed": "; ".join(diff.values()) if i else f"the first rung: {start}",
+                     "one change": len(diff) == 1 if i else True})
+    return rows

@@ -322,3 +322,15 @@ def check_notebook(step: str, namespace: Mapping[str, Any]) -> None:
     if errors:
         profile = namespace.get("profile", "?")
         raise ParamsError(f"parameters of {step} (profile {profile!r}) are not valid:\n  " + "\n  ".join(errors))
+
+
+def at_default(step: str, name: str, namespace: Mapping[str, Any], notebooks: Path = NOTEBOOKS_DIR) -> str:
+    """Whether a notebook's parameter is at its default, said for an exercise's check cell.
+
+    ``namespace`` is the notebook's ``globals()``; the default is read from the ``parameters`` cell of
+    ``notebooks/<step>.ipynb`` (not typed twice), so ``at_default("03_prune", "curve_methods", globals())``
+    reads ``"curve_methods = ['random', 'flap'] (changed from ['random'])"`` or ``"... (the default)"``.
+    """
+    default = declared(Path(notebooks) / f"{step}.ipynb")[name].default
+    value = namespace[name]
+    return f"{name} = {value!r} (" + ("the default" if value == default else f"changed from {default!r}") + ")"

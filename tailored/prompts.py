@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from tailored.choices import PROMPT_NAMES  # noqa: F401  (every task has these prompts; listed in choices for params)
+from tailored.records import read_tasks_yaml
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
 SCORING_MODES = ("choices", "partial", "generate")
@@ -167,14 +166,7 @@ class Prompt:
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> dict[str, dict[str, Prompt]]:
     """The prompts of ``path``; a malformed file raises ``ValueError`` naming the file, the task and the prompt."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        raise ValueError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), dict):
-        raise ValueError(f"{path}: expected a top-level mapping 'tasks:' of task -> {{prompts: {{name: ...}}}}")
+    raw = read_tasks_yaml(path, "task -> {prompts: {name: ...}}")
     defaults = raw.get("defaults") or {}
     known = set(Prompt.__dataclass_fields__) - {"task", "name", "extra"}
     table: dict[str, dict[str, Prompt]] = {}

@@ -116,6 +116,14 @@ def retired_path(run_dir: str | Path, path: str | Path) -> Path:
     return run_dir / RETIRED / Path(path).resolve().relative_to(run_dir.resolve())
 
 
+def run_dir_of(adapter_dir: str | Path) -> Path:
+    """The run directory a LoRA run's folder belongs to, whose ``retired/`` takes it when it is replaced:
+    ``<run_dir>/adapters/<checkpoint>/<run>`` -> ``<run_dir>``; a folder outside that layout (a test's, a user's
+    own ``out_dir``) belongs to the folder that holds it."""
+    adapter_dir = Path(adapter_dir)
+    return adapter_dir.parents[2] if adapter_dir.parent.parent.name == ADAPTERS else adapter_dir.parent
+
+
 def retire(run_dir: str | Path, path: str | Path, reason: str,
            log: Callable[[str], object] | None = None) -> Path:
     """Move ``path`` (a file, with its seal, or a folder) to ``retired/<its path>``, replacing an older retired copy,

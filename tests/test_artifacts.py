@@ -231,3 +231,8 @@ def test_replaced_artifacts_of_every_kind_go_to_retired_said_out_loud(tmp_path):
 ])
 def test_a_damaged_file_is_rebuilt_with_the_artifact_it_belongs_to(tmp_path, rel, unit):
     assert rundir.artifact_unit(tmp_path, rel) == tmp_path / unit
+
+
+def test_a_lora_run_is_retired_into_the_run_directory_it_belongs_to(tmp_path):
+    assert rundir.run_dir_of(tmp_path / "adapters" / "block_20" / "tailored") == tmp_path  # notebook 04's layout
+    assert rundir.run_dir_of(tmp_path / "my_adapter") == tmp_path  # an out_dir of one's own: retired/ beside it

@@ -164,21 +164,26 @@ def test_interrupted_run_resumes_from_its_saved_step(tmp_path):
         other = lora.train_lora(*tiny(), EXAMPLES, LoraSettings(**{**settings.to_dict(), "lr": 1e-3}),
                                 tmp_path / "run", progress=False)
     assert other.resumed_from == 0 and other.steps == 4 and other.losses != resumed.losses
-    assert adapter_weights(tmp_path / "run.replaced").keys() == a.keys()
-    torch.testing.assert_close(adapter_weights(tmp_path / "run.replaced")[next(iter(a))], a[next(iter(a))])
+    aside = tmp_path / "retired" / "run"  # rundir.retire's one place, as for checkpoints
+    assert adapter_weights(aside).keys() == a.keys() and not list(tmp_path.rglob("*.replaced"))
+    torch.testing.assert_close(adapter_weights(aside)[next(iter(a))], a[next(iter(a))])
 
 
 def test_an_adapter_is_reused_only_on_the_weights_it_was_trained_on(tmp_path):
     settings = LoraSettings(max_steps=2, dropout=0.0, **{**QUICK, "save_every": 2})
-    first = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "a", progress=False)
-    again = lora.train_lora(*tiny(), EXAMPLES, settings, tmp_path / "a", progress=False)
-    assert again.losses == first.losses and not (tmp_path / "a.replaced").exists()  # same base: reused
+    out = tmp_path / "adapters" / "block_20" / "a"  # a run directory's layout: rundir.adapter_dir
+    first = lora.train_lora(*tiny(), EXAMPLES, settings, out, progress=False)
+    again = lora.train_lora(*tiny(), EXAMPLES, settings, out, progress=False)
+    assert again.losses == first.losses and not (tmp_path / "retired").exists()  # same base: reused
     model, tok = tiny()
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # "re-pruned": the same shapes, other weights
-    with pytest.warns(UserWarning, match="another base model"):
-        retrained = lora.train_lora(model, tok, EXAMPLES, settings, tmp_path / "a", progress=False)
-    assert retrained.losses != first.losses and (tmp_path / "a.replaced" / lora.METRICS_FILE).exists()
+    with pytest.warns(UserWarning, match=r"adapters/block_20/a moved to retired/adapters/block_20/a: it held a "
+                                         r"LoRA run made from another base model"):
+        retrained = lora.train_lora(model, tok, EXAMPLES, settings, out, progress=False)
+    assert retrained.losses != first.losses
+    assert (tmp_path / "retired" / "adapters" / "block_20" / "a" / lora.METRICS_FILE).exists()
+    assert not list(tmp_path.rglob("*.replaced"))
 
 
 def test_validation_chooses_the_adapter_with_the_lowest_validation_loss(tmp_path):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import papermill
 import pytest
 import yaml
 
 from tailored import runner
-from tailored.params import ParamsError, check, check_notebook, declared
+from tailored.params import ParamsError, at_default, check, check_notebook, declared
 
 
 def _refused(tmp_path, steps: dict, needle: str) -> str:
@@ -88,3 +90,13 @@ def test_a_notebook_run_directly_by_papermill_stops_at_a_bad_value(tmp_path):
                                    progress_bar=False)
     assert err.value.ename == "ParamsError" and "layer_to_draw = 9" in err.value.evalue
     assert not (tmp_path / "graph.json").exists()
+
+
+def test_at_default_reads_the_default_from_the_notebooks_parameters_cell(tmp_path):
+    cell = {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "outputs": [], "execution_count": None,
+            "source": ['k = 5  # shots [int ≥ 0]\n', 'tasks = ["piqa"]  # [tasks]\n']}
+    (tmp_path / "09_tiny.ipynb").write_text(json.dumps({"cells": [cell], "metadata": {}, "nbformat": 4,
+                                                        "nbformat_minor": 5}))
+    ran = {"k": 5, "tasks": ["piqa", "arc_easy"]}
+    assert at_default("09_tiny", "k", ran, tmp_path) == "k = 5 (the default)"
+    assert at_default("09_tiny", "tasks", ran, tmp_path) == "tasks = ['piqa', 'arc_easy'] (changed from ['piqa'])"

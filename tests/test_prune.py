@@ -300,3 +300,35 @@ def test_the_kept_widths_title_says_which_layers_every_plan_left_whole():
     assert _whole_layers({"a": plan(8, 8, 4, 8, 8), "b": plan(8, 4, 4, 4, 8)}, 5, dense) == "layers 0, 4"
     assert _whole_layers({"a": plan(4, 8, 4, 4, 4)}, 5, dense) == "layer 1"
     assert _whole_layers({"a": plan(4, 4, 4, 4, 4)}, 5, dense) == "no layer"
+
+
+def test_the_widths_beside_importance_figure_says_whether_the_plan_cut_where_the_scores_were_low(tmp_path):
+    from tailored.figures import save_figure
+    from tailored.figures.prune import cut_where_scores_low, widths_and_importance, widths_vs_importance
+    from tailored.importance import compute_importance
+
+    model, _, graph = dense()
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    imp = compute_importance(model, graph, batch, estimators=("param_first",), reductions=("sum",), progress=False)
+    scores = imp.select("param_first", "sum")
+    plans = {"global": plan_pruning(graph, scores, target=0.3, allocation="global", normalize="cost",
+                                    layer_range=(0, graph.num_layers)),
+             "local": plan_pruning(graph, scores, target=0.2, layer_range=(0, graph.num_layers))}
+    cfg = model.config
+    table = widths_and_importance(imp, graph, plans, {"kv_heads": cfg.num_key_value_heads,
+                                                      "mlp": cfg.intermediate_size}, "param_first")
+    assert len(table) == 2 * 2 * graph.num_layers and table["kept"].between(0, 1).all()
+    mlp = table[(table["plan"] == "global") & (table["kind"] == "mlp")]
+    kept = {w["layer"]: w["mlp"] / cfg.intermediate_size for w in plans["global"].widths}
+    assert mlp.set_index("layer")["kept"].to_dict() == kept  # the plan's own widths, not recomputed
+    said = cut_where_scores_low(table, "local")
+    assert said["mlp"].startswith("MLP channels: every layer keeps")  # local allocation: one ratio for all layers
+    rho = f"{spearman_of(mlp['relative'], mlp['kept']):+.2f}"
+    assert f"Spearman ρ = {rho}" in cut_where_scores_low(table, "global")["mlp"]
+    assert save_figure(widths_vs_importance(table, "param_first"), tmp_path, "w").stat().st_size > 1000
+
+
+def spearman_of(a, b) -> float:
+    from tailored.importance import spearman
+
+    return spearman(torch.tensor(a.to_numpy()), torch.tensor(b.to_numpy()))

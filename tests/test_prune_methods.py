@@ -20,6 +20,7 @@ from tailored.importance import (
     compute_importance,
     readers,
 )
+from tailored.methods import LADDER, changes, ladder
 from tailored.models import load
 from tailored.prune import apply, make_plan, plan_pruning
 from tailored.recipes import METHODS, Method, PruningCache, prune_model, summarize_curve
@@ -356,3 +357,13 @@ def test_saved_scores_of_other_windows_or_weights_are_refused():
         next(other.parameters()).mul_(2.0)
     with pytest.raises(ValueError, match="other weights"):
         prune_model(other, batch, 0.25, "param_first", importance=saved, progress=False)
+
+
+def test_the_ladder_changes_one_group_of_fields_at_a_time_and_says_which():
+    rows = ladder(["random", *LADDER])
+    assert all(r["one change"] for r in rows)
+    assert [r["changed"] for r in rows[1:]] == ["estimator", "estimator", "compensation", "allocation", "compensation"]
+    assert changes(METHODS["fisher_bias"], METHODS["fisher_refit"]) == {"compensation": "compensation bias → refit"}
+    assert changes(METHODS["fisher_local"], METHODS["fisher_local"]) == {}
+    jump = ladder(["param_first", "fisher_refit"])[1]  # the study's curve today: three choices in one step
+    assert not jump["one change"] and jump["changed"] == "estimator, allocation, compensation"

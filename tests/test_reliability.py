@@ -469,10 +469,12 @@ def test_a_damaged_finished_adapter_is_trained_again_not_loaded(tmp_path):
     _damage(out / "adapter_model.safetensors")
     with pytest.raises(ArtifactError, match=r"run/adapter_model\.safetensors is damaged: .*notebook 04"):
         adapters.load_adapter(models.load("tiny")[0], out)  # notebook 05's path: refused, named
-    with pytest.warns(UserWarning, match=r"run held a LoRA run that is damaged \(.*run/adapter_model\.safetensors "
-                                         r"is damaged: .*trained afresh"):
+    with pytest.warns(UserWarning, match=r"run moved to retired/run: it held a LoRA run that is damaged \(.*run/"
+                                         r"adapter_model\.safetensors is damaged: .*trained afresh"):
         again = lora.train_lora(*models.load("tiny"), EXAMPLES, settings, out, progress=False)
     assert again.losses == first.losses and (out / "adapter_model.safetensors").read_bytes() == good
+    assert (tmp_path / "retired" / "run" / "adapter_model.safetensors").is_file()  # where replaced checkpoints go
+    assert not list(tmp_path.rglob("*.replaced"))
 
 
 def test_a_truncated_adapter_is_named_in_one_line_sealed_or_not(tmp_path):
