@@ -125,6 +125,24 @@ def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int
     return float(low), float(high)
 
 
+def perplexity_ratio_interval(base_nll: Sequence[float], other_nll: Sequence[float], window_tokens: Sequence[int],
+                              n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``other``'s perplexity over ``base``'s on the same windows, with a paired 95% interval (both resampled
+    with the same windows, percentile bootstrap): ``(ratio, low, high)``. An interval that holds 1 is a step
+    these tokens cannot tell from none."""
+    a, b = np.asarray(base_nll, dtype=float), np.asarray(other_nll, dtype=float)
+    tokens = np.asarray(window_tokens, dtype=float)
+    if a.shape != b.shape or a.shape != tokens.shape:
+        raise ValueError(f"paired windows needed: {a.shape}, {b.shape} and {tokens.shape} windows")
+    ratio = float(np.exp((b.sum() - a.sum()) / tokens.sum()))
+    if len(a) < 2:
+        return ratio, float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    boots = np.exp((b[idx].sum(1) - a[idx].sum(1)) / tokens[idx].sum(1))
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return ratio, float(low), float(high)
+
+
 def majority_baseline(train_examples: Sequence[ExampleLike],
                       examples: Sequence[ExampleLike]) -> tuple[int | None, float | None]:
     """The most frequent TRAIN label and the accuracy of always answering it on the evaluated examples."""

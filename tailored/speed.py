@@ -227,6 +227,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def size(model, name: str) -> dict:
+    """What a model costs on any machine: parameters, multiply-accumulates per token, weight memory (MiB)."""
+    return {"model": name, "params": count_parameters(model), "macs_per_token": macs_per_token(model),
+            "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
+
+
+def sizes(models: dict) -> list[dict]:
+    """``size`` of each model, with the share of parameters removed against the first."""
+    rows = [size(m, name) for name, m in models.items()]
+    return [r | {"share_removed": 1 - r["params"] / rows[0]["params"]} for r in rows]
+
+
 def _timed(fn, device) -> float:
     _sync(device)
     t = time.perf_counter()
@@ -252,8 +264,7 @@ def _cases(model, name: str, prompt_len: int, new_tokens: int, batches, prefill_
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)  # every model gets the same inputs
-    row = {"model": name, "params": count_parameters(model), "macs_per_token": macs_per_token(model),
-           "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
+    row = size(model, name)
     ids = torch.randint(0, vocab, (1, prefill_len), generator=gen).to(device)
 
     def prefill():

@@ -269,3 +269,19 @@ def test_claim_verdicts_decide_each_claim_from_paired_examples():
     assert set(per_task["task"]) == {"piqa", "arc_easy"}
     sentences = findings(pooled)
     assert list(sentences["claim"]) == list(dict.fromkeys(pooled["claim"]))  # one sentence per claim
+
+
+def test_a_perplexity_step_is_told_from_none_only_when_its_paired_interval_excludes_one():
+    from tailored.metrics import perplexity_ratio_interval
+
+    rng = np.random.default_rng(0)
+    tokens = np.full(128, 127)
+    base = rng.normal(3.0, 0.4, 128) * tokens  # per-window NLL sums; windows differ a lot in difficulty
+    same = base + rng.normal(0, 0.01, 128) * tokens  # the same model up to noise: a ratio of 1
+    worse = base + 0.05 * tokens  # 5% more NLL per token on every window: exp(0.05) = 1.051
+    ratio, low, high = perplexity_ratio_interval(base, same, tokens)
+    assert low < 1 < high and high - low < 0.01  # tight around 1: pairing cancels the windows' difficulty
+    ratio, low, high = perplexity_ratio_interval(base, worse, tokens)
+    assert ratio == pytest.approx(np.exp(0.05)) and low > 1
+    with pytest.raises(ValueError, match="paired windows"):
+        perplexity_ratio_interval(base, worse[:-1], tokens)

@@ -31,14 +31,19 @@ def perplexity_curve(df: pd.DataFrame, dense_ppl: float, title: str = ""):
     """Perplexity (log scale) against the share of decoder parameters removed, one line per method.
 
     ``df`` columns: ``method`` (or ``estimator``), share (achieved, 0–1), perplexity; random dashed. Every
-    line starts at the dense point (0% removed) and marks each measured share.
+    line starts at the dense point (0% removed) and marks each measured share, with its 95% interval where
+    ``ppl_low`` and ``ppl_high`` are given.
     """
     key = "method" if "method" in df.columns else "estimator"
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for name, part in df.dropna(subset=["perplexity"]).groupby(key, sort=False):
         part = part.sort_values("share")  # every line starts at the dense model: nothing removed, dense_ppl
-        ax.plot([0.0, *(100 * part["share"])], [dense_ppl, *part["perplexity"]], marker="o", ms=4,
-                label=METHOD_LABELS.get(name, ESTIMATOR_LABELS.get(name, name)), ls="--" if name == "random" else "-")
+        line, = ax.plot([0.0, *(100 * part["share"])], [dense_ppl, *part["perplexity"]], marker="o", ms=4,
+                        label=METHOD_LABELS.get(name, ESTIMATOR_LABELS.get(name, name)),
+                        ls="--" if name == "random" else "-")
+        if {"ppl_low", "ppl_high"} <= set(part.columns):  # each point's 95% interval over the windows
+            ax.errorbar(100 * part["share"], part["perplexity"], fmt="none", ecolor=line.get_color(), capsize=2,
+                        yerr=[part["perplexity"] - part["ppl_low"], part["ppl_high"] - part["perplexity"]], lw=0.9)
     ax.axhline(dense_ppl, color="black", lw=0.8, ls=":")
     ax.plot([0.0], [dense_ppl], "s", color="black", ms=6, label=f"dense ({dense_ppl:.1f})", zorder=5)
     ax.set_yscale("log")
