@@ -10,7 +10,9 @@ The runner does three things a bare ``papermill`` call does not:
    reach, and a model directory against the architectures the study supports.
 2. **Skips what has not changed, by content.** A step's fingerprint hashes its notebook, its resolved
    parameters, the package modules the notebook imports (and theirs: ``tailored.sources``), the registry
-   entries and prompts of the tasks its parameters name, and the fingerprints of the steps before it. After a
+   entries and prompts of the tasks its parameters name, and the content of what the steps before it handed on
+   (``handed_on``: the sha256 of their artifacts, not their fingerprints, so a change that leaves a step's
+   artifacts byte for byte as they were, its prose for instance, reruns that step alone). After a
    step, the sha256 of every file it wrote is recorded. A step is skipped only when its fingerprint equals the
    one recorded after its last successful run *and* every file it wrote still has its recorded sha256
    (``force=True`` reruns it). A file that changed (bit rot, a copy, an edit: its modification time proves
@@ -410,6 +412,23 @@ def fingerprint(step: Step, params: dict, src: str, upstream: dict[str, str]) ->
     return h.hexdigest()
 
 
+def handed_on(run_dir: Path, record: dict, earlier: str, later: str) -> object:
+    """What step ``later`` reads of an earlier step's last run, for its fingerprint: the sha256 of every file of
+    the artifacts the earlier step wrote, and of its metrics only where ``later`` reads them
+    (``rundir.METRICS_READ``; metrics hold timings, which differ from run to run). Not the earlier step's
+    fingerprint: a change that leaves its artifacts as they were, byte for byte (its prose, a figure, a
+    refactoring), reruns that step and no later one. A notebook outside the study's layout (no declared
+    artifacts) hands on its fingerprint and whatever it recorded."""
+    if record.get("status") != "ok":
+        return record.get("status", "never run")
+    outputs = record.get("outputs", {})
+    if earlier not in rundir.STEP_OUTPUTS:
+        return [record.get("fingerprint"), outputs]
+    metrics = metrics_path(run_dir, earlier).relative_to(run_dir).as_posix()
+    return {name: files for name, files in outputs.items()
+            if name != metrics or earlier in rundir.METRICS_READ.get(later, ())}
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -469,9 +488,8 @@ def run(profile: str = "class", only: str | None = None, start: str | None = Non
         kernel = kernel_name()
 
         for step in steps:
-            # what came before: each earlier step's fingerprint and the state of what it wrote
-            upstream = {s.name: [manifest["steps"].get(s.name, {}).get("fingerprint", "never run"),
-                                 manifest["steps"].get(s.name, {}).get("outputs", {})]
+            # what came before: the content of what each earlier step handed on to this one
+            upstream = {s.name: handed_on(run_dir, manifest["steps"].get(s.name, {}), s.name, step.name)
                         for s in steps_all if s.number < step.number}
             params = resolved[step.name]
             src = source_hash(step)

@@ -255,3 +255,37 @@ def test_outputs_saved_into_a_notebook_leave_its_fingerprint_as_it_was(study):
     nb.cells[1].source += "\n# an edit"
     nbformat.write(nb, str(path))
     assert runner.notebook_hash(path) != before
+
+
+def test_a_step_that_writes_the_same_bytes_again_reruns_no_later_step(tmp_path):
+    """Later steps read the earlier steps' artifacts, not their notebooks: an edit to 01's prose reruns 01, and 02
+    only once 01's artifact changes. 01's metrics (a timing here) differ on every run and are not 02's input."""
+    nbs, params = tmp_path / "notebooks", tmp_path / "params"
+    nbs.mkdir()
+    params.mkdir()
+    common = 'profile = "class"\nrun_dir = "../runs/class"\nfigures_dir = "../figures"\nseed = 0\n'
+    _notebook(nbs / "01_trace_graph.ipynb", common + "value = 3\n",
+              "import json, pathlib, time\nrun = pathlib.Path(run_dir)\n"
+              "(run / 'graph.json').write_text(json.dumps(value))\n(run / 'metrics').mkdir(exist_ok=True)\n"
+              "(run / 'metrics' / '01_trace_graph.json').write_text(json.dumps(time.time()))")
+    _notebook(nbs / "02_importance.ipynb", common,
+              "import json, pathlib\nv = json.loads(pathlib.Path(run_dir, 'graph.json').read_text())\n"
+              "pathlib.Path(run_dir, 'importance.safetensors').write_text(json.dumps(2 * v))")
+    (params / "t.yaml").write_text(yaml.safe_dump({"common": {"seed": 1}}))
+
+    def run():
+        m = runner.run(profile="t", run_root=tmp_path / "runs", notebooks_dir=nbs, params_dir=params, progress=False,
+                       log=lambda *_: None)
+        return {name: s["finished"] for name, s in m["steps"].items()}
+
+    first = run()
+    nb = nbformat.read(str(nbs / "01_trace_graph.ipynb"), as_version=4)
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("A sentence said better."))
+    nbformat.write(nb, str(nbs / "01_trace_graph.ipynb"))
+    prose = run()
+    assert prose["01_trace_graph"] != first["01_trace_graph"]  # its own prose: rerun
+    assert prose["02_importance"] == first["02_importance"]  # the same graph.json: skipped
+    (params / "t.yaml").write_text(yaml.safe_dump({"common": {"seed": 1}, "steps": {"01_trace_graph": {"value": 4}}}))
+    changed = run()
+    assert changed["02_importance"] != first["02_importance"]  # another graph.json: rerun
+    assert (tmp_path / "runs" / "t" / "importance.safetensors").read_text() == "8"
