@@ -235,7 +235,11 @@ def size(model, name: str) -> dict:
 
 def sizes(models: dict) -> list[dict]:
     """``size`` of each model, with the share of parameters removed against the first."""
-    rows = [size(m, name) for name, m in models.items()]
+    return with_share_removed([size(m, name) for name, m in models.items()])
+
+
+def with_share_removed(rows: list[dict]) -> list[dict]:
+    """Each row with ``share_removed``, the share of its parameters removed against the first row's."""
     return [r | {"share_removed": 1 - r["params"] / rows[0]["params"]} for r in rows]
 
 
@@ -328,9 +332,9 @@ def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(
                 row[key] = 1000 * median[key]
         row["repeats"] = repeats
         rows.append(row)
+    rows = with_share_removed(rows)
     base = rows[0]
     for r in rows:
-        r["share_removed"] = 1 - r["params"] / base["params"]
         for key in [k for k in r if k.startswith(("decode", "hf_decode"))]:
             r[f"{key}_speedup"] = r[key] / base[key]
         r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
