@@ -81,7 +81,7 @@ LIMITS: dict[str, dict[str, dict]] = {
 }
 # The step whose time is "per item", found by a piece of its source, and what an item is.
 MAIN_CELL = {"01_trace_graph": "graph = trace(", "02_importance": "importance = compute_importance(",
-             "03_prune": "dense_ppl = ppl(dense, ", "04_lora_tune": "r = lora.train_lora(",
+             "03_prune": "dense_ppl, window_tokens = ppl(dense", "04_lora_tune": "r = lora.train_lora(",
              "05_evaluate": "per_model[m.name] = evaluate_jobs("}
 GIB = 2**30
 
