@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 import torch
+from matplotlib.colors import to_rgb
 
 from tailored.figures import plt
 from tailored.figures.importance import KIND_TITLES, depth_profile
@@ -154,8 +155,10 @@ def widths_vs_importance(table: pd.DataFrame, estimator: str):
     top.set_ylabel(f"{estimator} score\n/ mean over layers")
     top.legend(frameon=False, fontsize=8)
     for i, (kind, by_kind) in enumerate(table.groupby("kind", sort=False)):
-        for j, (plan, part) in enumerate(by_kind.groupby("plan", sort=False)):
-            bottom.step(part["layer"], part["kept"], where="mid", color=f"C{i}", lw=1.6, ls=("-", "--", ":", "-.")[j % 4],
+        plans = list(by_kind.groupby("plan", sort=False))
+        for j, (plan, part) in enumerate(plans):  # one colour per kind, darker the later (more cut) the plan
+            shade = [1 - (0.3 + 0.7 * (j + 1) / len(plans)) * (1 - c) for c in to_rgb(f"C{i}")]
+            bottom.step(part["layer"], part["kept"], where="mid", color=shade, lw=1.6, ls=("-", "--")[i % 2],
                         label=f"{plan}: {KIND_TITLES.get(kind, kind)}")
     bottom.set_ylim(0, 1.05)
     bottom.set_xlabel("decoder layer")
@@ -167,6 +170,7 @@ def widths_vs_importance(table: pd.DataFrame, estimator: str):
         rho = _score_kept_rho(part)
         said.append(f"{_SHORT.get(kind, kind)}: " + (f"every layer keeps {part['kept'].iloc[0]:.0%}" if rho is None
                                                      else f"ρ(score, share kept) = {rho:+.2f} across layers"))
-    fig.suptitle(f"Where {most_cut} cut, beside notebook 02's {estimator} scores\n" + "; ".join(said), fontsize=9)
+    fig.suptitle(f"Where each checkpoint cut, beside notebook 02's {estimator} scores\nthe most cut, {most_cut}: "
+                 + "; ".join(said), fontsize=9)
     fig.tight_layout()
     return fig
