@@ -75,10 +75,6 @@ STEP_OUTPUTS = {"01_trace_graph": (GRAPH, GRAPH + SEAL_SUFFIX),
                 "02_importance": (IMPORTANCE, IMPORTANCE + SEAL_SUFFIX, CALIBRATION, CALIBRATION + SEAL_SUFFIX),
                 "03_prune": (PRUNED,), "04_lora_tune": (ADAPTERS,), "05_evaluate": ()}
 
-# The earlier steps' metrics a notebook reads (05 reads each adapter's validation curve from 04's); every other
-# input a step has from the steps before it is one of their STEP_OUTPUTS artifacts.
-METRICS_READ = {"05_evaluate": ("04_lora_tune",)}
-
 
 # Which notebook writes what: the first part of a path inside the run directory -> step number.
 WRITTEN_BY = {GRAPH: "01", IMPORTANCE: "02", CALIBRATION: "02", PRUNED: "03", ADAPTERS: "04", EVAL: "05",

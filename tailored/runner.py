@@ -412,10 +412,15 @@ def fingerprint(step: Step, params: dict, src: str, upstream: dict[str, str]) ->
     return h.hexdigest()
 
 
+# The earlier steps' metrics a notebook reads (05 reads each adapter's validation curve from 04's); every other
+# input a step has from the steps before it is one of their artifacts (``rundir.STEP_OUTPUTS``).
+METRICS_READ = {"05_evaluate": ("04_lora_tune",)}
+
+
 def handed_on(run_dir: Path, record: dict, earlier: str, later: str) -> object:
     """What step ``later`` reads of an earlier step's last run, for its fingerprint: the sha256 of every file of
     the artifacts the earlier step wrote, and of its metrics only where ``later`` reads them
-    (``rundir.METRICS_READ``; metrics hold timings, which differ from run to run). Not the earlier step's
+    (``METRICS_READ``; metrics hold timings, which differ from run to run). Not the earlier step's
     fingerprint: a change that leaves its artifacts as they were, byte for byte (its prose, a figure, a
     refactoring), reruns that step and no later one. A notebook outside the study's layout (no declared
     artifacts) hands on its fingerprint and whatever it recorded."""
@@ -426,7 +431,7 @@ def handed_on(run_dir: Path, record: dict, earlier: str, later: str) -> object:
         return [record.get("fingerprint"), outputs]
     metrics = metrics_path(run_dir, earlier).relative_to(run_dir).as_posix()
     return {name: files for name, files in outputs.items()
-            if name != metrics or earlier in rundir.METRICS_READ.get(later, ())}
+            if name != metrics or earlier in METRICS_READ.get(later, ())}
 
 
 def versions() -> dict[str, str]:
