@@ -70,7 +70,7 @@ def plot_loss_curves(runs: Mapping[str, object], kinds: Mapping[str, str] | None
     ax.set_ylabel("loss per answer token (nats)" + (f"; training: mean of {smooth} steps" if smooth > 1 else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # off the curves
     fig.tight_layout()
     return fig
 
