@@ -373,6 +373,61 @@ def read_examples(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return add_margins(frame), {"models": models, "settings": ClaimSettings.from_dict(header.get("settings") or {})}
 
 
+def on_shared_examples(examples: pd.DataFrame, groups: Sequence[Sequence[tuple[str, str | None, int]]]) -> pd.DataFrame:
+    """The records a comparison reads, every setting on the same examples.
+
+    ``groups``: lists of evaluations ``(model, prompt, k)`` meant to be read side by side (the bars of one
+    panel, the points of one curve). Per group and task, the records of its evaluations are cut to the example
+    ids every one of them was scored on; a setting scored on more examples than the others (the headline at a
+    claim's n, a prompt at ``limit``) would otherwise be drawn on examples the others never saw. Only the named
+    evaluations are returned, text tasks (perplexity windows) whole; an evaluation two groups name keeps the
+    examples either kept.
+    """
+    cells = cell_index(examples)
+    kept = []
+    for group in groups:
+        named = {(m, None if pd.isna(p) else p, int(k)) for (m, p, k) in group}
+        keys = [key for key in cells if (key[0], None if pd.isna(key[2]) else key[2], int(key[3])) in named]
+        for task in dict.fromkeys(key[1] for key in keys):
+            mine = [cells[key] for key in keys if key[1] == task]
+            if TASKS.get(task) is not None and TASKS[task].kind == "text":
+                kept += [part.reset_index() for part in mine]
+                continue
+            common = mine[0].index
+            for part in mine[1:]:
+                common = common.intersection(part.index)
+            kept += [part.loc[part.index.isin(common)].reset_index() for part in mine]
+    if not kept:
+        return examples.iloc[:0]
+    out = pd.concat(kept, ignore_index=True)[list(examples.columns)]
+    return out.drop_duplicates(list(KEY_COLUMNS)).reset_index(drop=True)
+
+
+def _scored_by_choice(task: str) -> bool:
+    return TASKS[task].kind in ("classification", "multiple_choice") if task in TASKS else True
+
+
+def headline_examples(examples: pd.DataFrame, models: pd.DataFrame, prompt: str | None, k: int) -> pd.DataFrame:
+    """What ``main_table`` reads: every model's accuracy records under ``prompt`` at ``k`` shots (a model never
+    scored under ``prompt`` with the first prompt it was scored under), cut to the examples every model of the
+    table was scored on (``on_shared_examples``), so each column compares its rows on the same questions; the
+    other tasks' records (generated answers, perplexity) as they are."""
+    choice = examples["task"].map(_scored_by_choice)
+    acc = examples[choice]
+    group = []
+    for m in main_runs(models)["model"]:
+        mine = acc[(acc["model"] == m) & (acc["k"] == k)]
+        if len(mine):
+            group.append((m, prompt if (mine["prompt"] == prompt).any() else mine["prompt"].iloc[0], k))
+    return pd.concat([on_shared_examples(acc, [group]), examples[~choice]], ignore_index=True)
+
+
+def shared_n(examples: pd.DataFrame) -> dict[str, int]:
+    """``{task: examples per evaluation}`` of records cut by ``on_shared_examples`` (the most, if groups differ)."""
+    sizes = examples.groupby(["model", "task", "prompt", "k"], dropna=False).size()
+    return {t: int(n) for t, n in sizes.groupby(level="task", sort=False).max().items()}
+
+
 def task_chance(task: str, examples: pd.DataFrame | None = None) -> float | None:
     """Accuracy of uniform guessing on a task (``tasks.yaml``), or the mean of 1 / (number of answers) over its
     examples; ``None`` for generated and text tasks."""
@@ -385,6 +440,10 @@ def task_chance(task: str, examples: pd.DataFrame | None = None) -> float | None
         return None
     counts = [len(v) for v in examples.loc[examples["task"] == task, "loglikelihoods"] if isinstance(v, list)]
     return float(np.mean([1 / c for c in counts])) if counts else None
+
+
+ROW_COLUMNS = ["model", "task", "kind", "prompt", "k", "n", "metric", "value", "stderr", "ci_low", "ci_high", "chance",
+               "majority", "near_chance"]
 
 
 def rows_from_examples(examples: pd.DataFrame) -> pd.DataFrame:
@@ -411,7 +470,7 @@ def rows_from_examples(examples: pd.DataFrame) -> pd.DataFrame:
             near = not_above_chance(mean, chance, se) if metric in ACCURACY_METRICS and chance is not None else None
             out.append({**base, "metric": metric, "value": mean, "stderr": se, "ci_low": low, "ci_high": high,
                         "chance": chance, "majority": None, "near_chance": near})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=ROW_COLUMNS)
 
 
 # ============================================================================== paired statistics, verdicts
@@ -935,10 +994,15 @@ TABLE_FORMATS = {"eval_claims": ".3g", "eval_claims_by_task": ".3g", "eval_main_
 
 def tables_from_examples(examples: pd.DataFrame, models: pd.DataFrame,
                          settings: ClaimSettings) -> dict[str, Any]:
-    """Every table notebook 05 derives from per-example records: ``eval_main_table`` (and its ``notes``),
+    """Every table notebook 05 derives from per-example records: ``eval_main_table`` (on the examples every one
+    of its models was scored on, ``headline_examples``; its ``notes`` say how many per task in ``n``),
     ``eval_claims``, ``eval_claims_by_task``, ``eval_pruning_levels`` and ``eval_findings``. The notebook and
     ``python -m tailored.analysis`` both call this on the records read back from the published file."""
-    table, notes = main_table(rows_from_examples(examples), models, prompt=settings.headline[0], k=settings.headline[1])
+    prompt, k = settings.headline
+    headline = headline_examples(examples, models, prompt, k)
+    table, notes = main_table(rows_from_examples(headline), models, prompt=prompt, k=k)
+    notes["n"] = {t: n for t, n in shared_n(headline[headline["task"].map(_scored_by_choice)]).items()
+                  if t in notes["metrics"]}
     claims, by_task, levels = decide_claims(examples, models, settings)
     return {"eval_main_table": table, "notes": notes, "eval_claims": claims, "eval_claims_by_task": by_task,
             "eval_pruning_levels": levels, "eval_findings": findings(claims, by_task)}

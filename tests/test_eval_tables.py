@@ -155,6 +155,52 @@ def test_tables_from_the_file_match_the_rows_they_summarize(tmp_path):
     assert table.loc["dense", "squad F1"] == pytest.approx(200 / 3, abs=0.01)
 
 
+def _uneven_results():
+    """dense scored on 60 ARC-Easy questions under the harness prompt and on the first 20 under the general one;
+    block_20 on the first 30 under the harness prompt; perplexity windows for both."""
+    full = _published_results()
+    dense_arc, text = full["dense"][0], full["dense"][3]
+
+    def first(result, n, **change):
+        per = {name: values[:n] for name, values in result["per_example"].items()}
+        return {**result, **change, "per_example": per}
+
+    return {"dense": [dense_arc, first(dense_arc, 20, prompt="general"), text],
+            "block_20": [first(full["block_20"][0], 30), text]}
+
+
+def test_a_comparison_reads_every_setting_on_the_same_examples():
+    examples = figs.example_frame(_uneven_results())
+    cut = figs.on_shared_examples(examples, [[("dense", "harness", 0), ("block_20", "harness", 0)],
+                                             [("dense", "general", 0)]])
+    sizes = cut.groupby(["model", "task", "prompt"], dropna=False).size().to_dict()
+    assert sizes[("dense", "arc_easy", "harness")] == sizes[("block_20", "arc_easy", "harness")] == 30
+    assert sizes[("dense", "arc_easy", "general")] == 20  # a group of its own: not cut to the harness ids
+    assert ("dense", "wikitext", None) not in sizes  # only the evaluations a group names
+    dense = cut[(cut["model"] == "dense") & (cut["task"] == "arc_easy") & (cut["prompt"] == "harness")]
+    assert list(dense["id"]) == [f"q{i}" for i in range(30)]
+    assert figs.shared_n(cut[cut["task"] == "arc_easy"]) == {"arc_easy": 30}
+    windows = figs.on_shared_examples(examples, [[("dense", None, 0), ("block_20", None, 0)]])
+    assert len(windows) == 4 and set(windows["task"]) == {"wikitext"}  # perplexity windows, whole
+    alone = figs.on_shared_examples(examples, [[("dense", "harness", 0), ("dense", "general", 0)]])
+    assert set(alone["model"]) == {"dense"} and (alone[alone["task"] == "arc_easy"].groupby("prompt").size() == 20).all()
+
+
+def test_the_main_table_compares_its_rows_on_the_same_questions():
+    """The dense model was scored on twice block_20's questions; the table reads both on block_20's 30, so
+    recovery is the ratio of two accuracies on the same questions, and the notes say how many."""
+    examples = figs.example_frame(_uneven_results())
+    models = figs.models_frame([RunModel("dense", "dense", "m"), RunModel("block_20", "pruned", "d", 0.2)])
+    tables = figs.tables_from_examples(examples, models, figs.ClaimSettings(deciding_tasks=("arc_easy",), n_boot=200))
+    table = tables["eval_main_table"].set_index("model")
+    dense = examples[(examples["model"] == "dense") & (examples["prompt"] == "harness") & (examples["task"] == "arc_easy")]
+    column = next(c for c in table.columns if c.startswith("arc_easy"))
+    assert table.loc["dense", column] == pytest.approx(100 * dense["acc"].iloc[:30].mean(), abs=0.01)
+    assert table.loc["dense", column] != pytest.approx(100 * dense["acc"].mean(), abs=0.01)  # not its own 60
+    assert tables["notes"]["n"] == {"arc_easy": 30}
+    assert table.loc["dense", "perplexity"] > 0
+
+
 def test_the_tables_are_recomputed_byte_for_byte_from_the_file_alone(tmp_path, capsys):
     path, _ = _published(tmp_path)
     back, header = figs.read_examples(path)

@@ -4,7 +4,8 @@ The tables and numbers they draw come from ``tailored.analysis``::
 
     fig = plot_accuracy_vs_k(rows, ["arc_easy", "sst2"], prompt="task_specific")
     fig = plot_prompts(rows, k=5)
-    fig = plot_accuracy_vs_share(rows, models, prompt="task_specific", k=5)
+    fig = plot_accuracy_vs_share(rows, models, prompt="harness", tasks=["piqa"], lora_rows=rows,
+                                 lora_prompt="task_specific")
     fig = plot_tailored_vs_generic(tailored_vs_generic(rows, models, k=5))
 """
 
@@ -34,7 +35,9 @@ def plot_accuracy_vs_k(rows: pd.DataFrame, tasks: Sequence[str], prompt: str = "
                        models: Sequence[str] | None = None, ncols: int = 3):
     """Accuracy against the number of shots k, one panel per task, one line per model, 95% CI bands.
 
-    The x axis is symmetric-log (k = 0, 1, 5, 25 spread evenly); the dotted line is chance.
+    The x axis is symmetric-log (k = 0, 1, 5, 25 spread evenly); the dotted line is chance. Each panel's title
+    gives its examples per point: draw it from rows on shared examples (``tailored.analysis.on_shared_examples``)
+    so that every k is read on the same questions.
     """
     s = scores(rows, prompt)
     s = s[s["task"].isin(tasks)]
@@ -58,7 +61,8 @@ def plot_accuracy_vs_k(rows: pd.DataFrame, tasks: Sequence[str], prompt: str = "
         ax.set_xlim(-0.15, max(ks) * 1.15 + 0.15)
         ax.set_xticks(ks, [str(int(v)) for v in ks])
         ax.minorticks_off()
-        ax.set_title(f"{task} ({table_metric(task)})")
+        n = sorted(set(part["n"].astype(int)))
+        ax.set_title(f"{task} ({table_metric(task)}, n = {'–'.join(map(str, n[::max(1, len(n) - 1)]))})", fontsize=9)
         ax.set_xlabel("shots k")
         ax.set_ylabel("accuracy" if table_metric(task).startswith("acc") else table_metric(task))
         ax.grid(alpha=0.3)
@@ -76,6 +80,8 @@ def plot_prompts(rows: pd.DataFrame, k: int, models: Sequence[str] | None = None
     """Grouped bars per task, one bar per prompt, 95% CI error bars; one panel per model.
 
     Chance is a short black line over each task's bars. Generation tasks show F1 (SQuAD) or ROUGE-L (XSum).
+    Each tick gives the task's examples per bar: draw it from rows on shared examples, one group per model
+    (``tailored.analysis.on_shared_examples``), so a panel's bars are read on the same questions.
     """
     s = scores(rows, None, k)
     s = s[s["kind"] != "text"]
@@ -83,7 +89,7 @@ def plot_prompts(rows: pd.DataFrame, k: int, models: Sequence[str] | None = None
     prompts = list(prompts or dict.fromkeys(s["prompt"].dropna()))
     tasks = list(dict.fromkeys(s["task"]))
     width = 0.8 / max(1, len(prompts))
-    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 0.9 * len(tasks) + 2), 2.6 * len(models)),
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, 1.0 * len(tasks) + 2), 2.8 * len(models) + 0.4),
                              squeeze=False, sharey=True)
     x = np.arange(len(tasks))
     for ax, m in zip(axes[:, 0], models):
@@ -99,53 +105,97 @@ def plot_prompts(rows: pd.DataFrame, k: int, models: Sequence[str] | None = None
             ch = s.loc[s["task"] == t, "chance"].dropna()
             if len(ch):
                 ax.hlines(ch.iloc[0], i - 0.45, i + 0.45, color="black", lw=1)
-        ax.set_xticks(x, [f"{t}\n({table_metric(t)})" for t in tasks], fontsize=7)
+        n = part["n"].groupby(level="task").max()
+        ax.set_xticks(x, [f"{t}\n{table_metric(t)}" + (f"\nn = {int(n[t])}" if t in n.index else "") for t in tasks],
+                      fontsize=7)
         ax.set_ylabel(f"{m}\nscore")
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, frameon=False, ncols=len(prompts), loc="upper right")
-    fig.suptitle(f"Does the prompt matter? {k}-shot scores per prompt (bars: 95% CI; black: chance)")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.suptitle(f"Does the prompt matter? {k}-shot scores per prompt, each panel on shared examples "
+                 "(bars: 95% CI; black: chance)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room above the panels: no bar hidden
+    fig.legend(handles, labels, fontsize=7, frameon=False, ncols=len(prompts), loc="upper center",
+               bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()))
     return fig
 
 
-def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific",
-                           k: int = 0, tasks: Sequence[str] | None = None):
-    """Accuracy against the share of decoder parameters removed: thin lines per task, the average thick.
+def _average(part: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
+    """Per model: the mean over ``tasks`` of its scores and the 95% interval of that mean (the tasks' samples
+    are independent: se = sqrt(Σ se²) / T); only models scored on every one of ``tasks``."""
+    part = part[part["task"].isin(tasks)]
+    g = part.groupby("model", sort=False)
+    out = pd.DataFrame({"value": g["value"].mean(), "se": g["stderr"].apply(lambda v: np.sqrt((v ** 2).sum()) / len(v)),
+                        "tasks": g["task"].nunique()})
+    out = out[out["tasks"] == len(tasks)]
+    return out.assign(low=out["value"] - 1.96 * out["se"], high=out["value"] + 1.96 * out["se"])
 
-    Models without LoRA make the lines; LoRA-tuned ones are drawn as markers (square: generic recipe, star:
-    tailored), each the average of the tasks it was evaluated on, so the gap they close is visible. The thick
-    average is over the paper's seven tasks where evaluated, as in ``main_table``.
+
+def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_specific",
+                           k: int = 0, tasks: Sequence[str] | None = None, lora_rows: pd.DataFrame | None = None,
+                           lora_prompt: str | None = None):
+    """Accuracy against the share of decoder parameters removed, in two panels read on shared examples.
+
+    - left, *what pruning costs*: the models without LoRA under ``prompt`` (``rows``: cut to the examples all of
+      them were scored on), a thin line per accuracy task and a thick one for the average over ``tasks`` (the
+      deciding tasks; the paper's seven where evaluated if none are given) with its 95% band;
+    - right, *what LoRA wins back* (when ``lora_rows`` holds LoRA-tuned models): the average over the same
+      ``tasks`` under ``lora_prompt`` of the dense model, the checkpoints tuned and their adapters (square:
+      generic recipe, star: tailored), all on the examples every one of them was scored on, 95% bars.
+
+    Every point of a panel averages the same tasks on the same questions; the legend and titles say how many.
     """
     models = main_runs(models)
-    s = model_scores(rows, models, prompt, k).merge(models[["model", "share", "recipe", "kind"]].rename(
-        columns={"kind": "model_kind"}), on="model")
-    acc_tasks = [t for t in (tasks or accuracy_tasks(s))]
-    s = s[s["task"].isin(acc_tasks)]
+    info = models[["model", "share", "recipe", "kind"]].rename(columns={"kind": "model_kind"})
+
+    def scored(frame, p):
+        out = model_scores(frame, models, p, k).merge(info, on="model")
+        return out[out["kind"].isin(["classification", "multiple_choice"])]
+
+    s = scored(rows, prompt)
     plain = s[s["model_kind"] != "lora"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    acc_tasks = accuracy_tasks(plain)
+    avg_tasks = [t for t in (tasks or [t for t in PAPER_TASKS if t in acc_tasks] or acc_tasks) if t in acc_tasks]
+    tuned = scored(lora_rows, lora_prompt or prompt) if lora_rows is not None else s.iloc[:0]
+    has_lora = (tuned["model_kind"] == "lora").any()
+    fig, axes = plt.subplots(1, 2 if has_lora else 1, figsize=(11.0 if has_lora else 6.6, 4.2), squeeze=False)
+    ax = axes[0, 0]
     for i, t in enumerate(acc_tasks):
         line = plain[plain["task"] == t].sort_values("share")
-        ax.plot(100 * line["share"], line["value"], color=f"C{i % 10}", lw=1, marker=".", alpha=0.7, label=t)
-    avg_tasks = [t for t in PAPER_TASKS if t in acc_tasks] or acc_tasks  # as in main_table
-    avg = plain[plain["task"].isin(avg_tasks)].groupby("share")["value"].mean().sort_index()
-    ax.plot(100 * avg.index, avg.values, color="black", lw=2.2, marker="o",
-            label=f"average of {len(avg_tasks)} tasks" + (" (the paper's)" if avg_tasks[0] in PAPER_TASKS else ""))
-    tuned = s[s["model_kind"] == "lora"]
-    for recipe, part in tuned.groupby("recipe"):
-        pts = part.groupby("share")["value"].mean()
-        n_tasks = part["task"].nunique()
-        ax.plot(100 * pts.index, pts.values, ls="none", marker=RECIPE_MARKERS.get(recipe, "D"), ms=10,
-                color="black", mfc="white" if recipe == "generic" else "gold",
-                label=f"+ {recipe} LoRA (average of its {n_tasks} task{'s' * (n_tasks > 1)})")
-    chance = s[s["task"].isin(avg_tasks)].dropna(subset=["chance"]).groupby("task")["chance"].first()
-    if len(chance):
-        ax.axhline(chance.mean(), color="0.5", ls=":", lw=1, label="their average chance")
-    ax.set_xlabel("decoder parameters removed (%)")
+        ax.plot(100 * line["share"], line["value"], color=f"C{i % 10}", lw=1, marker=".", alpha=0.6,
+                ls="-" if t in avg_tasks else ":", label=f"{t} (n = {int(line['n'].max())})")
+    avg = _average(plain, avg_tasks).join(plain.groupby("model")["share"].first()).sort_values("share")
+    ax.fill_between(100 * avg["share"], avg["low"], avg["high"], color="black", alpha=0.12, lw=0)
+    ax.plot(100 * avg["share"], avg["value"], color="black", lw=2.2, marker="o",
+            label=f"average of the {len(avg_tasks)} solid tasks (95% band)")
+    ax.set_title(f"What pruning costs ({prompt} prompt, k = {k})", fontsize=10)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Accuracy against the share removed ({prompt} prompt, k = {k})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if has_lora:
+        bx = axes[0, 1]
+        both = _average(tuned, avg_tasks).join(tuned.groupby("model")[["share", "recipe", "model_kind"]].first())
+        base = both[both["model_kind"] != "lora"].sort_values("share")
+        bx.plot(100 * base["share"], base["value"], color="black", lw=1.6, marker="o", label="no LoRA")
+        bx.fill_between(100 * base["share"], base["low"], base["high"], color="black", alpha=0.12, lw=0)
+        for j, (recipe, part) in enumerate(both[both["model_kind"] == "lora"].groupby("recipe")):
+            bx.errorbar(100 * part["share"] + 1.2 * (j - 0.5), part["value"],  # side by side, not on each other
+                        yerr=[part["value"] - part["low"], part["high"] - part["value"]],
+                        ls="none", marker=RECIPE_MARKERS.get(recipe, "D"), ms=10, color="black", capsize=3,
+                        mfc="white" if recipe == "generic" else "gold", label=f"+ {recipe} LoRA")
+        left_out = sorted(set(tuned.loc[tuned["model_kind"] == "lora", "model"]) - set(both.index))
+        if left_out:  # an adapter not scored on every one of the tasks would average other questions
+            bx.text(0.01, 0.01, "not scored on every task, left out: " + ", ".join(left_out), fontsize=6.5,
+                    transform=bx.transAxes, va="bottom", color="0.35")
+        n = tuned[tuned["task"].isin(avg_tasks)].groupby("task")["n"].max()
+        bx.set_title(f"What LoRA wins back ({lora_prompt or prompt} prompt, k = {k})\naverage of the same tasks on "
+                     f"{', '.join(f'{int(v)} {t}' for t, v in n.items())} examples", fontsize=9)
+        bx.legend(fontsize=7, frameon=False, loc="best")
+    chance = s[s["task"].isin(avg_tasks)].dropna(subset=["chance"]).groupby("task")["chance"].first()
+    for a in axes.flat:
+        if len(chance) == len(avg_tasks):
+            a.axhline(chance.mean(), color="0.5", ls=":", lw=1, label="their average chance" if a is ax else None)
+        a.set_xlabel("decoder parameters removed (%)")
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
     fig.tight_layout()
     return fig
 
@@ -203,14 +253,16 @@ def _claim_panel(ax, rows: pd.DataFrame, xlabel: str) -> None:
 
 
 def plot_claims(pooled: pd.DataFrame):
-    """The claims in two panels: shares kept (%, the dotted line at 50%; a cross marks the paper's own
-    figure) and differences in accuracy points (dotted at 0, shaded ±δ), each with its 95% paired interval
-    and coloured by verdict. Margin rows (in SD of the dense model's margin) are left to the table."""
+    """The claims, one panel per scale: each measure of a share kept (%, the dotted line at 50%; a cross marks
+    the paper's own figure; the share of above-chance accuracy and the paper's plain ratio are different
+    measures, so they get a panel each) and differences in accuracy points (dotted at 0, shaded ±δ), each row
+    with its 95% paired interval and coloured by verdict. Margin rows (in SD of the dense model's margin) are
+    left to the table."""
     shares = pooled[pooled["measure"].str.contains("%", regex=False)]
     points = pooled[(pooled["row"] == "deciding") & ~pooled["measure"].str.contains("%", regex=False)
                     & ~pooled["measure"].str.contains("points of share", regex=False)]
-    panels = [(part, label) for part, label in ((shares, "share of the dense model's accuracy kept (%)"),
-                                                (points, "difference (accuracy points)")) if len(part)]
+    panels = [(shares[shares["measure"] == m], m) for m in dict.fromkeys(shares["measure"])]  # one scale each
+    panels += [(points, "difference (accuracy points)")] if len(points) else []
     heights = [max(1.5, 0.42 * len(part) + 0.6) for part, _ in panels] or [1.5]
     fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(8.4, sum(heights) + 1.2), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
