@@ -15,6 +15,7 @@ Run ``python -m tailored.speed --help`` (or ``tailored bench``) for the benchmar
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -233,9 +234,30 @@ def size(model, name: str) -> dict:
             "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
 
 
+def _read(m):
+    """A value of a ``models`` dict as a model: a model as it is, a loader (a function of no arguments returning
+    one) called now. The caller drops it before reading the next, so a dict of loaders never holds two models."""
+    return m if isinstance(m, torch.nn.Module) else m()
+
+
+def _free(device: torch.device) -> None:
+    """Give a dropped model's memory back now: HF models sit in reference cycles, which only the collector frees."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def sizes(models: dict) -> list[dict]:
-    """``size`` of each model, with the share of parameters removed against the first."""
-    return with_share_removed([size(m, name) for name, m in models.items()])
+    """``size`` of each model (a model, or a loader: one in memory at a time), with the share of parameters
+    removed against the first."""
+    rows = []
+    for name, loader in models.items():
+        m = _read(loader)
+        rows.append(size(m, name))
+        device = next(m.parameters()).device
+        del m
+        _free(device)
+    return with_share_removed(rows)
 
 
 def with_share_removed(rows: list[dict]) -> list[dict]:
@@ -306,21 +328,43 @@ def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(
     Decode tokens/s are of the decode steps alone: ``batch × (new_tokens − 1)`` tokens over the median time of
     generating ``new_tokens`` minus the median time of the prompt's prefill (``prompt_prefill_ms_bs<b>``,
     reported beside them; the first new token is read off the prefill).
+
+    A value of ``models`` may be a loader instead (a function of no arguments returning the model): then the
+    models are measured one after the other, each loaded, warmed up, timed ``repeats`` times and freed before
+    the next is read, so no two are in memory at once (a 24 GB GPU holds a LLaMA-7B and one pruned copy, not
+    three models). The price is the interleaving: a burst of load hits one model only. Rows say which way they
+    were measured (``interleaved``).
     """
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens}: decode speed needs at least 2 new tokens (the first comes "
                          "from the prompt's prefill)")
-    built = [_cases(m, name, prompt_len, new_tokens, batches, prefill_len, eager, compile)
-             for name, m in models.items()]
-    devices = [next(m.parameters()).device for m in models.values()]
-    for _, cases in built:
-        for _, fn, _ in cases:  # warm-up: allocations, CUDA graph capture, kernel selection
-            fn()
+    interleaved = all(isinstance(m, torch.nn.Module) for m in models.values())
     times: dict[tuple[int, str], list[float]] = {}
-    for _ in range(repeats):
-        for i, ((_, cases), device) in enumerate(zip(built, devices)):
-            for key, fn, _ in cases:
-                times.setdefault((i, key), []).append(_timed(fn, device))
+    built = []
+
+    def timed_rounds(group):  # group: [(index, cases, device)]; warm-up, then repeats, interleaved in the group
+        for _, cases, _ in group:
+            for _, fn, _ in cases:  # warm-up: allocations, CUDA graph capture, kernel selection
+                fn()
+        for _ in range(repeats):
+            for i, cases, device in group:
+                for key, fn, _ in cases:
+                    times.setdefault((i, key), []).append(_timed(fn, device))
+
+    if interleaved:
+        built = [_cases(m, name, prompt_len, new_tokens, batches, prefill_len, eager, compile)
+                 for name, m in models.items()]
+        timed_rounds([(i, cases, next(m.parameters()).device)
+                      for i, ((_, cases), m) in enumerate(zip(built, models.values()))])
+    else:
+        for i, (name, loader) in enumerate(models.items()):
+            m = _read(loader)
+            device = next(m.parameters()).device
+            row, cases = _cases(m, name, prompt_len, new_tokens, batches, prefill_len, eager, compile)
+            timed_rounds([(i, cases, device)])
+            built.append((row, [(key, None, tokens) for key, _, tokens in cases]))  # the model goes with cases
+            del m, cases
+            _free(device)
     rows = []
     for i, (row, cases) in enumerate(built):
         median = {key: sorted(times[i, key])[len(times[i, key]) // 2] for key, _, _ in cases}
@@ -331,6 +375,7 @@ def compare(models: dict, prompt_len: int = 128, new_tokens: int = 32, batches=(
             else:
                 row[key] = 1000 * median[key]
         row["repeats"] = repeats
+        row["interleaved"] = interleaved
         rows.append(row)
     rows = with_share_removed(rows)
     base = rows[0]

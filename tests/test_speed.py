@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tailored.models import load
-from tailored.speed import FastDecoder, compare
+from tailored.speed import FastDecoder, compare, sizes
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-step"])
@@ -35,6 +35,33 @@ def test_compare_reports_side_by_side_rows():
     assert [r["model"] for r in rows] == ["a", "b"]
     assert rows[0]["decode_tok_s_bs1_speedup"] == 1.0 and rows[1]["share_removed"] == 0.0
     assert rows[0]["macs_per_token"] > 0 and rows[0]["prefill_ms"] > 0
+
+
+def test_loaders_are_measured_one_at_a_time_and_give_the_same_rows():
+    """A dict of loaders is read model by model, each freed before the next is loaded (what a 24 GB GPU needs);
+    the rows have the same keys and sizes as for models in memory, and say they were not interleaved."""
+    import gc
+    import weakref
+
+    alive = []
+
+    def loader(seed):
+        def read():
+            assert not [r for r in alive if r() is not None], "a model was still in memory when the next was read"
+            model = load("tiny", seed=seed)[0]
+            alive.append(weakref.ref(model))
+            return model
+        return read
+
+    kw = dict(prompt_len=4, new_tokens=3, batches=(1,), prefill_len=8, repeats=1, eager=False)
+    gc.collect()
+    by_loader = compare({"a": loader(0), "b": loader(1)}, **kw)
+    in_memory = compare({"a": load("tiny")[0], "b": load("tiny", seed=1)[0]}, **kw)
+    assert [r["model"] for r in by_loader] == ["a", "b"] and set(by_loader[0]) == set(in_memory[0])
+    assert [r["interleaved"] for r in by_loader + in_memory] == [False, False, True, True]
+    assert [r["params"] for r in by_loader] == [r["params"] for r in in_memory]
+    alive.clear()
+    assert sizes({"a": loader(0), "b": loader(1)}) == sizes({"a": load("tiny")[0], "b": load("tiny", seed=1)[0]})
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-step"])
