@@ -298,9 +298,10 @@ def _cases(model, name: str, prompt_len: int, new_tokens: int, batches, prefill_
             model(ids, use_cache=False, logits_to_keep=1)
 
     cases = [("prefill_ms", prefill, 0)]
+    # one decoder for every batch size: its fused, transposed weights are a copy of the model's, made once
+    fast = FastDecoder(model, max_batch=max(batches), max_len=prompt_len + new_tokens, compile=compile)
     for bsz in batches:
         prompt = torch.randint(0, vocab, (bsz, prompt_len), generator=gen).to(device)
-        fast = FastDecoder(model, max_batch=bsz, max_len=prompt_len + new_tokens, compile=compile)
         cases.append((f"prompt_prefill_ms_bs{bsz}", partial(fast.generate, prompt, 1), 0))
         cases.append((f"decode_tok_s_bs{bsz}", partial(fast.generate, prompt, new_tokens), bsz * (new_tokens - 1)))
         if eager:

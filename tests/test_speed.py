@@ -21,6 +21,19 @@ def test_fast_decoder_matches_hf_greedy_generate(spec, static):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-step"])
+def test_one_decoder_serves_every_batch_up_to_its_largest(static):
+    """speed.compare builds one FastDecoder per model for all its batch sizes: smaller batches use the first rows
+    of its cache and give HF's tokens too."""
+    model, _ = load("tiny")
+    fast = FastDecoder(model, max_batch=4, max_len=32, static=static)
+    for bsz in (1, 3, 4):
+        ids = torch.randint(0, 250, (bsz, 7), generator=torch.Generator().manual_seed(bsz))
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(ids, 10), ref)
+
+
 def test_fast_decoder_refuses_more_than_its_static_cache():
     model, _ = load("tiny")
     with pytest.raises(ValueError, match="exceeds the decoder's static cache"):
