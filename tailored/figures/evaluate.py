@@ -169,7 +169,7 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
     ax.plot(100 * avg["share"], avg["value"], color="black", lw=2.2, marker="o",
             label=f"average of the {len(avg_tasks)} solid tasks (95% band)")
     ax.set_title(f"What pruning costs ({prompt} prompt, k = {k})", fontsize=10)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (each task's metric)")
     if has_lora:
         bx = axes[0, 1]
         both = _average(tuned, avg_tasks).join(tuned.groupby("model")[["share", "recipe", "model_kind"]].first())
@@ -211,10 +211,10 @@ def plot_tailored_vs_generic(frame: pd.DataFrame):
                 fmt="none", ecolor="0.6", capsize=3)
     ax.scatter(100 * frame["difference"], y, c=list(colors), zorder=3, s=40)
     ax.axvline(0, color="black", lw=1)
-    ax.set_yticks(y, [f"{c} · {t} ({m})" for c, t, m in zip(frame["checkpoint"], frame["task"], frame["metric"])])
-    ax.set_xlabel("tailored − generic LoRA (accuracy points; bar: 95% interval)")
-    lo, hi = int(frame["n"].min()), int(frame["n"].max())
-    ax.set_title(f"Does tailoring beat the generic recipe? ({lo if lo == hi else f'{lo}–{hi}'} examples per task)",
+    ax.set_yticks(y, [f"{c} · {t} ({m}, n = {int(n)})" for c, t, m, n in zip(frame["checkpoint"], frame["task"],
+                                                                               frame["metric"], frame["n"])])
+    ax.set_xlabel("tailored − generic LoRA (accuracy points; bar: 95% paired interval)")
+    ax.set_title("Does tailoring beat the generic recipe? (each row on its own n: a bar's width is its sample's)",
                  fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     for side in ("top", "right"):
@@ -239,7 +239,7 @@ def _claim_panel(ax, rows: pd.DataFrame, xlabel: str) -> None:
                 fmt="none", ecolor="0.6", capsize=3)
     ax.scatter(rows["estimate"], y, c=[_verdict_color(v) for v in rows["verdict"]], zorder=3, s=30)
     for yi, (_, r) in zip(y, rows.iterrows()):
-        thr = 50.0 if "%" in r["measure"] else 0.0
+        thr = r["threshold"] if np.isfinite(r.get("threshold", np.nan)) else (50.0 if "%" in r["measure"] else 0.0)
         ax.plot([thr, thr], [yi - 0.4, yi + 0.4], color="black", lw=1, ls=":")
         if np.isfinite(r["delta"]) and "margin" not in r["measure"]:
             ax.fill_betweenx([yi - 0.4, yi + 0.4], thr - r["delta"], thr + r["delta"], color=EQUIVALENT_COLOR,
@@ -253,9 +253,9 @@ def _claim_panel(ax, rows: pd.DataFrame, xlabel: str) -> None:
 
 
 def plot_claims(pooled: pd.DataFrame):
-    """The claims, one panel per scale: each measure of a share kept (%, the dotted line at 50%; a cross marks
-    the paper's own figure; the share of above-chance accuracy and the paper's plain ratio are different
-    measures, so they get a panel each) and differences in accuracy points (dotted at 0, shaded ±δ), each row
+    """The claims, one panel per scale: each measure of a share kept (%, the dotted line at the row's threshold:
+    50% of the above-chance accuracy, or for the paper's plain ratio what a model at chance keeps; a cross marks
+    the paper's own figure; the two measures get a panel each) and differences in accuracy points (dotted at 0, shaded ±δ), each row
     with its 95% paired interval and coloured by verdict. Margin rows (in SD of the dense model's margin) are
     left to the table."""
     shares = pooled[pooled["measure"].str.contains("%", regex=False)]
@@ -272,7 +272,8 @@ def plot_claims(pooled: pd.DataFrame):
                for name, color in (*VERDICT_COLORS.items(), ("no effect beyond ±δ", EQUIVALENT_COLOR))]
     if len(shares) and shares["paper"].notna().any():
         handles.append(axes[0, 0].scatter([], [], marker="x", color="black", s=30, label="the paper's figure"))
-    fig.suptitle("The study's claims, decided on paired examples (bars: 95% paired-bootstrap intervals)", fontsize=10)
+    fig.suptitle("The study's claims, decided on paired examples (bars: 95% paired-bootstrap intervals; dotted: the "
+                 "threshold; margin and pruning-level rows: the table)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
     fig.legend(handles=handles, fontsize=7, frameon=False, loc="upper center", ncols=len(handles),
                bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()))
