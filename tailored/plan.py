@@ -154,7 +154,7 @@ def evaluation_plan(models: pd.DataFrame, p: PlanSettings,
             add("paper", m["model"], texts, None, 0, None)
     for m in dense + checkpoints:
         add("pruning", m, deciding, head_prompt, main_k, lambda t: n_for("pruning", t, p.limit))
-    for m in [x for x in pruned if x not in checkpoints]:
+    for m in dense + pruned:  # the ladder from 0 to 50% is read on the examples every share of it was scored on
         add("levels", m, deciding, head_prompt, main_k,
             lambda t: n_for("levels", t, n_for("pruning", t, p.limit)))
     if len(lora):

@@ -59,10 +59,21 @@ def test_each_claim_reads_its_cells_at_its_n_and_nothing_else_is_scored_at_large
     large = cells[cells["n"].fillna(0) > 100]
     assert set(large["task"]) <= set(DECIDING), "only the deciding tasks are scored beyond limit"
     assert not cells.duplicated(["model", "task", "prompt", "k"]).any()
-    assert "pruning, levels" in set(cells["families"]) or "paper, pruning" in set(cells["families"])
+    dense_piqa = cells[(cells["model"] == "dense") & (cells["task"] == "piqa") & (cells["prompt"] == "harness")]
+    assert {"pruning", "levels"} <= set(dense_piqa["families"].iloc[0].split(", "))  # one cell, read by both
     jobs = evaluation_jobs(cells.to_dict(orient="records"), "dense")
     assert jobs[0].label == "boolq harness k=0 n=100"  # the headline first
     assert [j for j in jobs if j.task == "wikitext"][0].limit is None
+
+
+def test_the_ladder_of_levels_is_scored_at_its_n_for_every_share_dense_included():
+    """The levels claim compares every share with dense on the examples all of them were scored on: a levels n
+    above the pruning n is given to dense and the claim checkpoints too, or the extra examples of the other
+    shares would be read by nothing."""
+    cells = plan.cells(plan.evaluation_plan(_models(), _settings(pruning={"piqa": 600}, levels={"piqa": 700}),
+                                            has_train=lambda t: t != "squad"))
+    assert {m: _n(cells, m, "piqa", "harness") for m in ("dense", "block_10", "block_20", "block_50")} == {
+        "dense": 700, "block_10": 700, "block_20": 700, "block_50": 700}
 
 
 def test_a_family_or_model_the_plan_does_not_know_is_refused():
