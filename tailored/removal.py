@@ -305,10 +305,14 @@ def planned_cuts(plan: Plan, model: torch.nn.Module, graph: Graph) -> Cuts:
 
 def cut(model: torch.nn.Module, cuts: Cuts, drop_layers: Sequence[int] = ()) -> torch.nn.Module:
     """Shrink every tensor of ``cuts`` (from ``planned_cuts``), drop ``drop_layers``, and make the modules'
-    size attributes agree with the new shapes; in place."""
+    size attributes agree with the new shapes; in place. ``cuts`` is emptied as it goes: each old tensor is let
+    go as soon as its smaller copy is in place, so the cut holds one tensor twice at a time, not the model (a
+    LLaMA-7B and its pruned copy at once would not fit a 24 GB card)."""
     owners = _owners(model)
-    for p, dims in cuts.values():
+    for key in list(cuts):
+        p, dims = cuts.pop(key)
         _shrink(owners, p, dims)
+        del p
     if drop_layers:
         _drop_layers(model, drop_layers)
     sync_module_attributes(model)

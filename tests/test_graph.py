@@ -289,3 +289,28 @@ def test_the_probe_by_hand_across_layers_upcasts_a_module_that_runs():
     assert dep.shape[1] == 4 and dep.all()  # the next layer's RMSNorm mixes every hidden channel
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
+
+
+def test_the_cut_lets_each_old_tensor_go_as_soon_as_its_smaller_copy_is_in_place(monkeypatch):
+    """A cut holds one tensor twice at a time, never the whole model beside its pruned copy."""
+    import weakref
+
+    from tailored import removal
+
+    model, _ = load("tiny")
+    graph = trace(model)
+    plan = make_plan(graph, {g.name: range(1, g.units) for g in graph.of_kind("mlp")})
+    cuts = removal.planned_cuts(plan, model, graph)
+    replaced, real = [], removal._shrink
+
+    def watched(owners, p, dims):
+        assert all(r() is None for r in replaced), "a tensor cut earlier is still held"
+        real(owners, p, dims)
+        replaced.append(weakref.ref(p))
+
+    monkeypatch.setattr(removal, "_shrink", watched)
+    removal.cut(model, cuts)
+    assert not cuts and len(replaced) == 3 * len(graph.of_kind("mlp"))
+    assert all(r() is None for r in replaced)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).logits).all()
