@@ -18,6 +18,23 @@ from tailored import paths, runner
 
 pytestmark = pytest.mark.scale
 SCRIPT = paths.REPO_ROOT / "benchmarks" / "paper_scale.py"
+# Every step's peak host memory within 1.3 x the model's fp32 weights + 1 GiB: no step holds a second copy.
+HOST_FACTOR, HOST_SLACK_GIB = 1.3, 1.0
+# The steps that still hold more (benchmarks/README.md, "CPU: the same path"): the set must shrink, never grow;
+# a step that comes under the bound fails this test until it is taken off the list.
+STILL_OVER_HOST_BOUND = {"02_importance", "03_prune", "04_lora_tune"}
+
+
+def _weights_gib(spec: str) -> float:
+    """fp32 weights of a random:<shape> model, counted on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tailored.models import random_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(random_config(spec))
+    return sum(p.numel() for p in model.parameters()) * 4 / 2**30
 
 
 def _load_script():
@@ -67,6 +84,12 @@ def test_paper_scale_runs_the_five_notebooks_on_a_1b_random_model(tmp_path):
         assert s["peak_gpu_GiB"] is None and s["written_MiB"] > 0
     by = {s["step"]: s for s in result["steps"]}
     assert by["03_prune"]["written_MiB"] > 1000  # a pruned 1B checkpoint in safetensors
+    bound = HOST_FACTOR * _weights_gib("random:llama-1b") + HOST_SLACK_GIB
+    over = {s["step"] for s in result["steps"] if s["peak_host_GiB"] > bound}
+    assert over == STILL_OVER_HOST_BOUND, (
+        f"steps above {HOST_FACTOR} x weights + {HOST_SLACK_GIB} GiB = {bound:.2f} GiB: {sorted(over)} "
+        f"(expected {sorted(STILL_OVER_HOST_BOUND)}): " + ", ".join(f"{s['step']} {s['peak_host_GiB']:.2f}"
+                                                                  for s in result["steps"]))
     for step in ("02_importance", "03_prune", "04_lora_tune", "05_evaluate"):
         est = by[step]["full_estimate"]
         assert est["items_full"] > est["items_measured"] > 0 and est["full_s"] > by[step]["wall_s"] * 0.5
