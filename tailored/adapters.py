@@ -14,6 +14,7 @@ damaged one is never used. Training them is ``tailored.lora``'s job.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -149,6 +150,7 @@ def save_peft(peft_model, tmp: Path, dest: Path) -> None:
     safetensors' own error says only "I/O error: File too large"."""
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        stable_config(tmp / ADAPTER_FILES[0])
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, OSError):  # safetensors' Rust writer: the cause is only in its text
@@ -156,6 +158,16 @@ def save_peft(peft_model, tmp: Path, dest: Path) -> None:
             code = errno.EFBIG if "too large" in text else errno.ENOSPC if "no space" in text else None
             err = OSError(code, str(err))
         raise write_failed(dest / WEIGHTS, err) from None
+
+
+def stable_config(path: Path) -> None:
+    """Rewrite PEFT's ``adapter_config.json`` with ``target_modules`` sorted: PEFT writes them from a set, in an
+    order that changes with Python's string hashing from one process to the next, so the same adapter (the very
+    same weights, retrained on another machine) got other config bytes and another seal."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def install_adapter(src: Path, out_dir: Path) -> None:

@@ -606,3 +606,22 @@ def test_a_file_size_limit_while_saving_an_adapter_names_the_file(tmp_path):
         f"WriteFailed: cannot write {tmp_path / 'best' / 'adapter_model.safetensors'}: the file is larger than this "
         "process may write (a file-size limit: `ulimit -f`"), out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_is_written_as_the_same_bytes_whatever_python_s_string_hashing(tmp_path):
+    """PEFT writes target_modules from a set; two processes with different PYTHONHASHSEED used to write them in
+    different orders (seen: one class adapter retrained on a second machine, weights identical, config not)."""
+    script = ("import pathlib, sys\n"
+              "from tailored import adapters, models\n"
+              "from tailored.lora import LoraSettings\n"
+              "peft_model = adapters.add_lora(models.build_tiny('tiny')[0], LoraSettings())\n"
+              "adapters.write_adapter(peft_model, pathlib.Path(sys.argv[1]))\n")
+    written = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"hash{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(runner.paths.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, capture_output=True)
+        written.append((out / "adapter_config.json").read_bytes())
+    assert written[0] == written[1] == written[2]
+    modules = json.loads(written[0])["target_modules"]
+    assert modules == sorted(modules) and len(modules) > 1
