@@ -1010,8 +1010,7 @@ def tables_from_examples(examples: pd.DataFrame, models: pd.DataFrame,
     prompt, k = settings.headline
     headline = headline_examples(examples, models, prompt, k)
     table, notes = main_table(rows_from_examples(headline), models, prompt=prompt, k=k)
-    notes["n"] = {t: n for t, n in shared_n(headline[headline["task"].map(_scored_by_choice)]).items()
-                  if t in notes["metrics"]}
+    notes["n"] = {t: n for t, n in shared_n(headline).items() if t in notes["metrics"]}  # the accuracy tasks
     claims, by_task, levels = decide_claims(examples, models, settings)
     return {"eval_main_table": table, "notes": notes, "eval_claims": claims, "eval_claims_by_task": by_task,
             "eval_pruning_levels": levels, "eval_findings": findings(claims, by_task)}
