@@ -15,7 +15,9 @@ sets of limits (``--limits``):
 
 Per step it records wall time, peak GPU memory (``torch.cuda.max_memory_allocated``) and peak host memory
 (peak resident set), both measured inside the notebook's kernel (the ``resources`` block that
-``write_metrics`` adds), the bytes the step wrote into the run directory, and an estimate of the step at the
+``write_metrics`` adds), the peak host memory above the model's weights, the cell that raised the kernel's
+peak most (an IPython start-up file records the peak and current resident set after every cell; ``cells`` in
+the record), the bytes the step wrote into the run directory, and an estimate of the step at the
 paper's full settings: its main cell's measured time per item (calibration token, curve point, trained
 token, scored example) times the items of the full run, plus the rest of the step as measured. It prints a
 table and writes JSON (``--out``).
@@ -168,6 +170,62 @@ def tree_files(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
+# Read by every kernel of the run (IPYTHONDIR points at it): after each cell, one JSON line with the cell's first
+# line of code, the kernel's peak resident set so far and its resident set now, into $PAPER_SCALE_CELLS.
+CELL_RECORDER = """\
+import json as _json, os as _os, resource as _resource
+
+
+def _paper_scale_cell_memory(result):
+    path = _os.environ.get("PAPER_SCALE_CELLS")
+    if not path:
+        return
+    lines = [ln for ln in (result.info.raw_cell or "").splitlines() if ln.strip() and not ln.startswith("#")]
+    with open("/proc/self/statm") as fh:
+        rss = int(fh.read().split()[1]) * _os.sysconf("SC_PAGE_SIZE")
+    with open(path, "a") as fh:
+        fh.write(_json.dumps({"first_line": (lines or [""])[0][:100],
+                              "peak_GiB": _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                              "rss_GiB": rss / 2**30}) + "\\n")
+
+
+get_ipython().events.register("post_run_cell", _paper_scale_cell_memory)
+"""
+
+
+def cell_recorder(ipython_dir: Path) -> Path:
+    """An IPython directory whose start-up file records memory after each cell (``CELL_RECORDER``)."""
+    startup = ipython_dir / "profile_default" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup / "50-paper-scale-cells.py").write_text(CELL_RECORDER)
+    return ipython_dir
+
+
+def cell_memory(path: Path) -> dict:
+    """What the recorder wrote for one step: every cell's peak and resident set after it, and the cell that
+    raised the kernel's peak most (its rise is the memory that cell held at its worst beyond what came before)."""
+    cells = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rises = [(c["peak_GiB"] - (cells[i - 1]["peak_GiB"] if i else 0.0), i) for i, c in enumerate(cells)]
+    top = max(rises, default=None)
+    return {"cells": cells,
+            "largest_rise": None if top is None else {"cell": top[1], "first_line": cells[top[1]]["first_line"],
+                                                      "rise_GiB": top[0], "peak_GiB": cells[top[1]]["peak_GiB"]}}
+
+
+def weights_gib(model: str, dtype: str) -> float | None:
+    """The weights of a ``random:<shape>`` model in ``dtype``, counted on the meta device (nothing allocated)."""
+    if not model.startswith("random:"):
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tailored.models import random_config
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(random_config(model))
+    return sum(p.numel() for p in meta.parameters()) * getattr(torch, dtype).itemsize / GIB
+
+
 def cell_seconds(notebook: Path, needle: str) -> tuple[float, float]:
     """(seconds of the cell whose source holds ``needle``, seconds of all cells) from papermill's metadata."""
     nb = json.loads(notebook.read_text())
@@ -261,8 +319,11 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
     sizes = sample_data(home, examples, words)
     paper = write_params(params_dir, model, device, dtype, limits, settings)
     full = full_params(paper, model)
-    env_before = {k: os.environ.get(k) for k in ("TAILORED_HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    weights = weights_gib(model, dtype)
+    env_before = {k: os.environ.get(k) for k in ("TAILORED_HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                  "IPYTHONDIR", "PAPER_SCALE_CELLS")}
     os.environ["TAILORED_HOME"] = str(home)  # the kernels inherit it: they read the sampled data
+    os.environ["IPYTHONDIR"] = str(cell_recorder(work / "ipython"))
     if threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     rows = []
@@ -275,6 +336,9 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
         for step in steps:
             before = tree_files(run_dir)
             log(f"{step.name}: running")
+            cells_file = work / f"cells-{step.name}.jsonl"
+            cells_file.unlink(missing_ok=True)
+            os.environ["PAPER_SCALE_CELLS"] = str(cells_file)
             t0 = time.perf_counter()
             try:
                 runner.run(profile=PROFILE, only=step.number, run_root=run_root, params_dir=params_dir,
@@ -295,12 +359,17 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
                    "peak_gpu_GiB": res.get("peak_gpu_GiB"), "gpu_reserved_GiB": res.get("gpu_reserved_GiB"),
                    "peak_host_GiB": res.get("peak_host_GiB"), "written_MiB": written / 2**20,
                    "files_written": len(changed),
-                   "full_estimate": est}
+                   "full_estimate": est, **cell_memory(cells_file)}
+            peak = row["peak_gpu_GiB"] if device.startswith("cuda") else row["peak_host_GiB"]
+            row["peak_above_weights_GiB"] = None if weights is None or peak is None else peak - weights
             rows.append(row)
             report({"model": model, "device": device, "dtype": dtype, "limits": limits, "ok": False,
                     "steps": rows, "total_s": sum(r["wall_s"] for r in rows), "partial": True})
+            top = row["largest_rise"] or {}
             log(f"{step.name}: {wall:.1f} s, GPU peak {_fmt(row['peak_gpu_GiB'])} GiB, host peak "
-                f"{_fmt(row['peak_host_GiB'])} GiB, wrote {row['written_MiB']:.1f} MiB")
+                f"{_fmt(row['peak_host_GiB'])} GiB ({_fmt(row['peak_above_weights_GiB'])} above the weights; most "
+                f"raised by `{top.get('first_line', '?')}`, +{_fmt(top.get('rise_GiB'))}), wrote "
+                f"{row['written_MiB']:.1f} MiB")
     finally:
         for k, v in env_before.items():
             if v is None:
@@ -310,7 +379,7 @@ def run(model: str, device: str, dtype: str, limits: str, examples: int, words: 
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     return {"model": model, "device": device, "dtype": dtype, "limits": limits, "limits_params": LIMITS[limits],
-            "settings": settings or {},
+            "settings": settings or {}, "weights_GiB": weights,
             "examples_per_split": examples, "words_per_article": words, "threads": threads or None,
             "ok": len(rows) == len(steps) and not any("error" in r for r in rows),
             "steps": rows, "total_s": sum(r["wall_s"] for r in rows)}
@@ -337,17 +406,21 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| step | wall s | peak GPU GiB | peak host GiB | written MiB | full settings (estimate) | measured under |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| step | wall s | peak GPU GiB | peak host GiB | above the weights GiB | cell that raised the peak most "
+             "| written MiB | full settings (estimate) | measured under |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
         if "error" in r:
-            lines.append(f"| {r['step']} | {r['wall_s']:.1f} | FAILED: {r['error'].splitlines()[0]} | | | | |")
+            lines.append(f"| {r['step']} | {r['wall_s']:.1f} | FAILED: {r['error'].splitlines()[0]} | | | | | | |")
             continue
         est = r["full_estimate"]
         full = f"{_duration(est['full_s'])} ({est['items_full']:.3g} items at {est['s_per_item']:.3g} s)" if est else "–"
+        top = r.get("largest_rise") or {}
+        raised = f"`{top['first_line']}` (+{top['rise_GiB']:.2f})" if top else "–"
         lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_GiB'])} | {_fmt(r['peak_host_GiB'])} | "
-                     f"{r['written_MiB']:.1f} | {full} | {r.get('conditions', '')} |")
-    lines.append(f"| total | {result['total_s']:.1f} | | | | | |")
+                     f"{_fmt(r.get('peak_above_weights_GiB'))} | {raised} | {r['written_MiB']:.1f} | {full} | "
+                     f"{r.get('conditions', '')} |")
+    lines.append(f"| total | {result['total_s']:.1f} | | | | | | | |")
     return "\n".join(lines)
 
 
