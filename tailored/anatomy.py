@@ -112,7 +112,7 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
 
 
 # Elements per float64 chunk of weights_fingerprint: 8 MiB at a time. A float64 copy of each whole tensor (and its
-# square) held 3.6 GiB above the weights at random:llama-1b, as glibc kept the freed copies (benchmarks/README.md).
+# square) took the peak 3.9 GiB above the weights at random:llama-1b (benchmarks/README.md, the paper profile on a CPU).
 _FINGERPRINT_CHUNK = 1 << 20
 
 
