@@ -3,6 +3,9 @@
     python benchmarks/bench_pruning.py                       # everything (about 3 h on 1 busy CPU thread)
     python benchmarks/bench_pruning.py --quick               # 0.2 and 0.5, the main methods, no sweep
     python benchmarks/bench_pruning.py --only sweep          # the calibration sweep alone
+    python benchmarks/bench_pruning.py --only curve --shares 0.2,0.5 --fresh \
+        --methods fisher_bias,fisher_bias_round64,fisher_bias_round128 --out benchmarks/results/alignment_cpu.json
+                                                             # what kept widths in multiples of 64 / 128 cost
 
 Protocol (the same for every model): ``tailored.scoring.perplexity(model, tok, [text], max_length=128,
 stride=128)`` on the first ``--ppl-tokens`` tokens (default 20,480: 160 disjoint windows of 128) of the
@@ -41,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tailored import data, scoring  # noqa: E402
-from tailored.anatomy import count_parameters, decoder_parameters  # noqa: E402
+from tailored.anatomy import count_parameters, decoder_layers, decoder_parameters  # noqa: E402
 from tailored.graph import trace  # noqa: E402
 from tailored.importance import (  # noqa: E402
     READER_ESTIMATORS,
@@ -137,7 +140,8 @@ def run_curve(args, res: Results, dense, tok, text: str, batches: dict) -> None:
                    "share_model": pruned.share_model, "within_1pt": abs(pruned.share_decoder - share) <= 0.01,
                    "params": count_parameters(pruned.model), "perplexity": ppl["perplexity"],
                    "x_dense": ppl["perplexity"] / dense_ppl, "prune_s": round(t1 - t0, 1),
-                   "ppl_s": round(t2 - t1, 1), "definition": METHODS[method].to_dict()}
+                   "ppl_s": round(t2 - t1, 1), "definition": METHODS[method].to_dict(),
+                   "mlp_widths": [layer.mlp.gate_proj.out_features for layer in decoder_layers(pruned.model)]}
             res.add("curve", row)
             print(f"{name:34s} {share:.2f} share {pruned.share_decoder:.3f}  ppl {row['perplexity']:9.2f}  "
                   f"x{row['x_dense']:7.2f}  ({row['prune_s']:.0f} s + {row['ppl_s']:.0f} s)", flush=True)

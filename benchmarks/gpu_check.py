@@ -15,7 +15,11 @@ It measures, in one process and side by side:
    of 512 tokens; decode tokens/s at batch 1 and 16 (128-token prompts) with HF eager ``generate`` and with
    ``FastDecoder`` (CUDA-graph decode step), *decode steps alone* — the prompt's prefill (2048 tokens at
    batch 16) is timed separately and reported as ``prompt_prefill_ms_bs<b>`` — and the dense decode's share
-   of the memory-bandwidth floor;
+   of the memory-bandwidth floor (the weights and the KV cache read once per token at the measured *read*
+   bandwidth: a share above 100% stops the check, since no decoder beats it); the same 50% with kept MLP
+   widths rounded to multiples of ``--round-to`` (128: the paper profile's ``fisher_bias_round128``) beside
+   them, so what alignment buys in speed is measured in the same run; and each model's decode tokens/s at the
+   largest batch that fits (doubling from 32 to ``--max-batch``), where width pruning is said to pay;
 3. LoRA steps (rank 8, all seven projections, 16 × 256 tokens, answer-only loss on the last quarter, bf16
    autocast, activations recomputed, as notebook 04 at the paper's settings) on the pruned shape: seconds,
    weights and peak memory.
@@ -73,19 +77,72 @@ def own_peak(device, base: float | None) -> float | None:
     return None if base is None else torch.cuda.max_memory_allocated() / GIB - base
 
 
-def bandwidth_gbs(device) -> float | None:
-    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
+def bandwidth_gbs(device) -> dict | None:
+    """Measured memory bandwidth, GB/s: ``copy`` (device-to-device copy: bytes read + bytes written per second)
+    and ``read`` (a reduction over 1 GiB: bytes read per second, the traffic a decode step makes)."""
     if device.type != "cuda":
         return None
-    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    x = torch.ones(2**29, dtype=torch.bfloat16, device=device)  # 1 GiB
     y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * 10 * x.numel() / (time.perf_counter() - t) / 1e9
+
+    def rate(fn, bytes_moved: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        return 10 * bytes_moved / (time.perf_counter() - t) / 1e9
+
+    size = x.numel() * x.element_size()
+    out = {"copy": rate(lambda: y.copy_(x), 2 * size), "read": rate(lambda: x.sum(dtype=torch.float32), size)}
+    return out
+
+
+def mlp_widths(model) -> list[int]:
+    """Kept MLP channels per layer."""
+    return [layer.mlp.gate_proj.out_features for layer in decoder_layers(model)]
+
+
+def saturated_decode(models: dict, device, new_tokens: int, start: int = 16, max_batch: int = 256) -> dict:
+    """``FastDecoder`` decode tokens/s of each model at the largest batch that fits (doubling from ``start`` up to
+    ``max_batch``, the cap a few-minute check affords): where width pruning is said to pay, beside batch 1."""
+    out = {}
+    for name, model in models.items():
+        best = None
+        batch = start * 2
+        while batch <= max_batch:
+            try:
+                row = compare({name: model}, prompt_len=128, new_tokens=new_tokens, batches=(batch,), prefill_len=128,
+                              repeats=1, eager=False)[0]
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            best = {"batch": batch, "decode_tok_s": row[f"decode_tok_s_bs{batch}"], "capped": batch * 2 > max_batch}
+            batch *= 2
+        out[name] = best
+    return out
+
+
+def kv_bytes_per_token(config, batch: int, positions: float, dtype_bytes: int) -> float:
+    """Bytes of keys and values one decode step reads at ``positions`` cached tokens (all layers, ``batch`` rows)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * positions * batch * dtype_bytes
+
+
+def decode_floor(model, bandwidth: dict, prompt_len: int, new_tokens: int) -> dict:
+    """The fastest batch-1 decode the memory allows: every weight and the KV cache read once per token, at the
+    measured read bandwidth. Tokens/s at or above it cannot be measured; a share above 100% is a wrong floor."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype_bytes = next(model.parameters()).element_size()
+    kv = kv_bytes_per_token(model.config, 1, prompt_len + new_tokens / 2, dtype_bytes)  # the mean cache length
+    read = bandwidth["read"] * 1e9
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv, "read_bandwidth_GBs": bandwidth["read"],
+            "floor_ms_per_token": 1e3 * (weight_bytes + kv) / read, "floor_tok_s": read / (weight_bytes + kv)}
 
 
 def plain_forward_backward(model, ids: torch.Tensor, recompute: bool) -> None:
@@ -149,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--share", type=float, default=0.5, help="share of decoder parameters removed")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=256, help="largest batch the saturated decode tries")
+    parser.add_argument("--round-to", type=int, default=128, help="a second 50%% with kept MLP widths in multiples "
+                        "of this (1: none)")
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args(argv)
 
@@ -172,24 +232,43 @@ def main(argv: list[str] | None = None) -> int:
     scores = {g.name: torch.rand(g.units, generator=torch.Generator().manual_seed(0)) for g in graph.groups}
     try:
         plan = plan_pruning(graph, scores, target=args.share)
+        aligned_plan = plan_pruning(graph, scores, target=args.share, round_to=args.round_to) if args.round_to > 1 else None
     except ValueError as err:  # a small model's LLM-Pruner layer range cannot reach the share
         parser.error(f"{err} (a smaller --share, e.g. 0.3, fits the tiny models)")
     pruned = apply(plan, copy.deepcopy(dense), graph)
+    name = f"pruned_{round(100 * args.share)}"
+    models = {"dense": dense, name: pruned}
     result["plan"] = {"share_decoder": plan.share_decoder, "share_model": plan.share_model,
-                      "llm_pruner_ratio": plan.llm_pruner_ratio, "params_after": plan.params_after}
-    log(f"traced in {result['trace_s']:.1f} s; pruned {plan.share_decoder:.1%} of the decoder")
-    rows = compare({"dense": dense, f"pruned_{round(100 * args.share)}": pruned}, prompt_len=128,
-                   new_tokens=args.new_tokens, batches=(1, 16), prefill_len=512, repeats=3)
+                      "llm_pruner_ratio": plan.llm_pruner_ratio, "params_after": plan.params_after,
+                      "mlp_widths": mlp_widths(pruned)}
+    if aligned_plan is not None:
+        models[f"{name}_round{args.round_to}"] = apply(aligned_plan, copy.deepcopy(dense), graph)
+        result["aligned_plan"] = {"round_to": args.round_to, "share_decoder": aligned_plan.share_decoder,
+                                  "params_after": aligned_plan.params_after,
+                                  "mlp_widths": mlp_widths(models[f"{name}_round{args.round_to}"])}
+    log(f"traced in {result['trace_s']:.1f} s; pruned {plan.share_decoder:.1%} of the decoder"
+        + (f" ({aligned_plan.share_decoder:.1%} with widths in multiples of {args.round_to})" if aligned_plan else ""))
+    rows = compare(models, prompt_len=128, new_tokens=args.new_tokens, batches=(1, 16), prefill_len=512, repeats=3)
     bw = bandwidth_gbs(device)
     if bw:
-        weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
-        floor = bw * 1e9 / 2 / weight_bytes  # copy bandwidth counts read + write; decode only reads weights
-        result["bandwidth_GBs"] = bw
-        result["dense_decode_floor_tok_s"] = floor
-        result["dense_decode_share_of_floor"] = rows[0]["decode_tok_s_bs1"] / floor
+        floor = decode_floor(dense, bw, prompt_len=128, new_tokens=args.new_tokens)
+        share = rows[0]["decode_tok_s_bs1"] / floor["floor_tok_s"]
+        result.update(bandwidth_GBs=bw, dense_decode_floor=floor, dense_decode_floor_tok_s=floor["floor_tok_s"],
+                      dense_decode_share_of_floor=share)
+        if share > 1.0:  # faster than reading the weights once a token: the floor, not the decoder, is wrong
+            raise SystemExit(f"dense decode at {share:.0%} of the bandwidth floor ({floor['floor_tok_s']:.0f} tok/s): "
+                             "the floor is wrong, not the decoder")
+        log(f"read bandwidth {bw['read']:.0f} GB/s (copy {bw['copy']:.0f}); dense decode floor "
+            f"{floor['floor_tok_s']:.0f} tok/s, measured {rows[0]['decode_tok_s_bs1']:.0f} ({share:.0%}; target >= 70%)")
     result["speed"] = rows
     for r in rows:
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    result["saturated_decode"] = saturated_decode(models, device, args.new_tokens, max_batch=args.max_batch)
+    for name, best in result["saturated_decode"].items():
+        log(f"{name}: " + ("no batch above 16 fits" if best is None else
+                           f"{best['decode_tok_s']:.0f} decode tok/s at batch {best['batch']}"
+                           + (" (the cap, not the memory)" if best["capped"] else " (the largest that fits)")))
+    models.clear()  # the dense model and the aligned copy gone: notebook 04 holds the pruned model alone
     del dense
     gc.collect()
 

@@ -201,6 +201,14 @@ def cell_recorder(ipython_dir: Path) -> Path:
     return ipython_dir
 
 
+def top_rises(cells: list[dict], n: int = 2) -> list[dict]:
+    """The ``n`` cells that raised the kernel's peak most, largest first (the first is usually the model's read; the
+    second is where a step holds more than it)."""
+    rises = [{"cell": i, "first_line": c["first_line"], "rise_GiB": c["peak_GiB"] - (cells[i - 1]["peak_GiB"] if i else 0.0)}
+             for i, c in enumerate(cells)]
+    return sorted(rises, key=lambda r: -r["rise_GiB"])[:n]
+
+
 def cell_memory(path: Path) -> dict:
     """What the recorder wrote for one step: every cell's peak and resident set after it, and the cell that
     raised the kernel's peak most (its rise is the memory that cell held at its worst beyond what came before)."""
@@ -406,7 +414,7 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| step | wall s | peak GPU GiB | peak host GiB | above the weights GiB | cell that raised the peak most "
+    lines = ["| step | wall s | peak GPU GiB | peak host GiB | above the weights GiB | cells that raised the peak most "
              "| written MiB | full settings (estimate) | measured under |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
@@ -415,8 +423,7 @@ def table(result: dict) -> str:
             continue
         est = r["full_estimate"]
         full = f"{_duration(est['full_s'])} ({est['items_full']:.3g} items at {est['s_per_item']:.3g} s)" if est else "–"
-        top = r.get("largest_rise") or {}
-        raised = f"`{top['first_line']}` (+{top['rise_GiB']:.2f})" if top else "–"
+        raised = "; ".join(f"`{t['first_line'][:60]}` (+{t['rise_GiB']:.2f})" for t in top_rises(r.get("cells", []))) or "–"
         lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {_fmt(r['peak_gpu_GiB'])} | {_fmt(r['peak_host_GiB'])} | "
                      f"{_fmt(r.get('peak_above_weights_GiB'))} | {raised} | {r['written_MiB']:.1f} | {full} | "
                      f"{r.get('conditions', '')} |")

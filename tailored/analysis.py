@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tailored.data import TASKS
+from tailored.data import SCORED_KINDS, TASKS  # SCORED_KINDS: the kinds scored by choice, by accuracy
 from tailored.metrics import ACCURACY_METRICS, ci95, gold_margin, mean_stderr, not_above_chance
 from tailored.paths import atomic_write_bytes, atomic_write_text
 
@@ -108,7 +108,7 @@ def model_scores(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = "task_s
 
 def accuracy_tasks(rows: pd.DataFrame) -> list[str]:
     """Tasks scored by accuracy, in the order they were evaluated."""
-    acc = rows[rows["kind"].isin(["classification", "multiple_choice"])]
+    acc = rows[rows["kind"].isin(SCORED_KINDS)]
     return list(dict.fromkeys(acc["task"]))
 
 
@@ -186,7 +186,7 @@ def accuracy_vs_n_frame(rows: pd.DataFrame, models: pd.DataFrame, prompt: str = 
     if sweep.empty:
         return pd.DataFrame(columns=["task", "method", "n", "accuracy", "ci_low", "ci_high", "chance"])
     s = model_scores(rows, models, prompt, k)
-    s = s[s["kind"].isin(["classification", "multiple_choice"])]
+    s = s[s["kind"].isin(SCORED_KINDS)]
     refs = [dense] + list(dict.fromkeys(sweep["base"]))
     out = []
     for _, m in sweep.iterrows():
@@ -404,7 +404,7 @@ def on_shared_examples(examples: pd.DataFrame, groups: Sequence[Sequence[tuple[s
 
 
 def _scored_by_choice(task: str) -> bool:
-    return TASKS[task].kind in ("classification", "multiple_choice") if task in TASKS else True
+    return TASKS[task].kind in SCORED_KINDS if task in TASKS else True
 
 
 def headline_examples(examples: pd.DataFrame, models: pd.DataFrame, prompt: str | None, k: int) -> pd.DataFrame:
@@ -432,7 +432,7 @@ def task_chance(task: str, examples: pd.DataFrame | None = None) -> float | None
     """Accuracy of uniform guessing on a task (``tasks.yaml``), or the mean of 1 / (number of answers) over its
     examples; ``None`` for generated and text tasks."""
     info = TASKS.get(task)
-    if info is not None and info.kind not in ("classification", "multiple_choice"):
+    if info is not None and info.kind not in SCORED_KINDS:
         return None
     if info is not None and info.chance is not None:
         return float(info.chance)

@@ -101,11 +101,19 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
         flat = p.detach().reshape(-1)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         if flat.numel() and (flat.is_floating_point() or flat.dtype in (torch.int64, torch.int32)):
-            x = flat.double()
-            picked = x[:: max(1, x.numel() // sample)]
-            h.update(torch.stack([x.sum(), x.square().sum()]).cpu().numpy().tobytes())
+            sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+            for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):  # float64 a chunk at a time, never the tensor
+                x = flat[start:start + _FINGERPRINT_CHUNK].double()
+                sums += torch.stack([x.sum(), x.square().sum()])
+            picked = flat[:: max(1, flat.numel() // sample)].double()
+            h.update(sums.cpu().numpy().tobytes())
             h.update(picked.cpu().numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+# Elements per float64 chunk of weights_fingerprint: 8 MiB at a time. A float64 copy of each whole tensor (and its
+# square) took the peak 3.9 GiB above the weights at random:llama-1b (benchmarks/README.md, the paper profile on a CPU).
+_FINGERPRINT_CHUNK = 1 << 20
 
 
 def set_recompute_activations(model: torch.nn.Module, enable: bool = True) -> None:

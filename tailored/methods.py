@@ -110,6 +110,12 @@ METHODS: dict[str, Method] = {
                           layer_range="all", compensation="bias"),
     "fisher_refit": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
                            layer_range="all", compensation="refit"),
+    # fisher_bias with every kept MLP width a multiple of 64 or 128 channels (GPU matrix tiles; the paper
+    # profile's method): what the alignment costs in perplexity is benchmarks/bench_pruning.py's (README there)
+    "fisher_bias_round64": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
+                                  layer_range="all", compensation="bias", round_to=64),
+    "fisher_bias_round128": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
+                                   layer_range="all", compensation="bias", round_to=128),
     "fisher_refit_4_rounds": Method(estimator="fisher_fluctuation", allocation="global", normalize="cost",
                                     layer_range="all", compensation="refit", rounds=4),
     # depth pruning: whole layers of lowest block influence (ShortGPT), once or one layer at a time

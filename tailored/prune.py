@@ -136,8 +136,8 @@ def plan_pruning(graph: Graph, scores: Mapping[str, torch.Tensor], target: float
     two steps: first for attention and MLP together, which fixes how many heads go; then again for the MLP
     alone, with the heads fixed, so the fine-grained channels land the total on the target.
 
-    ``round_to`` makes kept MLP / hidden widths multiples of it (8 or 64 suit GPU kernels); heads are
-    whole units already. A group set always keeps at least one unit (one query head per key-value group).
+    ``round_to`` makes kept MLP / hidden widths multiples of it (64 or 128 match GPU matrix tiles; the paper
+    profile keeps 128); heads are whole units already. A group set always keeps at least one unit (one query head per key-value group).
     Layer-wise pruning removes whole layers, so its share moves in steps of one layer: it drops the number
     of layers closest to the target, the ones of lowest mean (kind-normalized) importance.
 

@@ -205,6 +205,24 @@ def test_round_to_makes_kept_widths_multiples():
     assert abs(plan.share_decoder - 0.2) <= 0.01
 
 
+def test_the_paper_profile_keeps_every_mlp_width_a_multiple_of_128_at_llama_shapes():
+    """Kept widths are multiples of round_to (above), and a whole layer is kept at its own width: at LLaMA-7B and
+    LLaMA-3-8B shape that is a multiple of 128 too, so every width the paper profile saves is one."""
+    import yaml
+
+    from tailored.methods import METHODS
+    from tailored.models import RANDOM_SHAPES
+    from tailored.runner import PARAMS_DIR
+
+    paper = yaml.safe_load((PARAMS_DIR / "paper.yaml").read_text())
+    method = METHODS[paper["steps"]["03_prune"]["method"]]
+    assert method.round_to == 128 and method.mode == "block"
+    for shape in ("llama-7b", "llama-2-7b", "llama-3-8b"):
+        assert RANDOM_SHAPES[shape]["intermediate_size"] % method.round_to == 0, shape
+        head_dim = RANDOM_SHAPES[shape]["hidden_size"] // RANDOM_SHAPES[shape]["num_attention_heads"]
+        assert head_dim % method.round_to == 0, shape  # whole heads go: attention widths stay multiples
+
+
 def test_channel_wise_prunes_the_hidden_dimension_and_keeps_tied_weights_tied():
     model, tok, graph = dense("tiny-tied")
     plan = plan_pruning(graph, random_scores(graph), target=0.25, mode="channel")

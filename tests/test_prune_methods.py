@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 
@@ -57,8 +58,13 @@ def target_for(method: Method) -> float:
 def test_every_method_removes_its_share_within_one_point(name):
     model, _, batch = dense("tiny")
     before = decoder_parameters(model)
-    target = target_for(METHODS[name])
-    pruned = prune_model(model, batch, target, name, progress=False)
+    method = METHODS[name]
+    width = model.config.intermediate_size
+    if method.round_to >= width:  # fisher_bias_round128 on a 128-wide MLP: the same method at the tiny model's scale
+        method = dataclasses.replace(method, round_to=width // 4)
+    target = target_for(method)
+    pruned = prune_model(model, batch, target, method, progress=False)
+    assert all(layer.mlp.gate_proj.out_features % method.round_to == 0 for layer in decoder_layers(pruned.model))
     assert abs(pruned.share_decoder - target) <= 0.01
     assert pruned.share_decoder == pytest.approx(1 - decoder_parameters(pruned.model) / before)
     assert len(pruned.record["rounds"]) == len(pruned.plans) <= METHODS[name].rounds

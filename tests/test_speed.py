@@ -104,3 +104,27 @@ def test_decode_speed_counts_decode_steps_alone_and_reports_the_prompt_prefill()
         assert row[f"decode_tok_s_bs{b}"] > 0 and row[f"hf_decode_tok_s_bs{b}"] > 0
     with pytest.raises(ValueError, match="at least 2 new tokens"):
         compare({"a": model}, new_tokens=1, batches=(1,), repeats=1)
+
+
+def test_the_decode_floor_reads_every_weight_and_the_kv_cache_once_per_token_at_the_read_bandwidth():
+    """Issue 24's example: LLaMA-7B in bf16 (12.55 GiB) at 4.24 TB/s is about 3.2 ms a token, about 310 tokens/s;
+    the old floor halved the bandwidth and put the measured 190 tokens/s at 121% of what memory allows."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from tailored import paths
+    from tailored.models import random_config
+
+    spec = importlib.util.spec_from_file_location("gpu_check", paths.REPO_ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(random_config("llama-7b"), dtype=torch.bfloat16)
+    floor = gpu_check.decode_floor(model, {"read": 4240.0, "copy": 4000.0}, prompt_len=128, new_tokens=64)
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    kv = 2 * 32 * 32 * 128 * (128 + 32) * 2  # keys and values, 32 layers x 32 heads x 128, at the mean cache length
+    assert floor["weight_bytes"] == weights and floor["kv_bytes_per_token"] == kv
+    assert floor["floor_tok_s"] == pytest.approx(4240e9 / (weights + kv))
+    assert 300 < floor["floor_tok_s"] < 320 and 3.1 < floor["floor_ms_per_token"] < 3.3
+    assert 0.55 < 190 / floor["floor_tok_s"] < 0.65  # the H200's measured dense decode: about 61%, not 121%

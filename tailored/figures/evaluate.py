@@ -24,6 +24,7 @@ from tailored.analysis import (
     scores,
     table_metric,
 )
+from tailored.data import SCORED_KINDS
 from tailored.figures import plt
 
 PROMPT_LABELS = {"harness": "harness (lm-eval default)", "general": "general instruction",
@@ -150,7 +151,7 @@ def plot_accuracy_vs_share(rows: pd.DataFrame, models: pd.DataFrame, prompt: str
 
     def scored(frame, p):
         out = model_scores(frame, models, p, k).merge(info, on="model")
-        return out[out["kind"].isin(["classification", "multiple_choice"])]
+        return out[out["kind"].isin(SCORED_KINDS)]
 
     s = scored(rows, prompt)
     plain = s[s["model_kind"] != "lora"]
